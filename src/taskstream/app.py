@@ -1,0 +1,305 @@
+"""The user's entry point: ``App(broker=URL)`` and ``@app.consumer``.
+
+Example:
+    >>> app = App()  # the embedded memory broker
+    >>> @app.consumer("numbers", publish_to="squares")
+    ... def square(n: int) -> int:
+    ...     return n * n
+
+``async with app:`` connects, runs ``@app.on_startup`` hooks, declares queues and starts every consumer;
+leaving the block stops them cleanly. ``app.run()`` does the same and blocks until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, Self, get_type_hints
+
+from pydantic import TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from taskstream.brokers.base import Broker, broker_from_url
+from taskstream.consumer import Consumer, ConsumerConfig, Message
+from taskstream.errors import ConfigurationError, ValidationFailed
+from taskstream.messages import Envelope
+from taskstream.producer import Producer
+from taskstream.settings import Settings, redact_url
+
+__all__ = ["App", "Component", "ConsumerSpec"]
+
+log = logging.getLogger("taskstream.app")
+
+Hook = Callable[[], Any]
+
+
+class Component(Protocol):
+    """Something with a lifecycle that hangs off an App (task workers, pipelines)."""
+
+    async def start(self, app: App) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(slots=True)
+class ConsumerSpec:
+    """A function registered with ``@app.consumer``."""
+
+    queue: str
+    func: Callable[..., Any]
+    publish_to: str | None
+    config: ConsumerConfig
+    body_adapter: TypeAdapter[Any] | None
+    message_param: str | None
+    is_async: bool
+
+
+class App:
+    """Holds a broker, consumers and lifecycle hooks.
+
+    Args:
+        broker: a URL, a ``Broker`` instance, or ``None`` for ``TASKSTREAM_BROKER_URL`` (memory by default).
+        settings: settings; read from the environment when omitted.
+    """
+
+    def __init__(self, broker: str | Broker | None = None, *, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        if isinstance(broker, Broker):
+            self.broker = broker
+            self.broker_url = f"<{type(broker).__name__}>"
+        else:
+            url = broker or self.settings.broker_url.get_secret_value()
+            self.broker = broker_from_url(url)
+            self.broker_url = redact_url(url)
+        self.producer = Producer(self.broker, max_message_bytes=self.settings.max_message_bytes)
+        self.specs: list[ConsumerSpec] = []
+        self.consumers: list[Consumer] = []
+        self.components: list[Component] = []
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._started = False
+        self._stop_requested: asyncio.Event | None = None
+
+    # -- registration ---------------------------------------------------------------------------------
+
+    def consumer(
+        self,
+        queue: str,
+        *,
+        publish_to: str | None = None,
+        prefetch: int | None = None,
+        concurrency: int | None = None,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
+        handler_timeout: float | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Make a function a consumer of ``queue``; its return value (unless ``None``) goes to ``publish_to``.
+
+        The first parameter receives the message body, validated against its annotation (pydantic model,
+        dataclass, JSON types; unannotated means any JSON value). A parameter annotated ``Message`` receives
+        the envelope and delivery. Sync functions run on a thread pool, async ones on the loop.
+        """
+        config = ConsumerConfig(
+            prefetch=prefetch or self.settings.prefetch,
+            concurrency=concurrency or self.settings.concurrency,
+            max_attempts=max_attempts or self.settings.max_attempts,
+            dead_letter=dead_letter,
+            shutdown_grace=self.settings.shutdown_grace,
+            handler_timeout=handler_timeout,
+        )
+
+        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+            adapter, message_param = _inspect_handler(func)
+            self.specs.append(
+                ConsumerSpec(
+                    queue=queue,
+                    func=func,
+                    publish_to=publish_to,
+                    config=config,
+                    body_adapter=adapter,
+                    message_param=message_param,
+                    is_async=inspect.iscoroutinefunction(func),
+                )
+            )
+            return func
+
+        return register
+
+    def on_startup(self, func: Hook) -> Hook:
+        """Run ``func`` (sync or async) once when the app starts, before any consumer (load models here)."""
+        self._startup.append(func)
+        return func
+
+    def on_shutdown(self, func: Hook) -> Hook:
+        """Run ``func`` once when the app stops, after every consumer stopped."""
+        self._shutdown.append(func)
+        return func
+
+    def add_component(self, component: Component) -> None:
+        """Attach something with ``start(app)``/``stop()`` to this app's lifecycle."""
+        self.components.append(component)
+
+    # -- publishing -----------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        queue: str,
+        body: Any,
+        *,
+        key: str | None = None,
+        kind: str = "record",
+        headers: dict[str, Any] | None = None,
+        event_time: float | None = None,
+    ) -> str:
+        """Publish ``body`` to ``queue`` in an envelope; returns the message id."""
+        envelope = Envelope.model_validate(
+            {"kind": kind, "body": body, "key": key, "headers": headers or {}, "event_time": event_time}
+        )
+        await self.producer.send(queue, envelope)
+        return envelope.id
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, run startup hooks, start consumers and components."""
+        if self._started:
+            return
+        await self.broker.connect()
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max([s.config.concurrency for s in self.specs if not s.is_async] or [1]),
+            thread_name_prefix="taskstream-handler",
+        )
+        for hook in self._startup:
+            await _call_hook(hook)
+        for spec in self.specs:
+            if spec.publish_to:
+                await self.broker.declare(spec.publish_to)
+            consumer = Consumer(self.broker, spec.queue, self._make_handler(spec), spec.config)
+            await consumer.start()
+            self.consumers.append(consumer)
+        for component in self.components:
+            await component.start(self)
+        self._started = True
+        log.info("app started on %s with %d consumer(s)", self.broker_url, len(self.consumers))
+
+    async def stop(self) -> None:
+        """Stop components and consumers (finishing in-flight work), run shutdown hooks, close."""
+        if not self._started:
+            return
+        self._started = False
+        for component in reversed(self.components):
+            await component.stop()
+        await asyncio.gather(*(consumer.stop() for consumer in self.consumers))
+        self.consumers.clear()
+        for hook in self._shutdown:
+            await _call_hook(hook)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+        await self.broker.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def serve(self) -> None:
+        """Start, block until SIGTERM/SIGINT (or :meth:`request_stop`), then stop cleanly."""
+        self._stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop_requested.set)
+        await self.start()
+        try:
+            await self._stop_requested.wait()
+            log.info("stopping: finishing in-flight work")
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve` to stop (thread-unsafe; call from the app's loop)."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    def run(self) -> None:
+        """Run until SIGTERM or SIGINT; exits cleanly after in-flight work is finished or requeued."""
+        asyncio.run(self.serve())
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _make_handler(self, spec: ConsumerSpec) -> Callable[[Message], Awaitable[None]]:
+        async def handle(message: Message) -> None:
+            envelope = message.envelope
+            body = envelope.body
+            if spec.body_adapter is not None:
+                try:
+                    body = spec.body_adapter.validate_python(body)
+                except PydanticValidationError as exc:
+                    raise ValidationFailed(
+                        f"body does not match {spec.func.__qualname__}'s annotation: {_short(exc)}"
+                    ) from exc
+            kwargs = {spec.message_param: message} if spec.message_param else {}
+            if spec.is_async:
+                result = await spec.func(body, **kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._threads, functools.partial(spec.func, body, **kwargs))
+            if spec.publish_to is not None and result is not None:
+                await self.producer.send(
+                    spec.publish_to,
+                    Envelope(
+                        kind="record",
+                        body=result,
+                        key=envelope.key,
+                        correlation_id=envelope.id,
+                        event_time=envelope.event_time,
+                    ),
+                )
+
+        return handle
+
+
+def _inspect_handler(func: Callable[..., Any]) -> tuple[TypeAdapter[Any] | None, str | None]:
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())
+    if not params:
+        raise ConfigurationError(f"consumer {func.__qualname__} must take the message body as its first parameter")
+    try:
+        hints = get_type_hints(func)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot resolve the annotations of {func.__qualname__}: {exc}") from exc
+    message_param = next((p.name for p in params[1:] if hints.get(p.name) is Message), None)
+    body_hint = hints.get(params[0].name)
+    adapter = TypeAdapter(body_hint) if body_hint is not None and body_hint is not Any else None
+    return adapter, message_param
+
+
+def _short(exc: PydanticValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+async def _call_hook(hook: Hook) -> None:
+    result = hook()
+    if inspect.isawaitable(result):
+        await result

@@ -1,0 +1,289 @@
+"""The consumer runtime: one loop per (queue, handler), written once for every broker.
+
+What it does with each delivery:
+
+1. Decode the envelope. Bytes that do not decode go straight to the dead-letter queue with the reason;
+   the loop keeps going.
+2. Run the handler under the concurrency limit, with a visibility heartbeat (``extend``) when the broker
+   hides unacked messages for a limited time and the handler runs longer than a third of it.
+3. Ack only after the handler returned, which includes awaiting anything it published.
+4. On an exception: requeue with exponential backoff while ``attempt < max_attempts``; then dead-letter.
+   ``Reject`` and validation errors dead-letter at once; ``Retry`` requeues with the delay it carries.
+
+Dead-lettered messages keep their original bytes; the reason travels in headers:
+``x-death-reason``, ``x-original-queue``, ``x-original-message-id``, ``x-attempts``, ``x-dead-lettered-at``.
+
+Shutdown (:meth:`Consumer.stop`): stop pulling, let in-flight handlers finish for ``shutdown_grace``
+seconds, requeue what is still running, return prefetched messages, close. Nothing is lost or run twice
+by a clean stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict
+
+from taskstream.brokers.base import Broker, Delivery, Subscription, dead_letter_name
+from taskstream.errors import MessageError, Reject, Retry
+from taskstream.messages import Envelope, decode
+from taskstream.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFETCH
+
+__all__ = ["Consumer", "ConsumerConfig", "ConsumerStats", "Handler", "Message"]
+
+log = logging.getLogger("taskstream.consumer")
+
+
+class ConsumerConfig(BaseModel):
+    """How one consumer pulls, runs, retries and dead-letters.
+
+    Attributes:
+        prefetch: most unacked messages held at once.
+        concurrency: most handlers running at once.
+        max_attempts: deliveries before a failing message is dead-lettered.
+        retry_delay: first retry delay in seconds; doubles (``retry_backoff``) up to ``retry_max_delay``.
+        dead_letter: dead-letter queue name; ``None`` means ``<queue>.dlq``.
+        shutdown_grace: seconds in-flight handlers may finish on stop before they are requeued.
+        handler_timeout: seconds a handler may run; ``None`` for no limit. A timed-out handler counts as failed.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    prefetch: int = DEFAULT_PREFETCH
+    concurrency: int = DEFAULT_CONCURRENCY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_delay: float = 0.5
+    retry_backoff: float = 2.0
+    retry_max_delay: float = 60.0
+    dead_letter: str | None = None
+    shutdown_grace: float = 30.0
+    handler_timeout: float | None = None
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before the retry that follows delivery number ``attempt``."""
+        return float(min(self.retry_max_delay, self.retry_delay * self.retry_backoff ** max(0, attempt - 1)))
+
+
+@dataclass(slots=True)
+class Message:
+    """What a runtime handler receives: the decoded envelope and the delivery it came in."""
+
+    envelope: Envelope
+    delivery: Delivery
+
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters of one consumer, for tests, health checks and progress output."""
+
+    received: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    requeued_on_stop: int = 0
+    in_flight: int = 0
+    last_error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+class Consumer:
+    """Runs ``handler`` for every message of ``queue`` on ``broker``.
+
+    Example:
+        >>> async def example(broker):
+        ...     async def handle(message: Message) -> None:
+        ...         print(message.envelope.body)
+        ...     consumer = Consumer(broker, "readings", handle)
+        ...     await consumer.start()
+        ...     await consumer.stop()
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str,
+        handler: Handler,
+        config: ConsumerConfig | None = None,
+    ) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.handler = handler
+        self.config = config or ConsumerConfig()
+        self.dead_letter_queue = self.config.dead_letter or dead_letter_name(queue)
+        self.stats = ConsumerStats()
+        self._slots = asyncio.Semaphore(self.config.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscription: Subscription | None = None
+        self._pull_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._pull_task is not None and not self._stopped.is_set()
+
+    async def start(self) -> None:
+        """Declare the queue and its dead-letter queue, then start pulling in the background."""
+        await self.broker.declare(self.dead_letter_queue)
+        await self.broker.declare(self.queue, dead_letter=self.dead_letter_queue)
+        self._subscription = self.broker.consume(self.queue, prefetch=self.config.prefetch)
+        self._stopped.clear()
+        self._pull_task = asyncio.create_task(self._pull(self._subscription), name=f"consume:{self.queue}")
+
+    async def run(self) -> None:
+        """Start, then wait until :meth:`stop` is called (from another task or a signal handler)."""
+        await self.start()
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the consumer has stopped."""
+        await self._stopped.wait()
+
+    async def _pull(self, subscription: Subscription) -> None:
+        try:
+            async for delivery in subscription:
+                await self._slots.acquire()
+                self.stats.received += 1
+                self.stats.in_flight += 1
+                task = asyncio.create_task(self._process(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the broker failed for good: stop loudly, not silently
+            log.error("consumer on %r stopped: %s: %s", self.queue, type(exc).__name__, exc)
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._stopped.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.stats.in_flight -= 1
+        self._slots.release()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop pulling, let in-flight work finish for ``grace`` seconds, requeue the rest, close."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        if self._pull_task is not None:
+            self._pull_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pull_task
+        if self._tasks:
+            _, still_running = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in still_running:
+                task.cancel()
+            if still_running:
+                await asyncio.wait(still_running)
+        if self._subscription is not None:
+            await self._subscription.close()
+        self._stopped.set()
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            envelope = decode(delivery.body, message_id=delivery.message_id)
+        except MessageError as exc:
+            await self._dead_letter(delivery, f"malformed message: {exc}")
+            return
+        heartbeat = self._start_heartbeat(delivery)
+        try:
+            if self.config.handler_timeout is not None:
+                await asyncio.wait_for(self.handler(Message(envelope, delivery)), self.config.handler_timeout)
+            else:
+                await self.handler(Message(envelope, delivery))
+        except asyncio.CancelledError:
+            # Stopped while running: give the message back untouched for another consumer.
+            self.stats.requeued_on_stop += 1
+            await asyncio.shield(self._settle_quietly(delivery.nack(requeue=True)))
+            raise
+        except Reject as exc:
+            await self._dead_letter(delivery, f"rejected by handler: {exc.reason}")
+        except Retry as exc:
+            await self._retry_or_dead_letter(delivery, exc.reason, exc.delay)
+        except MessageError as exc:
+            await self._dead_letter(delivery, f"{type(exc).__name__}: {exc}")
+        except TimeoutError:
+            await self._retry_or_dead_letter(delivery, f"handler timed out after {self.config.handler_timeout} s", None)
+        except Exception as exc:
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "handler for %r failed on attempt %d of %s: %s: %s",
+                self.queue,
+                delivery.attempt,
+                self.config.max_attempts,
+                type(exc).__name__,
+                exc,
+            )
+            await self._retry_or_dead_letter(delivery, f"{type(exc).__name__}: {exc}", None)
+        else:
+            await delivery.ack()
+            self.stats.acked += 1
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+
+    async def _settle_quietly(self, settle: Awaitable[None]) -> None:
+        try:
+            await settle
+        except Exception as exc:  # the broker is gone: it will redeliver by itself
+            log.warning("could not settle a message on %r: %s", self.queue, exc)
+
+    def _start_heartbeat(self, delivery: Delivery) -> asyncio.Task[None] | None:
+        timeout = self.broker.capabilities.visibility_timeout
+        if timeout is None:
+            return None
+        return asyncio.create_task(self._heartbeat(delivery, timeout))
+
+    async def _heartbeat(self, delivery: Delivery, timeout: float) -> None:
+        interval = max(0.05, timeout / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await delivery.extend(timeout)
+            except Exception as exc:
+                log.warning("visibility heartbeat on %r failed: %s", self.queue, exc)
+
+    async def _retry_or_dead_letter(self, delivery: Delivery, reason: str, delay: float | None) -> None:
+        if delivery.attempt >= self.config.max_attempts:
+            await self._dead_letter(
+                delivery,
+                f"failed {delivery.attempt} times (max_attempts={self.config.max_attempts}); last error: {reason}",
+            )
+            return
+        self.stats.retried += 1
+        backoff = self.config.backoff(delivery.attempt) if delay is None else delay
+        await self._settle_quietly(delivery.nack(requeue=True, delay=backoff))
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        headers = dict(delivery.headers)
+        headers.update(
+            {
+                "x-death-reason": reason[:4000],
+                "x-original-queue": self.queue,
+                "x-original-message-id": delivery.message_id,
+                "x-attempts": delivery.attempt,
+                "x-dead-lettered-at": time.time(),
+            }
+        )
+        log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
+        try:
+            await self.broker.publish(
+                self.dead_letter_queue,
+                delivery.body,
+                headers=headers,
+                message_id=delivery.message_id,
+                key=delivery.key,
+            )
+        except Exception as exc:
+            # Could not dead-letter: keep the message on its queue rather than lose it.
+            log.error("dead-letter publish to %r failed (%s); requeueing", self.dead_letter_queue, exc)
+            await self._settle_quietly(delivery.nack(requeue=True, delay=self.config.retry_max_delay))
+            return
+        self.stats.dead_lettered += 1
+        await self._settle_quietly(delivery.ack())

@@ -1,0 +1,237 @@
+"""The message envelope and its wire codec.
+
+Every taskstream message is an :class:`Envelope` encoded as one JSON object with orjson::
+
+    {"ts": 1, "id": "...", "kind": "task", "headers": {...}, "body": ..., ...}
+
+The ``"ts": 1`` field marks a taskstream envelope (wire version 1). Anything else that parses as JSON is a
+*raw* message from a foreign producer: it is wrapped as ``Envelope(kind="raw", body=<the JSON value>)`` so a
+plain client can feed a taskstream consumer.
+
+Body encodings (explicit, documented, no pickle):
+
+=================  ===============================================================================
+Python value       On the wire
+=================  ===============================================================================
+JSON types         as JSON (``None``, bool, int, float, str, list, dict with str keys)
+``bytes``          ``{"__ts__": "bytes", "b64": "<base64>"}``
+``numpy.ndarray``  ``{"__ts__": "ndarray", "dtype": "<f8", "shape": [..], "b64": "<raw C-order bytes>"}``
+pydantic model     its ``model_dump()`` (decoded back as a dict; handlers re-validate by annotation)
+dataclass          its fields as a JSON object
+datetime / UUID    ISO 8601 string / string (orjson's native forms)
+=================  ===============================================================================
+
+Decoding never runs code from the message. Bytes that are not JSON, or an envelope with wrong fields,
+raise :class:`~taskstream.errors.MalformedMessage`, which the consumer runtime dead-letters with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from taskstream.errors import MalformedMessage
+
+__all__ = [
+    "CONTENT_TYPE",
+    "WIRE_VERSION",
+    "Envelope",
+    "Kind",
+    "decode",
+    "decode_value",
+    "dumps",
+    "encode",
+    "encode_value",
+    "loads",
+    "new_id",
+]
+
+WIRE_VERSION = 1
+CONTENT_TYPE = "application/vnd.taskstream+json"
+TAG = "__ts__"
+
+Kind = Literal["task", "result", "record", "control", "raw"]
+
+
+def new_id() -> str:
+    """A new random message id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+class Envelope(BaseModel):
+    """One message: routing metadata plus a body.
+
+    Example:
+        >>> env = Envelope(kind="record", body={"t": 21.5})
+        >>> Envelope.from_bytes(env.to_bytes()).body
+        {'t': 21.5}
+    """
+
+    model_config = ConfigDict(frozen=False, extra="ignore")
+
+    id: str = Field(default_factory=new_id)
+    kind: Kind = "record"
+    headers: dict[str, Any] = Field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    key: str | None = None
+    event_time: float | None = None
+    created_at: float = Field(default_factory=time.time)
+    deadline: float | None = None
+    body: Any = None
+
+    def to_bytes(self) -> bytes:
+        """Encode to the wire format."""
+        return encode(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, message_id: str | None = None) -> Envelope:
+        """Decode wire bytes; raw JSON from a foreign producer becomes ``kind="raw"``."""
+        return decode(data, message_id=message_id)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return {TAG: "bytes", "b64": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    module = type(obj).__module__
+    if module == "numpy" and type(obj).__name__ == "ndarray":
+        return _encode_ndarray(obj)
+    if module == "numpy":  # numpy scalar
+        return obj.item()
+    raise TypeError(f"cannot encode a value of type {type(obj).__qualname__} in a taskstream message")
+
+
+def _encode_ndarray(array: Any) -> dict[str, Any]:
+    if array.dtype.hasobject:
+        raise TypeError("numpy arrays of dtype=object cannot travel (they would need pickle)")
+    import numpy as np
+
+    contiguous = np.ascontiguousarray(array)
+    return {
+        TAG: "ndarray",
+        "dtype": contiguous.dtype.str,
+        "shape": list(contiguous.shape),
+        "b64": base64.b64encode(contiguous.tobytes()).decode("ascii"),
+    }
+
+
+def dumps(value: Any) -> bytes:
+    """Encode any supported value (see the module table) to JSON bytes."""
+    try:
+        return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(str(exc)) from exc
+
+
+def _restore(value: Any) -> Any:
+    if isinstance(value, dict):
+        tag = value.get(TAG)
+        if tag is not None and isinstance(tag, str):
+            return _restore_tagged(tag, value)
+        return {k: _restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v) for v in value]
+    return value
+
+
+def _restore_tagged(tag: str, value: dict[str, Any]) -> Any:
+    try:
+        raw = base64.b64decode(value["b64"], validate=True)
+        if tag == "bytes":
+            return raw
+        if tag == "ndarray":
+            try:
+                import numpy as np
+            except ImportError as exc:
+                raise MalformedMessage(
+                    "message carries a numpy array but numpy is not installed: pip install 'taskstream[numpy]'"
+                ) from exc
+            dtype = np.dtype(value["dtype"])
+            if dtype.hasobject:
+                raise MalformedMessage("numpy arrays of dtype=object are refused")
+            return np.frombuffer(raw, dtype=dtype).reshape(value["shape"]).copy()
+    except MalformedMessage:
+        raise
+    except Exception as exc:
+        raise MalformedMessage(f"broken {tag!r} value in message body: {exc}") from exc
+    raise MalformedMessage(f"unknown encoded value type {tag!r} in message body")
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode JSON bytes produced by :func:`dumps`, restoring bytes and arrays."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        preview = bytes(data[:40]) if isinstance(data, bytes | bytearray) else data[:40].encode()
+        raise MalformedMessage(f"message is not valid JSON ({exc}); first bytes: {preview!r}") from exc
+    return _restore(parsed)
+
+
+def encode_value(value: Any) -> bytes:
+    """Alias of :func:`dumps` for symmetry with :func:`decode_value`."""
+    return dumps(value)
+
+
+def decode_value(data: bytes) -> Any:
+    """Alias of :func:`loads`."""
+    return loads(data)
+
+
+def encode(envelope: Envelope) -> bytes:
+    """Encode an envelope to wire bytes."""
+    doc: dict[str, Any] = {
+        "ts": WIRE_VERSION,
+        "id": envelope.id,
+        "kind": envelope.kind,
+        "created_at": envelope.created_at,
+        "body": envelope.body,
+    }
+    if envelope.headers:
+        doc["headers"] = envelope.headers
+    for name in ("correlation_id", "reply_to", "key", "event_time", "deadline"):
+        field = getattr(envelope, name)
+        if field is not None:
+            doc[name] = field
+    return dumps(doc)
+
+
+def decode(data: bytes, *, message_id: str | None = None) -> Envelope:
+    """Decode wire bytes into an Envelope.
+
+    Raises:
+        MalformedMessage: the bytes are not JSON, or look like an envelope but have broken fields.
+    """
+    parsed = loads(data)
+    if isinstance(parsed, dict) and parsed.get("ts") == WIRE_VERSION and "kind" in parsed:
+        try:
+            return Envelope.model_validate(parsed)
+        except PydanticValidationError as exc:
+            raise MalformedMessage(f"broken taskstream envelope: {_short_errors(exc)}") from exc
+    return Envelope(id=message_id or new_id(), kind="raw", body=parsed)
+
+
+def _short_errors(exc: PydanticValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def header_str(headers: Mapping[str, Any], name: str, default: str = "") -> str:
+    """Read a header as a string, whatever type the broker gave it back as."""
+    value = headers.get(name, default)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)

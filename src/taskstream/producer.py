@@ -1,0 +1,110 @@
+"""Publishing envelopes: encoding, size checks, batching and backpressure, written once for every broker.
+
+Broker headers set on every message (backends with native properties, like AMQP, map the reserved names
+``content_type``, ``correlation_id`` and ``reply_to`` onto them):
+
+* ``content_type``: ``application/vnd.taskstream+json``
+* ``ts_kind``: the envelope kind (``task``, ``result``, ``record``, ``control``)
+* ``correlation_id`` / ``reply_to``: when the envelope has them
+
+Backpressure: at most ``max_in_flight`` publishes wait on the broker at once; further callers wait for a
+slot, so a slow broker slows its producers and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from taskstream.brokers.base import Broker, OutgoingMessage
+from taskstream.errors import MessageTooLarge
+from taskstream.messages import CONTENT_TYPE, Envelope, encode
+
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "Producer", "broker_headers"]
+
+DEFAULT_MAX_IN_FLIGHT = 1000
+
+
+def broker_headers(envelope: Envelope) -> dict[str, Any]:
+    """The broker-level headers that describe ``envelope`` to plain clients."""
+    headers: dict[str, Any] = {"content_type": CONTENT_TYPE, "ts_kind": envelope.kind}
+    if envelope.correlation_id:
+        headers["correlation_id"] = envelope.correlation_id
+    if envelope.reply_to:
+        headers["reply_to"] = envelope.reply_to
+    return headers
+
+
+class Producer:
+    """Encodes envelopes and publishes them with bounded concurrency.
+
+    Example:
+        >>> async def example(broker):
+        ...     producer = Producer(broker)
+        ...     await producer.send("readings", Envelope(body={"t": 21.5}))
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        self.broker = broker
+        self._slots = asyncio.Semaphore(max_in_flight)
+        limit = broker.capabilities.max_message_bytes
+        self.max_message_bytes = min(limit, max_message_bytes) if max_message_bytes else limit
+
+    def encode(self, envelope: Envelope) -> bytes:
+        """Encode and check the size; raises :class:`MessageTooLarge` naming the limit."""
+        data = encode(envelope)
+        if len(data) > self.max_message_bytes:
+            raise MessageTooLarge(len(data), self.max_message_bytes, self.broker.capabilities.name)
+        return data
+
+    async def send(self, queue: str, envelope: Envelope, *, delay: float | None = None) -> None:
+        """Publish one envelope; returns when the broker has it."""
+        data = self.encode(envelope)
+        async with self._slots:
+            await self.broker.publish(
+                queue,
+                data,
+                headers=broker_headers(envelope),
+                message_id=envelope.id,
+                key=envelope.key,
+                delay=delay,
+            )
+
+    async def send_many(self, queue: str, envelopes: Iterable[Envelope]) -> None:
+        """Publish many envelopes in batches of the broker's ``max_batch``, batches pipelined."""
+        batch_size = max(1, self.broker.capabilities.max_batch)
+        batch: list[OutgoingMessage] = []
+        pending: list[asyncio.Task[None]] = []
+        for envelope in envelopes:
+            batch.append(
+                OutgoingMessage(
+                    self.encode(envelope), broker_headers(envelope), message_id=envelope.id, key=envelope.key
+                )
+            )
+            if len(batch) >= batch_size:
+                pending.append(asyncio.create_task(self._send_batch(queue, batch)))
+                batch = []
+        if batch:
+            pending.append(asyncio.create_task(self._send_batch(queue, batch)))
+        if pending:
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+    async def _send_batch(self, queue: str, batch: Sequence[OutgoingMessage]) -> None:
+        async with self._slots:
+            await self.broker.publish_batch(queue, batch)
+
+    async def send_topic(self, topic: str, envelope: Envelope) -> None:
+        """Publish one envelope to every queue bound to ``topic`` (needs ``capabilities.fanout``)."""
+        data = self.encode(envelope)
+        async with self._slots:
+            await self.broker.publish_topic(topic, data, headers=broker_headers(envelope), message_id=envelope.id)

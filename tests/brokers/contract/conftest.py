@@ -1,0 +1,85 @@
+"""Fixtures of the broker contract suite: every test runs once per backend in ``backends/``."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from taskstream.brokers.base import Broker, Delivery, Subscription
+from tests.brokers.contract.backends import BackendSpec, all_specs
+
+SPECS = all_specs()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "spec" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "spec",
+            [pytest.param(s, id=s.name, marks=getattr(pytest.mark, s.name)) for s in SPECS],
+        )
+
+
+class Ctx:
+    """Per-test helper: makes connected brokers on one backend and unique queues, cleans up after."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.brokers: list[Broker] = []
+        self.queues: list[str] = []
+
+    async def broker(self, visibility_timeout: float | None = None) -> Broker:
+        broker = self.spec.make(visibility_timeout=visibility_timeout)
+        await broker.connect()
+        self.brokers.append(broker)
+        return broker
+
+    async def queue(self, broker: Broker, *, fifo: bool = False, stem: str = "ct") -> str:
+        name = self.spec.queue_name(f"{stem}-{uuid.uuid4().hex[:10]}")
+        if fifo and not name.endswith(".fifo"):
+            name = f"{name}.fifo"
+        await broker.declare(name, fifo=fifo)
+        self.queues.append(name)
+        return name
+
+    async def close(self) -> None:
+        for broker in self.brokers:
+            try:
+                await broker.close()
+            except Exception:
+                pass
+
+
+@pytest.fixture
+async def ctx(spec: BackendSpec) -> AsyncIterator[Ctx]:
+    if spec.setup is not None:
+        await spec.setup()
+    context = Ctx(spec)
+    try:
+        yield context
+    finally:
+        await context.close()
+
+
+async def receive(sub: Subscription, n: int, timeout: float = 30.0) -> list[Delivery]:
+    """Receive exactly ``n`` deliveries or fail after ``timeout`` seconds saying how many came."""
+    got: list[Delivery] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(got) < n:
+                got.append(await sub.__anext__())
+    except TimeoutError:
+        pytest.fail(f"expected {n} deliveries within {timeout} s, got {len(got)}")
+    return got
+
+
+async def receive_none(sub: Subscription, wait: float) -> None:
+    """Fail if anything is delivered within ``wait`` seconds."""
+    try:
+        async with asyncio.timeout(wait):
+            delivery = await sub.__anext__()
+    except TimeoutError:
+        return
+    pytest.fail(f"expected no delivery, got {delivery!r}")
