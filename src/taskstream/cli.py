@@ -1,0 +1,128 @@
+"""The ``taskstream`` command line (typer).
+
+Core verbs live here (``demo``, ``run``, ``version``). Feature packages add theirs: each module listed in
+``EXTENSIONS`` defines ``register(cli: typer.Typer) -> None`` and is imported only if it exists, so a verb
+appears when its feature lands and the core stays small.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from taskstream.errors import ConfigurationError, TaskstreamError
+
+__all__ = ["EXTENSIONS", "cli", "load_object", "main"]
+
+cli = typer.Typer(
+    name="taskstream",
+    help="Run Python functions as async consumers over message brokers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+EXTENSIONS = (
+    "taskstream.tasks.cli",
+    "taskstream.stream_ops.cli",
+    "taskstream.brokers.zeromq_device",
+    "taskstream.deploy",
+)
+
+
+def load_object(target: str) -> Any:
+    """Import ``module:attribute`` (``module`` alone is also tried as ``module:app``).
+
+    Raises:
+        ConfigurationError: the module or attribute does not exist; the message says which.
+    """
+    module_name, _, attribute = target.partition(":")
+    attribute = attribute or "app"
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+        raise
+    obj = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from None
+    return obj
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+def version() -> None:
+    """Print the taskstream version."""
+    from taskstream import __version__
+
+    typer.echo(__version__)
+
+
+@cli.command()
+def demo(
+    broker: Annotated[str, typer.Option(help="Broker URL; the embedded memory broker by default.")] = "memory://",
+) -> None:
+    """Run the showcase on the embedded memory broker: consumers, task futures and a stream pipeline."""
+    import asyncio
+
+    from taskstream.demo import run_demo
+
+    asyncio.run(run_demo(broker))
+
+
+@cli.command()
+def run(
+    target: Annotated[str, typer.Argument(help="module:app, e.g. examples.two_stage:app")],
+    broker: Annotated[str | None, typer.Option(help="Broker URL (overrides TASKSTREAM_BROKER_URL).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run an App's consumers until SIGTERM or SIGINT, then stop cleanly (exit 0)."""
+    import os
+
+    from taskstream.app import App
+
+    _setup_logging(verbose)
+    if broker:
+        os.environ["TASKSTREAM_BROKER_URL"] = broker  # read when the module builds its App
+    app = load_object(target)
+    if not isinstance(app, App):
+        raise ConfigurationError(f"{target!r} is a {type(app).__name__}, not a taskstream App")
+    app.run()
+
+
+def _register_extensions() -> None:
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that feature is not part of this build
+            raise
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(cli)
+
+
+def main() -> None:
+    """Entry point of the ``taskstream`` script: taskstream errors print one clear line, exit 2."""
+    _register_extensions()
+    try:
+        cli()
+    except TaskstreamError as exc:
+        typer.echo(f"taskstream: error: {exc}", err=True)
+        raise SystemExit(2) from None
