@@ -126,3 +126,7 @@ def main() -> None:
     except TaskstreamError as exc:
         typer.echo(f"taskstream: error: {exc}", err=True)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -131,7 +131,7 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError as exc:
-        raise TypeError(str(exc)) from exc
+        raise TypeError(str(exc.__cause__ or exc)) from exc
 
 
 def _restore(value: Any) -> Any:
