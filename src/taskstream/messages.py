@@ -41,14 +41,15 @@ from taskstream.errors import MalformedMessage
 
 __all__ = [
     "CONTENT_TYPE",
-    "WIRE_VERSION",
     "Envelope",
     "Kind",
+    "WIRE_VERSION",
     "decode",
     "decode_value",
     "dumps",
     "encode",
     "encode_value",
+    "header_str",
     "loads",
     "new_id",
 ]

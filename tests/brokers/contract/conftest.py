@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -46,10 +47,8 @@ class Ctx:
 
     async def close(self) -> None:
         for broker in self.brokers:
-            try:
+            with contextlib.suppress(Exception):
                 await broker.close()
-            except Exception:
-                pass
 
 
 @pytest.fixture

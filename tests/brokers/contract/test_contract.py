@@ -6,6 +6,7 @@ Tests skip only where the backend's ``Capabilities`` say a feature is absent, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 
 import pytest
@@ -193,10 +194,8 @@ async def test_topic_fanout_reaches_every_matching_queue(ctx: Ctx) -> None:
         await d.ack()
         await receive_none(sub, 1.0)
     for q in (all_sensors, only_a):
-        try:
+        with contextlib.suppress(Exception):
             await broker.delete_queue(q)
-        except Exception:
-            pass
 
 
 # -- the consumer runtime on top of each backend ------------------------------------------------------
