@@ -6,8 +6,8 @@ Tests skip only where the backend's ``Capabilities`` say a feature is absent, an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import collections
+import contextlib
 
 import pytest
 
