@@ -90,6 +90,11 @@ def run(
     target: Annotated[str, typer.Argument(help="module:app, e.g. examples.two_stage:app")],
     broker: Annotated[str | None, typer.Option(help="Broker URL (overrides TASKSTREAM_BROKER_URL).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    health_port: Annotated[
+        int | None,
+        typer.Option(envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz and /readyz on this port."),
+    ] = None,
+    health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
 ) -> None:
     """Run an App's consumers until SIGTERM or SIGINT, then stop cleanly (exit 0)."""
     import os
@@ -102,7 +107,14 @@ def run(
     app = load_object(target)
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}, not a taskstream App")
-    app.run()
+    if health_port is None:
+        app.run()
+    else:
+        import asyncio
+
+        from taskstream.health import serve_with_health
+
+        asyncio.run(serve_with_health(app, health_port, health_host))
 
 
 def _register_extensions() -> None:

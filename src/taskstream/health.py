@@ -1,0 +1,252 @@
+"""A tiny HTTP health and readiness server for a running App (asyncio only, no dependency).
+
+=============  =====================================================================================
+Path           Answer
+=============  =====================================================================================
+``/healthz``   ``200`` while the process's event loop runs (liveness: restart the process if not).
+``/readyz``    ``200`` when the app is started and every consumer it runs is consuming; ``503`` otherwise
+               (before start, while stopping, after a consumer stopped on a broker failure).
+=============  =====================================================================================
+
+Both answer a small JSON document; ``/readyz`` lists each consumer's queue, state and counters, so
+``curl host:port/readyz`` doubles as a progress view. ``GET`` and ``HEAD`` are served; anything else is ``405``.
+
+Readiness reads the app only through public state: ``app.consumers`` (filled once the broker is connected and the
+consumers started, emptied on stop) with each consumer's ``running`` and ``stats``; components attached with
+``app.add_component`` take part when they expose ``consumers`` (the same shape) or a boolean ``ready``; a broker
+that exposes a boolean ``connected`` must say ``True``.
+
+The CLI turns it on with ``--health-port`` (or ``TASKSTREAM_HEALTH_PORT``) on ``taskstream run`` and
+``taskstream worker``; ``TASKSTREAM_HEALTH_HOST`` picks the address (all interfaces by default, as containers and
+Kubernetes probes need).
+
+Example:
+    >>> async def example(app):
+    ...     async with HealthServer(app, port=8080):
+    ...         await app.serve()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import orjson
+
+if TYPE_CHECKING:
+    from taskstream.app import App
+
+__all__ = [
+    "DEFAULT_HEALTH_HOST",
+    "HEALTH_ENV_VARS",
+    "HealthServer",
+    "Readiness",
+    "app_readiness",
+    "serve_with_health",
+]
+
+log = logging.getLogger("taskstream.health")
+
+DEFAULT_HEALTH_HOST = "0.0.0.0"  # probes come from outside the container or the pod
+
+HEALTH_ENV_VARS = {
+    "TASKSTREAM_HEALTH_PORT": "port of the health server of `taskstream run` / `taskstream worker` (off when unset)",
+    "TASKSTREAM_HEALTH_HOST": f"address the health server binds ({DEFAULT_HEALTH_HOST} by default)",
+}
+
+_MAX_REQUEST_BYTES = 8192
+_READ_TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """The answer of one readiness check.
+
+    Attributes:
+        ready: the app is started and every consumer is consuming.
+        reason: why not (empty when ready).
+        consumers: one JSON-ready dict per consumer (queue, running, counters).
+    """
+
+    ready: bool
+    reason: str = ""
+    consumers: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON body ``/readyz`` answers."""
+        body: dict[str, Any] = {"status": "ready" if self.ready else "not ready", "consumers": self.consumers}
+        if self.reason:
+            body["reason"] = self.reason
+        return body
+
+
+def _consumer_view(consumer: Any) -> dict[str, Any]:
+    stats = getattr(consumer, "stats", None)
+    view: dict[str, Any] = {
+        "queue": str(getattr(consumer, "queue", "?")),
+        "running": bool(getattr(consumer, "running", False)),
+    }
+    for name in ("received", "acked", "retried", "dead_lettered", "in_flight", "last_error"):
+        if stats is not None and hasattr(stats, name):
+            view[name] = getattr(stats, name)
+    return view
+
+
+def app_readiness(app: App) -> Readiness:
+    """Check ``app`` through its public state (see the module docstring).
+
+    Args:
+        app: a taskstream App, started or not.
+
+    Returns:
+        The readiness, with one entry per consumer of the app and of its components.
+    """
+    consumers: list[Any] = list(app.consumers)
+    reasons: list[str] = []
+    for component in app.components:
+        consumers.extend(getattr(component, "consumers", None) or ())
+        flag = getattr(component, "ready", None)
+        if isinstance(flag, bool) and not flag:
+            reasons.append(f"component {type(component).__name__} is not ready")
+    connected = getattr(app.broker, "connected", None)
+    if isinstance(connected, bool) and not connected:
+        reasons.append("the broker is not connected")
+    views = [_consumer_view(c) for c in consumers]
+    if not views:
+        reasons.insert(0, "no consumer is running (the app is not started yet, or it is stopping)")
+    stopped = [v["queue"] for v in views if not v["running"]]
+    if stopped:
+        reasons.append("stopped consumer(s): " + ", ".join(stopped))
+    return Readiness(ready=not reasons, reason="; ".join(reasons), consumers=views)
+
+
+class HealthServer:
+    """Serves ``/healthz`` and ``/readyz`` on ``host:port`` from the running event loop.
+
+    Args:
+        app: the app whose readiness ``/readyz`` reports; ``None`` with ``check`` given.
+        port: TCP port; ``0`` picks a free one (read it back from :attr:`port`).
+        host: address to bind.
+        check: a custom readiness check instead of :func:`app_readiness`.
+    """
+
+    def __init__(
+        self,
+        app: App | None = None,
+        *,
+        port: int,
+        host: str = DEFAULT_HEALTH_HOST,
+        check: Callable[[], Readiness] | None = None,
+    ) -> None:
+        if app is None and check is None:
+            raise ValueError("HealthServer needs an app or a readiness check")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"health port must be between 0 and 65535, got {port}")
+        self._app = app
+        self._custom_check = check
+        self.host = host
+        self._requested_port = port
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the requested one, or the one picked for ``0``)."""
+        if self._server is not None and self._server.sockets:
+            return int(self._server.sockets[0].getsockname()[1])
+        return self._requested_port
+
+    async def start(self) -> None:
+        """Bind and start answering. Idempotent."""
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(self._handle, self.host, self._requested_port)
+        log.info("health server on http://%s:%d (/healthz, /readyz)", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop answering and close open connections."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=2.0)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def readiness(self) -> Readiness:
+        """Run the readiness check now."""
+        if self._custom_check is not None:
+            return self._custom_check()
+        assert self._app is not None
+        return app_readiness(self._app)
+
+    def answer(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        """The status and JSON body for one request (the whole routing, separate from the socket work)."""
+        path = path.split("?", 1)[0]
+        if path not in ("/healthz", "/readyz"):
+            return 404, {"error": f"no such path {path!r}; try /healthz or /readyz"}
+        if method not in ("GET", "HEAD"):
+            return 405, {"error": f"{method} is not allowed; use GET or HEAD"}
+        if path == "/healthz":
+            return 200, {"status": "ok"}
+        try:
+            readiness = self.readiness()
+        except Exception as exc:  # a broken check means "not ready", never a crashed server
+            log.warning("readiness check failed: %s: %s", type(exc).__name__, exc)
+            return 503, {"status": "not ready", "reason": f"readiness check failed: {type(exc).__name__}"}
+        return (200 if readiness.ready else 503), readiness.as_json()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                return
+            if len(head) > _MAX_REQUEST_BYTES:
+                await self._respond(writer, "GET", 400, {"error": "request head too large"})
+                return
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = request_line.split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+                await self._respond(writer, "GET", 400, {"error": "malformed request line"})
+                return
+            method, path = parts[0].upper(), parts[1]
+            status, body = self.answer(method, path)
+            await self._respond(writer, method, status, body)
+        except Exception as exc:  # one bad client never takes the server down
+            log.debug("health request failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    @staticmethod
+    async def _respond(writer: asyncio.StreamWriter, method: str, status: int, body: dict[str, Any]) -> None:
+        payload = orjson.dumps(body) + b"\n"
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n"
+            "Cache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        writer.write(head if method == "HEAD" else head + payload)
+        await writer.drain()
+
+
+async def serve_with_health(app: App, port: int, host: str = DEFAULT_HEALTH_HOST) -> None:
+    """Answer health probes while ``app.serve()`` runs: liveness from the start, readiness once consuming."""
+    async with HealthServer(app, port=port, host=host):
+        await app.serve()
