@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
 
-from taskstream.brokers.base import Broker, Delivery, Subscription, dead_letter_name
+from taskstream.brokers.base import Broker, Delivery, Subscription
 from taskstream.errors import MessageError, Reject, Retry
 from taskstream.messages import Envelope, decode
 from taskstream.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFETCH
@@ -47,7 +47,8 @@ class ConsumerConfig(BaseModel):
         concurrency: most handlers running at once.
         max_attempts: deliveries before a failing message is dead-lettered.
         retry_delay: first retry delay in seconds; doubles (``retry_backoff``) up to ``retry_max_delay``.
-        dead_letter: dead-letter queue name; ``None`` means ``<queue>.dlq``.
+        dead_letter: dead-letter queue name; ``None`` means the broker's ``dead_letter_name(queue)``
+            (``<queue>.dlq``; ``<queue>-poison`` on Azure Storage Queues).
         shutdown_grace: seconds in-flight handlers may finish on stop before they are requeued.
         handler_timeout: seconds a handler may run; ``None`` for no limit. A timed-out handler counts as failed.
     """
@@ -117,7 +118,7 @@ class Consumer:
         self.queue = queue
         self.handler = handler
         self.config = config or ConsumerConfig()
-        self.dead_letter_queue = self.config.dead_letter or dead_letter_name(queue)
+        self.dead_letter_queue = self.config.dead_letter or broker.dead_letter_name(queue)
         self.stats = ConsumerStats()
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()

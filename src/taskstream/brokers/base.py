@@ -276,6 +276,14 @@ class Broker(abc.ABC):
         """Delete ``queue`` and its messages. Optional; used by tests and tools."""
         raise NotSupported(f"the {self.capabilities.name} backend cannot delete queues")
 
+    def dead_letter_name(self, queue: str) -> str:
+        """The dead-letter queue the runtime uses for ``queue`` on this backend.
+
+        ``<queue>.dlq`` by default (:func:`dead_letter_name`); a backend whose platform has its own convention
+        or stricter queue names overrides it (Azure Storage Queues: ``<queue>-poison``).
+        """
+        return dead_letter_name(queue)
+
     async def __aenter__(self) -> Self:
         await self.connect()
         return self

@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 
-from taskstream.brokers.base import OutgoingMessage, dead_letter_name
+from taskstream.brokers.base import OutgoingMessage
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import MessageTooLarge
 from taskstream.messages import Envelope
@@ -253,7 +253,7 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_reason(ctx: Ct
     await wait_for(lambda: consumer.stats.dead_lettered == 1, what="dead-letter")
     await consumer.stop()
     assert attempts == [1, 2, 3]
-    async with broker.consume(dead_letter_name(queue), prefetch=1) as sub:
+    async with broker.consume(broker.dead_letter_name(queue), prefetch=1) as sub:
         [dead] = await receive(sub, 1)
         assert dead.body == original
         reason = str(dead.headers["x-death-reason"])
@@ -279,7 +279,7 @@ async def test_malformed_message_is_dead_lettered_and_good_ones_keep_flowing(ctx
     await wait_for(lambda: len(handled) == 2 and consumer.stats.dead_lettered == 1, what="2 handled + 1 dlq")
     await consumer.stop()
     assert sorted(handled) == [1, 2]  # type: ignore[type-var]
-    async with broker.consume(dead_letter_name(queue), prefetch=1) as sub:
+    async with broker.consume(broker.dead_letter_name(queue), prefetch=1) as sub:
         [dead] = await receive(sub, 1)
         assert dead.body == b"\x00\xffnot json at all"
         assert "malformed" in str(dead.headers["x-death-reason"])
