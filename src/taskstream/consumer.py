@@ -3,7 +3,9 @@
 What it does with each delivery:
 
 1. Decode the envelope. Bytes that do not decode go straight to the dead-letter queue with the reason;
-   the loop keeps going.
+   the loop keeps going. A payload reference (claim-check, :mod:`taskstream.payloads`) is resolved here,
+   before the handler runs: a missing or corrupt payload dead-letters with the reason, an unreachable
+   store is retried. After the final ack the payload is deleted; a dead-lettered message keeps it.
 2. Run the handler under the concurrency limit, with a visibility heartbeat (``extend``) when the broker
    hides unacked messages for a limited time and the handler runs longer than a third of it.
 3. Ack only after the handler returned, which includes awaiting anything it published.
@@ -32,6 +34,8 @@ from pydantic import BaseModel, ConfigDict
 from taskstream.brokers.base import Broker, Delivery, Subscription
 from taskstream.errors import MessageError, Reject, Retry
 from taskstream.messages import Envelope, decode
+from taskstream.payloads.base import PayloadError, PayloadStoreError
+from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, is_reference
 from taskstream.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFETCH
 
 __all__ = ["Consumer", "ConsumerConfig", "ConsumerStats", "Handler", "Message"]
@@ -113,8 +117,10 @@ class Consumer:
         queue: str,
         handler: Handler,
         config: ConsumerConfig | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self.broker = broker
+        self.claim_check = claim_check if claim_check is not None else ClaimCheck.from_settings()
         self.queue = queue
         self.handler = handler
         self.config = config or ConsumerConfig()
@@ -186,13 +192,37 @@ class Consumer:
             await self._subscription.close()
         self._stopped.set()
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _open(self, delivery: Delivery) -> tuple[Envelope, PayloadRef | None] | None:
+        """Decode (resolving a payload reference); ``None`` when the delivery had to be settled instead."""
         try:
-            envelope = decode(delivery.body, message_id=delivery.message_id)
+            if is_reference(delivery.body):
+                ref = PayloadRef.from_bytes(delivery.body)
+                return await self.claim_check.load(ref), ref
+            return decode(delivery.body, message_id=delivery.message_id), None
+        except PayloadError as exc:
+            await self._dead_letter(delivery, f"payload unavailable: {exc}")
         except MessageError as exc:
             await self._dead_letter(delivery, f"malformed message: {exc}")
-            return
-        heartbeat = self._start_heartbeat(delivery)
+        except PayloadStoreError as exc:
+            self.stats.last_error = str(exc)
+            await self._retry_or_dead_letter(delivery, str(exc), None)
+        except asyncio.CancelledError:
+            self.stats.requeued_on_stop += 1
+            await asyncio.shield(self._settle_quietly(delivery.nack(requeue=True)))
+            raise
+        return None
+
+    async def _process(self, delivery: Delivery) -> None:
+        heartbeat = self._start_heartbeat(delivery)  # loading a large payload can take a while too
+        try:
+            opened = await self._open(delivery)
+            if opened is not None:
+                await self._run(delivery, *opened)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+
+    async def _run(self, delivery: Delivery, envelope: Envelope, ref: PayloadRef | None) -> None:
         try:
             if self.config.handler_timeout is not None:
                 await asyncio.wait_for(self.handler(Message(envelope, delivery)), self.config.handler_timeout)
@@ -225,9 +255,8 @@ class Consumer:
         else:
             await delivery.ack()
             self.stats.acked += 1
-        finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
+            if ref is not None:
+                await self.claim_check.release(ref)
 
     async def _settle_quietly(self, settle: Awaitable[None]) -> None:
         try:

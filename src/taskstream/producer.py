@@ -9,6 +9,11 @@ Broker headers set on every message (backends with native properties, like AMQP,
 
 Backpressure: at most ``max_in_flight`` publishes wait on the broker at once; further callers wait for a
 slot, so a slow broker slows its producers and memory stays bounded.
+
+Large payloads (claim-check, :mod:`taskstream.payloads`): an encoded envelope over ``inline_limit``
+(the broker's ``max_message_bytes`` minus headroom, or ``TASKSTREAM_PAYLOAD_THRESHOLD``) is stored in the
+payload store and the message carries a reference instead; consumers resolve it before the handler runs.
+Topic publishes mark the reference ``shared`` (several queues read one blob; expiry removes it).
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from taskstream.brokers.base import Broker, OutgoingMessage
-from taskstream.errors import MessageTooLarge
+from taskstream.errors import MessageError, MessageTooLarge, NotSupported, QueueNotFound
 from taskstream.messages import CONTENT_TYPE, Envelope, encode
+from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
+
+# Publish errors after which the broker surely does not hold the message, so its offloaded payload can go.
+_REJECTED = (MessageError, NotSupported, QueueNotFound)
 
 __all__ = ["DEFAULT_MAX_IN_FLIGHT", "Producer", "broker_headers"]
 
@@ -51,31 +60,52 @@ class Producer:
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_message_bytes: int | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self.broker = broker
         self._slots = asyncio.Semaphore(max_in_flight)
         limit = broker.capabilities.max_message_bytes
         self.max_message_bytes = min(limit, max_message_bytes) if max_message_bytes else limit
+        self.claim_check = claim_check if claim_check is not None else ClaimCheck.from_settings()
+        self.inline_limit = self.claim_check.threshold_for(self.max_message_bytes)
 
     def encode(self, envelope: Envelope) -> bytes:
-        """Encode and check the size; raises :class:`MessageTooLarge` naming the limit."""
+        """Encode inline (never offloaded) and check the size; raises :class:`MessageTooLarge` naming the limit."""
         data = encode(envelope)
         if len(data) > self.max_message_bytes:
             raise MessageTooLarge(len(data), self.max_message_bytes, self.broker.capabilities.name)
         return data
 
+    async def prepare(self, envelope: Envelope, *, shared: bool = False) -> tuple[bytes, PayloadRef | None]:
+        """The bytes to publish for ``envelope``: inline, or a reference after offloading to the payload store."""
+        data = encode(envelope)
+        if len(data) <= self.inline_limit or self.claim_check.store is None:
+            if len(data) > self.max_message_bytes:
+                raise MessageTooLarge(len(data), self.max_message_bytes, self.broker.capabilities.name)
+            return data, None
+        ref = await self.claim_check.offload(envelope, shared=shared)
+        return ref.to_bytes(), ref
+
+    async def _discard(self, ref: PayloadRef | None) -> None:
+        if ref is not None:
+            await self.claim_check.release(ref, force=True)
+
     async def send(self, queue: str, envelope: Envelope, *, delay: float | None = None) -> None:
         """Publish one envelope; returns when the broker has it."""
-        data = self.encode(envelope)
-        async with self._slots:
-            await self.broker.publish(
-                queue,
-                data,
-                headers=broker_headers(envelope),
-                message_id=envelope.id,
-                key=envelope.key,
-                delay=delay,
-            )
+        data, ref = await self.prepare(envelope)
+        try:
+            async with self._slots:
+                await self.broker.publish(
+                    queue,
+                    data,
+                    headers=broker_headers(envelope),
+                    message_id=envelope.id,
+                    key=envelope.key,
+                    delay=delay,
+                )
+        except _REJECTED:
+            await self._discard(ref)
+            raise
 
     async def send_many(self, queue: str, envelopes: Iterable[Envelope]) -> None:
         """Publish many envelopes in batches of the broker's ``max_batch``, batches pipelined."""
@@ -83,11 +113,8 @@ class Producer:
         batch: list[OutgoingMessage] = []
         pending: list[asyncio.Task[None]] = []
         for envelope in envelopes:
-            batch.append(
-                OutgoingMessage(
-                    self.encode(envelope), broker_headers(envelope), message_id=envelope.id, key=envelope.key
-                )
-            )
+            data, _ = await self.prepare(envelope)
+            batch.append(OutgoingMessage(data, broker_headers(envelope), message_id=envelope.id, key=envelope.key))
             if len(batch) >= batch_size:
                 pending.append(asyncio.create_task(self._send_batch(queue, batch)))
                 batch = []
@@ -100,11 +127,16 @@ class Producer:
                     raise result
 
     async def _send_batch(self, queue: str, batch: Sequence[OutgoingMessage]) -> None:
+        # No discard on failure here: part of a batch may be on the broker already; expiry removes leftovers.
         async with self._slots:
             await self.broker.publish_batch(queue, batch)
 
     async def send_topic(self, topic: str, envelope: Envelope) -> None:
         """Publish one envelope to every queue bound to ``topic`` (needs ``capabilities.fanout``)."""
-        data = self.encode(envelope)
-        async with self._slots:
-            await self.broker.publish_topic(topic, data, headers=broker_headers(envelope), message_id=envelope.id)
+        data, ref = await self.prepare(envelope, shared=True)
+        try:
+            async with self._slots:
+                await self.broker.publish_topic(topic, data, headers=broker_headers(envelope), message_id=envelope.id)
+        except _REJECTED:
+            await self._discard(ref)
+            raise

@@ -13,6 +13,10 @@ Variable                               Meaning                                  
 ``TASKSTREAM_SHUTDOWN_GRACE``          seconds in-flight work may finish on stop    ``30``
 ``TASKSTREAM_MAX_MESSAGE_BYTES``       cap below the broker's own limit             none
 ``TASKSTREAM_SIGNING_KEY``             HMAC key for signed code shipping            none (refused)
+``TASKSTREAM_PAYLOAD_STORE_URL``       blob store for large payloads: ``file://``,  local directory
+                                       ``s3://``, ``azureblob://`` or ``none``
+``TASKSTREAM_PAYLOAD_THRESHOLD``       offload envelopes over this many bytes       broker limit - 4 KiB
+``TASKSTREAM_PAYLOAD_TTL``             age (s) at which leftovers may be expired    ``604800`` (7 days)
 =====================================  ==========================================  ===================
 
 Secrets (``signing_key`` and passwords inside URLs) are ``SecretStr`` or redacted by :func:`redact_url`
@@ -55,6 +59,9 @@ class Settings(BaseSettings):
     shutdown_grace: float = 30.0
     max_message_bytes: int | None = None
     signing_key: SecretStr | None = None
+    payload_store_url: SecretStr | None = None
+    payload_threshold: int | None = None
+    payload_ttl: float = 7 * 86400.0
 
 
 def redact_url(url: str) -> str:
