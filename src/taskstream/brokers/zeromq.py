@@ -1,0 +1,900 @@
+"""ZeroMQ backend: work queues with acks through the taskstream queue device, topic pub/sub through a forwarder.
+
+ZeroMQ has no broker; :mod:`taskstream.brokers.zeromq_device` is one (``taskstream zmq-device --bind ...``).
+**Capabilities say durable=False: messages held by the device are lost if the device itself dies.** While it
+runs, delivery is at-least-once, like every other backend.
+
+URL: ``zmq://HOST:PORT`` (``tcp://HOST:PORT``) or ``zmq://ipc/PATH`` (``ipc:///PATH``, an absolute path),
+with optional query parameters ``heartbeat`` (seconds, default 1), ``liveness`` (missed heartbeats before the
+device requeues this connection's unacked messages, default 5), ``request_timeout`` (seconds, default 10),
+``max_message_bytes`` (default 16 MiB) and ``hwm`` (socket high-water mark in messages, default 10,000).
+
+================  ==========================================================================================
+Operation         How it maps onto the device (one DEALER socket per broker, frames batched per loop tick)
+================  ==========================================================================================
+publish           ``pub`` frame; returns when the device replies that it queued the message
+publish_batch     one ``pub`` frame for the whole batch, one reply
+ack               tag added to the next ``st`` frame (many acks per frame); fire-and-forget, ordered
+nack(requeue)     ``st`` frame: back to the queue (after ``delay`` on a device timer), attempt + 1
+nack(no requeue)  ``st`` frame: dropped (the runtime dead-letters it first)
+extend            no-op: the device holds a message until ack, nack, unsubscribe or the connection dies
+visibility        none (``visibility_timeout=None``): unacked messages return when the consumer closes,
+                  says bye, stops heartbeating for ``heartbeat * liveness`` s, or its connection drops
+dead-letter       done by the consumer runtime (``<queue>.dlq``, reason in headers)
+size limit        ``max_message_bytes`` checked here and by the device; over it ``MessageTooLarge``
+topics            ``declare(q, topics=[...])`` + ``publish_topic``: the device copies to bound queues
+durability        none: the device's memory only
+================  ==========================================================================================
+
+Prefetch is credit: the device sends a consumer at most ``prefetch`` unacked messages, in frames of many.
+If the device restarts, each connection gets a ``reset``, replays its declarations and subscriptions and
+carries on; deliveries received before the reset are void (their acks are dropped), and messages the old
+device held are gone.
+
+Streams of records without acks go through the forwarder (:class:`~taskstream.brokers.zeromq_device.Forwarder`,
+``taskstream zmq-device --pubsub-frontend ... --pubsub-backend ...``) with :class:`TopicPublisher` and
+:class:`TopicSubscriber`: prefix topic filters, per-publisher sequence numbers, and losses counted at each
+hop (``TopicPublisher.dropped``, ``Forwarder.stats.dropped``, ``TopicSubscriber.missed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import orjson
+import zmq
+import zmq.asyncio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from taskstream.brokers.base import Broker, Capabilities, Delivery, OutgoingMessage, Subscription
+from taskstream.brokers.zeromq_device import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_LIVENESS,
+    DEFAULT_HWM,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_PUBSUB_HWM,
+    check_endpoint,
+    new_routing_id,
+)
+from taskstream.errors import (
+    BrokerConnectionError,
+    BrokerError,
+    ConfigurationError,
+    MessageTooLarge,
+    PublishError,
+    QueueNotFound,
+)
+from taskstream.messages import new_id
+
+__all__ = [
+    "DEFAULT_REQUEST_TIMEOUT",
+    "TopicMessage",
+    "TopicPublisher",
+    "TopicSubscriber",
+    "ZeroMQBroker",
+    "ZeroMQConfig",
+    "endpoint_from_url",
+]
+
+log = logging.getLogger("taskstream.zmq")
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+_DRAIN = 2000
+
+_URL_OPTIONS = {
+    "heartbeat": "heartbeat_interval",
+    "heartbeat_interval": "heartbeat_interval",
+    "liveness": "heartbeat_liveness",
+    "heartbeat_liveness": "heartbeat_liveness",
+    "request_timeout": "request_timeout",
+    "max_message_bytes": "max_message_bytes",
+    "hwm": "hwm",
+}
+
+
+class ZeroMQConfig(BaseModel):
+    """Tuning of one :class:`ZeroMQBroker` connection (see the module docstring for the URL form).
+
+    Attributes:
+        heartbeat_interval: seconds between heartbeats to the device.
+        heartbeat_liveness: missed heartbeats after which the device requeues this connection's unacked
+            messages (so a consumer whose process died loses its messages to others after
+            ``heartbeat_interval * heartbeat_liveness`` seconds at most).
+        request_timeout: seconds to wait for the device to answer a request before
+            :class:`BrokerConnectionError`.
+        max_message_bytes: largest message body published.
+        hwm: high-water mark of the DEALER socket (messages); sends wait when it is reached, never drop.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    heartbeat_interval: float = Field(DEFAULT_HEARTBEAT_INTERVAL, gt=0)
+    heartbeat_liveness: int = Field(DEFAULT_HEARTBEAT_LIVENESS, ge=1)
+    request_timeout: float = Field(DEFAULT_REQUEST_TIMEOUT, gt=0)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    hwm: int = Field(DEFAULT_HWM, ge=0)
+
+
+def endpoint_from_url(url: str) -> str:
+    """The ZeroMQ endpoint of a ``zmq://`` URL.
+
+    Example:
+        >>> endpoint_from_url("zmq://127.0.0.1:5555")
+        'tcp://127.0.0.1:5555'
+        >>> endpoint_from_url("zmq://ipc/tmp/taskstream.sock")
+        'ipc:///tmp/taskstream.sock'
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"bad zmq URL {url!r}: {exc}") from exc
+    if parts.scheme != "zmq":
+        raise ConfigurationError(f"bad zmq URL {url!r}: the scheme must be zmq://")
+    if parts.netloc == "ipc":
+        path = unquote(parts.path)
+        if not path or path == "/":
+            raise ConfigurationError(f"bad zmq URL {url!r}: zmq://ipc/PATH needs a socket path")
+        return "ipc://" + path
+    if not parts.hostname or port is None:
+        raise ConfigurationError(f"bad zmq URL {url!r}: expected zmq://HOST:PORT or zmq://ipc/PATH")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"tcp://{host}:{port}"
+
+
+def _device_error(kind: str, text: str) -> BrokerError:
+    if kind == "QueueNotFound":
+        return QueueNotFound(text)
+    if kind == "MessageTooLarge":
+        with contextlib.suppress(ValueError, TypeError):
+            size, limit = orjson.loads(text)
+            return _TooLargeAtDevice(int(size), int(limit))
+    return PublishError(f"zmq device refused the request: {kind}: {text}")
+
+
+class _TooLargeAtDevice(BrokerError):
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"{size} > {limit}")
+
+
+class _ZmqDelivery(Delivery):
+    __slots__ = ("_epoch", "_sub", "_tag")
+
+    def __init__(self, sub: _ZmqSubscription, tag: int, attempt: int, meta: list[Any], body: bytes, epoch: int) -> None:
+        message_id, headers, key = meta
+        super().__init__(
+            queue=sub.queue, body=body, headers=headers or {}, message_id=message_id, attempt=attempt, key=key
+        )
+        self._sub = sub
+        self._tag = tag
+        self._epoch = epoch
+
+    async def _ack(self) -> None:
+        self._sub._settle(self, None, None)
+
+    async def _nack(self, requeue: bool, delay: float | None) -> None:
+        self._sub._settle(self, requeue, delay)
+
+
+class _ZmqSubscription(Subscription):
+    def __init__(self, broker: ZeroMQBroker, queue: str, sid: int, prefetch: int) -> None:
+        self._broker = broker
+        self.queue = queue
+        self.sid = sid
+        self.prefetch = prefetch
+        self._buffer: deque[_ZmqDelivery] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._subscribed: asyncio.Future[Any] | None = None
+
+    def _start(self) -> None:
+        self._subscribed = self._broker._request({"t": "sub", "s": self.sid, "q": self.queue, "p": self.prefetch})
+        self._subscribed.add_done_callback(self._on_subscribed)
+
+    def _on_subscribed(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None and not self._closed:
+            self._error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _deliver(self, deliveries: list[_ZmqDelivery]) -> None:
+        self._buffer.extend(deliveries)
+        self._wake()
+
+    def _reset(self) -> None:
+        self._buffer.clear()  # void: the device that sent them is gone or forgot us
+
+    def _settle(self, delivery: _ZmqDelivery, requeue: bool | None, delay: float | None) -> None:
+        if self._closed or delivery._epoch != self._broker._epoch:
+            return  # the device already took it back (closed or reset)
+        self._broker._settle(delivery._tag, requeue, delay)
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            if self._buffer:
+                return self._buffer.popleft()  # no await between taking it and returning it
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        self._wake()
+        broker = self._broker
+        broker._subs.pop(self.sid, None)
+        if broker._sock is not None and not broker._closing:
+            try:
+                await broker._wait(broker._request({"t": "unsub", "s": self.sid}), "unsubscribe")
+            except BrokerError as exc:  # the device will requeue them when it drops this connection
+                log.warning("zmq unsubscribe from %r failed: %s", self.queue, exc)
+
+    def __repr__(self) -> str:
+        return f"<ZeroMQ subscription queue={self.queue!r} prefetch={self.prefetch} buffered={len(self._buffer)}>"
+
+
+class ZeroMQBroker(Broker):
+    """A connection to a taskstream ZeroMQ queue device. See the module docstring for the mapping.
+
+    Example:
+        >>> async def example():
+        ...     async with ZeroMQBroker("tcp://127.0.0.1:5555") as broker:
+        ...         await broker.declare("jobs")
+        ...         await broker.publish("jobs", b"{}")
+
+    Args:
+        endpoint: the device's ZeroMQ endpoint (``tcp://HOST:PORT`` or ``ipc:///path``).
+        config: connection tuning.
+    """
+
+    def __init__(self, endpoint: str, config: ZeroMQConfig | None = None) -> None:
+        self.endpoint = check_endpoint(endpoint)
+        self.config = config or ZeroMQConfig()
+        self.capabilities = Capabilities(
+            name="zmq",
+            max_message_bytes=self.config.max_message_bytes,
+            durable=False,
+            ordered=True,
+            fanout=True,
+            native_dead_letter=False,
+            native_delay=True,
+            visibility_timeout=None,
+            max_batch=1000,
+        )
+        self._sock: zmq.asyncio.Socket | None = None
+        self._raw: zmq.Socket[bytes] | None = None
+        self._closing = False
+        self._rids = itertools.count(1)
+        self._sids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._cmds: list[tuple[dict[str, Any], list[bytes]]] = []
+        self._acks: list[int] = []
+        self._nacks: list[list[Any]] = []
+        self._outq: deque[list[bytes]] = deque()
+        self._flush_scheduled = False
+        self._subs: dict[int, _ZmqSubscription] = {}
+        self._declared: dict[str, list[str]] = {}
+        self._epoch = 0
+        self._last_heard = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> ZeroMQBroker:
+        """Build from ``zmq://HOST:PORT?heartbeat=1&liveness=5`` or ``zmq://ipc/PATH``; ``options`` override."""
+        endpoint = endpoint_from_url(url)
+        params: dict[str, Any] = {}
+        for name, value in [*parse_qsl(urlsplit(url).query), *options.items()]:
+            field_name = _URL_OPTIONS.get(name)
+            if field_name is None:
+                raise ConfigurationError(f"unknown zmq URL option {name!r} (known: {', '.join(sorted(_URL_OPTIONS))})")
+            params[field_name] = value
+        try:
+            return cls(endpoint, ZeroMQConfig(**params))
+        except ValidationError as exc:
+            raise ConfigurationError(f"bad zmq URL {url!r}: {exc.errors()[0]['msg']}") from exc
+
+    # -- connection ---------------------------------------------------------------------------------
+
+    @property
+    def device_alive(self) -> bool:
+        """False when the device has been silent for ``heartbeat_interval * heartbeat_liveness`` seconds."""
+        silent = time.monotonic() - self._last_heard
+        return self._sock is not None and silent <= self.config.heartbeat_interval * self.config.heartbeat_liveness
+
+    async def connect(self) -> None:
+        """Connect to the device and say hello; fails with :class:`BrokerConnectionError` if it does not answer."""
+        if self._sock is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise BrokerConnectionError(f"cannot connect to the zmq device at {self.endpoint}: {exc}") from exc
+        self._sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)
+        self._closing = False
+        self._last_heard = time.monotonic()
+        self._tasks = [asyncio.create_task(self._read(), name=f"zmq-read:{self.endpoint}")]
+        try:
+            await self._wait(self._hello(), "hello")
+        except BaseException:
+            await self._shutdown(BrokerConnectionError("connection failed"))
+            raise
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name=f"zmq-heartbeat:{self.endpoint}"))
+
+    def _hello(self) -> asyncio.Future[Any]:
+        config = self.config
+        return self._request({"t": "hello", "hb": config.heartbeat_interval, "lv": config.heartbeat_liveness})
+
+    async def close(self) -> None:
+        """Close every subscription (the device requeues their unacked messages) and the connection."""
+        if self._sock is None or self._closing:
+            return
+        self._closing = True
+        for sub in list(self._subs.values()):
+            sub._closed = True
+            sub._buffer.clear()
+            sub._wake()
+        self._subs.clear()
+        try:
+            await asyncio.wait_for(self._request({"t": "bye"}), min(2.0, self.config.request_timeout))
+        except (TimeoutError, BrokerError):
+            log.warning("zmq device at %s did not answer bye; it will requeue on missed heartbeats", self.endpoint)
+        await self._shutdown(BrokerConnectionError(f"zmq broker connection to {self.endpoint} is closed"))
+
+    async def _shutdown(self, error: BrokerError) -> None:
+        tasks = [*self._tasks, *([self._writer] if self._writer else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks, self._writer = [], None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: nobody may be waiting any more
+        self._pending.clear()
+        self._cmds.clear()
+        self._acks.clear()
+        self._nacks.clear()
+        self._outq.clear()
+        if self._sock is not None:
+            self._sock.close(0)
+        self._sock = self._raw = None
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._sock is None or self._closing:
+            raise BrokerConnectionError(
+                f"zmq broker for {self.endpoint} is not connected (use 'async with' or connect())"
+            )
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _command(self, header: dict[str, Any], payload: list[bytes] | None = None) -> None:
+        self._cmds.append((header, payload or []))
+        self._schedule_flush()
+
+    def _request(self, header: dict[str, Any], payload: list[bytes] | None = None) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        rid = next(self._rids)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[rid] = future
+        header["r"] = rid
+        self._command(header, payload)
+        return future
+
+    async def _wait(self, future: asyncio.Future[Any], what: str) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.config.request_timeout)
+        except TimeoutError:
+            raise BrokerConnectionError(
+                f"the zmq device at {self.endpoint} did not answer {what} within {self.config.request_timeout} s "
+                "(is 'taskstream zmq-device' running there?)"
+            ) from None
+
+    def _settle(self, tag: int, requeue: bool | None, delay: float | None) -> None:
+        if self._sock is None or self._closing:
+            return
+        if requeue is None:
+            self._acks.append(tag)
+        else:
+            self._nacks.append([tag, requeue, delay])
+        self._schedule_flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._sock is None:
+            return
+        batch: list[list[bytes]] = []
+        if self._acks or self._nacks:
+            # settlements first: always safe, and the device then has the credit before anything else
+            batch.append([orjson.dumps({"t": "st", "a": self._acks, "n": self._nacks})])
+            self._acks, self._nacks = [], []
+        for header, payload in self._cmds:
+            batch.append([orjson.dumps(header), *payload])
+        self._cmds.clear()
+        if self._outq:
+            self._outq.extend(batch)
+            return
+        raw = self._raw
+        assert raw is not None
+        for i, frames in enumerate(batch):
+            try:
+                raw.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                # at the high-water mark: keep order, wait for room (DEALER never drops)
+                self._outq.extend(batch[i:])
+                self._writer = asyncio.create_task(self._write(), name=f"zmq-write:{self.endpoint}")
+                return
+
+    async def _write(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while self._outq:
+            await sock.send_multipart(self._outq[0])
+            self._outq.popleft()
+        self._writer = None
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.heartbeat_interval
+        warned = False
+        while True:
+            await asyncio.sleep(interval)
+            self._command({"t": "hb"})
+            if not self.device_alive and not warned:
+                log.warning(
+                    "zmq device at %s has been silent for %.1f s",
+                    self.endpoint,
+                    interval * self.config.heartbeat_liveness,
+                )
+            warned = not self.device_alive
+
+    # -- receiving ----------------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        sock, raw = self._sock, self._raw
+        assert sock is not None and raw is not None
+        while True:
+            frames = await sock.recv_multipart()
+            self._last_heard = time.monotonic()
+            self._on_frames(frames)
+            for _ in range(_DRAIN):
+                try:
+                    frames = raw.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_frames(frames)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            header = orjson.loads(frames[0])
+            op = header["t"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+            log.warning("zmq broker: ignoring a malformed frame from the device")
+            return
+        if op == "d":
+            self._on_deliveries(header, frames)
+        elif op == "rep":
+            for rid, value in header.get("ok", ()):
+                future = self._pending.pop(rid, None)
+                if future is not None and not future.done():
+                    future.set_result(value)
+            for rid, kind, text in header.get("err", ()):
+                future = self._pending.pop(rid, None)
+                if future is not None and not future.done():
+                    future.set_exception(_device_error(kind, text))
+        elif op == "reset":
+            self._on_reset()
+
+    def _on_deliveries(self, header: dict[str, Any], frames: list[bytes]) -> None:
+        sub = self._subs.get(header["s"])
+        if sub is None or sub._closed:
+            return  # the device requeues them on unsubscribe / bye
+        epoch = self._epoch
+        tags: list[int] = header["g"]
+        attempts: list[int] = header["a"]
+        loads = orjson.loads
+        deliveries = [
+            _ZmqDelivery(sub, tag, attempt, loads(frames[1 + 2 * i]), frames[2 + 2 * i], epoch)
+            for i, (tag, attempt) in enumerate(zip(tags, attempts, strict=True))
+        ]
+        sub._deliver(deliveries)
+
+    def _on_reset(self) -> None:
+        log.warning("zmq device at %s does not know this connection (restarted?): replaying state", self.endpoint)
+        self._epoch += 1
+        self._acks.clear()
+        self._nacks.clear()
+        self._command({"t": "hello", "hb": self.config.heartbeat_interval, "lv": self.config.heartbeat_liveness})
+        for queue, topics in self._declared.items():
+            self._command({"t": "decl", "q": queue, "topics": topics})
+        for sub in self._subs.values():
+            sub._reset()
+            self._command({"t": "sub", "s": sub.sid, "q": sub.queue, "p": sub.prefetch})
+
+    # -- the Broker protocol ------------------------------------------------------------------------
+
+    async def declare(
+        self,
+        queue: str,
+        *,
+        dead_letter: str | None = None,
+        fifo: bool = False,
+        topics: Sequence[str] = (),
+    ) -> None:
+        self._check_open()
+        await self._wait(self._request({"t": "decl", "q": queue, "topics": list(topics)}), f"declare {queue!r}")
+        known = self._declared.setdefault(queue, [])
+        known.extend(t for t in topics if t not in known)
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.config.max_message_bytes:
+            raise MessageTooLarge(len(body), self.config.max_message_bytes, "zmq")
+
+    @staticmethod
+    def _meta(message_id: str | None, headers: Mapping[str, Any] | None, key: str | None) -> bytes:
+        return orjson.dumps([message_id or new_id(), dict(headers) if headers else {}, key])
+
+    async def _publish_frames(self, queue: str, payload: list[bytes], delays: list[float | None]) -> None:
+        self._check_open()
+        header: dict[str, Any] = {"t": "pub", "q": queue}
+        if any(d is not None for d in delays):
+            header["d"] = delays
+        # consecutive publishes to one queue in one loop tick share a frame and a reply
+        last = self._cmds[-1] if self._cmds else None
+        future = self._request(header, payload)
+        if last is not None and last[0].get("t") == "pub" and last[0]["q"] == queue and "r" in last[0]:
+            merged_header, merged_payload = last
+            self._cmds.pop()  # the one _request just appended
+            rids = merged_header["r"]
+            merged_header["r"] = [*(rids if isinstance(rids, list) else [rids]), header["r"]]
+            if "d" in merged_header or "d" in header:
+                before = merged_header.get("d") or [None] * (len(merged_payload) // 2)
+                merged_header["d"] = [*before, *delays]
+            merged_payload.extend(payload)
+        try:
+            await self._wait(future, f"publish to {queue!r}")
+        except _TooLargeAtDevice as exc:
+            raise MessageTooLarge(exc.size, exc.limit, "zmq device") from None
+
+    async def publish(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        key: str | None = None,
+        delay: float | None = None,
+    ) -> None:
+        self._check_size(body)
+        await self._publish_frames(queue, [self._meta(message_id, headers, key), bytes(body)], [delay])
+
+    async def publish_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        if not messages:
+            return
+        payload: list[bytes] = []
+        delays: list[float | None] = []
+        for message in messages:
+            self._check_size(message.body)
+            payload.append(self._meta(message.message_id, message.headers, message.key))
+            payload.append(bytes(message.body))
+            delays.append(message.delay)
+        await self._publish_frames(queue, payload, delays)
+
+    async def publish_topic(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        self._check_open()
+        self._check_size(body)
+        meta = self._meta(message_id, {**(headers or {}), "topic": topic}, None)
+        try:
+            await self._wait(self._request({"t": "topic", "k": topic}, [meta, bytes(body)]), f"publish to {topic!r}")
+        except _TooLargeAtDevice as exc:
+            raise MessageTooLarge(exc.size, exc.limit, "zmq device") from None
+
+    def consume(self, queue: str, *, prefetch: int = 64) -> Subscription:
+        if prefetch < 1:
+            raise ConfigurationError(f"prefetch must be at least 1, got {prefetch}")
+        self._check_open()
+        sub = _ZmqSubscription(self, queue, next(self._sids), prefetch)
+        self._subs[sub.sid] = sub
+        sub._start()
+        return sub
+
+    async def _simple(self, op: str, queue: str) -> Any:
+        self._check_open()
+        return await self._wait(self._request({"t": op, "q": queue}), f"{op} {queue!r}")
+
+    async def purge(self, queue: str) -> None:
+        await self._simple("purge", queue)
+
+    async def depth(self, queue: str) -> int:
+        return int(await self._simple("depth", queue))
+
+    async def delete_queue(self, queue: str) -> None:
+        await self._simple("delq", queue)
+        self._declared.pop(queue, None)
+
+    async def device_stats(self) -> dict[str, Any]:
+        """The device's counters and per-queue figures (ready, delayed, unacked, consumers)."""
+        self._check_open()
+        stats: dict[str, Any] = await self._wait(self._request({"t": "stats"}), "stats")
+        return stats
+
+    def __repr__(self) -> str:
+        state = "connected" if self._sock is not None else "closed"
+        return f"<ZeroMQBroker {self.endpoint} {state} subscriptions={len(self._subs)}>"
+
+
+# -- topic pub/sub through the forwarder ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TopicMessage:
+    """One message received by a :class:`TopicSubscriber`."""
+
+    topic: str
+    body: bytes
+    headers: dict[str, Any]
+    publisher: str
+    seq: int
+
+
+class TopicPublisher:
+    """Publishes ``(topic, body)`` to a forwarder's frontend. No acks: PUB/SUB semantics, with losses counted.
+
+    The socket is an XPUB with ``XPUB_NODROP``: at the high-water mark a send fails instead of vanishing, and
+    the publisher either counts the message in :attr:`dropped` (``on_full="drop"``, the default: a publisher
+    never blocks) or waits for room (``on_full="block"``). Every message carries this publisher's id and a
+    sequence number, so subscribers see gaps. The XPUB also sees subscriptions: :meth:`wait_subscribed` waits
+    until someone listens to a topic, so nothing published after it is lost to a late joiner.
+
+    Args:
+        endpoint: the forwarder's frontend (``tcp://...`` or ``ipc://...``).
+        hwm: send high-water mark (messages).
+        on_full: ``"drop"`` (count and go on) or ``"block"`` (wait for room).
+        name: publisher id carried by every message (a random id by default).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        hwm: int = DEFAULT_PUBSUB_HWM,
+        on_full: Literal["drop", "block"] = "drop",
+        name: str | None = None,
+    ) -> None:
+        if on_full not in ("drop", "block"):
+            raise ConfigurationError(f"on_full must be 'drop' or 'block', got {on_full!r}")
+        self.endpoint = check_endpoint(endpoint)
+        self.hwm = hwm
+        self.on_full = on_full
+        self.name = name or new_id()[:12]
+        self.sent = 0
+        self.dropped = 0
+        self._seq: dict[str, int] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+        self._raw: zmq.Socket[bytes] | None = None
+        self._subscribed: set[bytes] = set()
+        self._changed = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        """Connect to the forwarder (ZeroMQ connects in the background; see :meth:`wait_subscribed`)."""
+        if self._sock is not None:
+            return
+        sock = zmq.asyncio.Context.instance().socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 1000)  # let queued messages out on close
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise BrokerConnectionError(f"cannot connect to the forwarder at {self.endpoint}: {exc}") from exc
+        self._sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read_subscriptions(), name=f"zmq-pub:{self.name}")
+
+    async def close(self) -> None:
+        """Close the socket (queued messages get up to one second to leave)."""
+        if self._sock is None:
+            return
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._sock.close()
+        self._sock = self._raw = None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _read_subscriptions(self) -> None:
+        assert self._sock is not None
+        while True:
+            message = await self._sock.recv()
+            if message[:1] == b"\x01":
+                self._subscribed.add(message[1:])
+            elif message[:1] == b"\x00":
+                self._subscribed.discard(message[1:])
+            self._changed.set()
+
+    def is_subscribed(self, topic: str) -> bool:
+        """True if some subscriber's prefix filter matches ``topic``."""
+        data = topic.encode()
+        return any(data.startswith(prefix) for prefix in self._subscribed)
+
+    async def wait_subscribed(self, *topics: str, timeout: float = 10.0) -> None:
+        """Wait until every one of ``topics`` has a subscriber; :class:`BrokerConnectionError` after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not all(self.is_subscribed(t) for t in topics):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            missing = [t for t in topics if not self.is_subscribed(t)]
+            raise BrokerConnectionError(
+                f"no subscriber for {missing} through the forwarder at {self.endpoint} within {timeout} s"
+            ) from None
+
+    async def publish(self, topic: str, body: bytes, *, headers: Mapping[str, Any] | None = None) -> bool:
+        """Send one message; True if it left, False if it was dropped (and counted) at the high-water mark."""
+        if self._sock is None or self._raw is None:
+            raise BrokerConnectionError("topic publisher is not connected (use 'async with' or connect())")
+        seq = self._seq[topic] = self._seq.get(topic, 0) + 1
+        frames = [topic.encode(), orjson.dumps([self.name, seq, dict(headers) if headers else {}]), body]
+        try:
+            self._raw.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            if self.on_full == "drop":
+                self.dropped += 1
+                return False
+            await self._sock.send_multipart(frames)
+        self.sent += 1
+        return True
+
+
+class TopicSubscriber:
+    """Receives messages whose topic starts with one of ``topics`` from a forwarder's backend.
+
+    Iterate it (``async for message in subscriber``) or call :meth:`recv`. :attr:`missed` counts messages lost
+    on the way, found as gaps in each publisher's sequence numbers.
+
+    Args:
+        endpoint: the forwarder's backend.
+        topics: prefix filters (ZeroMQ semantics: ``"3"`` also matches ``"30"``); ``""`` for everything.
+        exact: keep only messages whose topic equals one of ``topics``.
+        hwm: receive high-water mark (messages).
+    """
+
+    def __init__(
+        self, endpoint: str, topics: Sequence[str], *, exact: bool = False, hwm: int = DEFAULT_PUBSUB_HWM
+    ) -> None:
+        if isinstance(topics, str):
+            raise ConfigurationError("topics must be a list of prefixes, not one string")
+        self.endpoint = check_endpoint(endpoint)
+        self.topics = list(topics)
+        self.exact = exact
+        self.hwm = hwm
+        self.received = 0
+        self.missed = 0
+        self._last_seq: dict[tuple[str, str], int] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+
+    async def connect(self) -> None:
+        """Connect and subscribe."""
+        if self._sock is not None:
+            return
+        sock = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        for topic in self.topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise BrokerConnectionError(f"cannot connect to the forwarder at {self.endpoint}: {exc}") from exc
+        self._sock = sock
+
+    async def close(self) -> None:
+        """Close the socket."""
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> TopicMessage:
+        return await self.recv()
+
+    async def recv(self) -> TopicMessage:
+        """The next message (wrap in ``asyncio.timeout`` to bound the wait)."""
+        if self._sock is None:
+            raise BrokerConnectionError("topic subscriber is not connected (use 'async with' or connect())")
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 3:
+                log.warning("topic subscriber: ignoring a message of %d frames (not from TopicPublisher)", len(frames))
+                continue
+            topic = frames[0].decode(errors="replace")
+            try:
+                publisher, seq, headers = orjson.loads(frames[1])
+            except (orjson.JSONDecodeError, ValueError, TypeError):
+                log.warning("topic subscriber: ignoring a message with a malformed header on %r", topic)
+                continue
+            stream = (publisher, topic)
+            last = self._last_seq.get(stream, 0)
+            if seq > last + 1:
+                self.missed += seq - last - 1
+            self._last_seq[stream] = max(seq, last)
+            if self.exact and topic not in self.topics:
+                continue
+            self.received += 1
+            return TopicMessage(topic, frames[2], headers, publisher, seq)
