@@ -1,0 +1,285 @@
+"""``taskstream deploy systemd|cloud-init|k8s``: render what runs a worker or pipeline stages on VMs or Kubernetes.
+
+Every renderer reads one :class:`DeploySpec` and runs the same command lines a user types (``taskstream worker
+module:app``, ``taskstream pipeline run module:pipeline --stage NAME --replica I``), so what runs under
+``docker compose``, systemd and Kubernetes is one thing configured three ways.
+
+=============================  ===========================================================================
+Command                        Renders
+=============================  ===========================================================================
+``deploy systemd``             one unit per stage (a template, instance = replica) or the worker's unit,
+                               plus ``NAME.env.example``: the secrets file the units read (never the unit)
+``deploy cloud-init``          a ``#cloud-config`` that installs taskstream in a venv, writes the app files
+                               and the units, and enables and starts them
+``deploy k8s``                 Deployments (one per stage replica, or one for the worker), secrets from a
+                               Secret made from the same environment file
+=============================  ===========================================================================
+
+Example:
+    taskstream deploy systemd stage examples.sensor_windows:pipeline --stage window=3 -o out/
+    taskstream deploy k8s worker examples.endpoint:app --replicas 2 --health-port 8080 -- --concurrency 8
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from taskstream.deploy.cloudinit import check_env_file, default_requirements, render_cloud_init
+from taskstream.deploy.k8s import manifests, render_k8s
+from taskstream.deploy.spec import (
+    DEFAULT_IMAGE,
+    DEFAULT_VENV,
+    DEFAULT_WORKDIR,
+    DeploySpec,
+    StageSpec,
+    default_name,
+    parse_env,
+    parse_stage,
+)
+from taskstream.deploy.systemd import env_file_template, render_systemd, render_unit
+from taskstream.errors import ConfigurationError
+
+__all__ = [
+    "DeploySpec",
+    "StageSpec",
+    "build_spec",
+    "default_requirements",
+    "env_file_template",
+    "manifests",
+    "parse_stage",
+    "register",
+    "render_cloud_init",
+    "render_k8s",
+    "render_systemd",
+    "render_unit",
+]
+
+
+class DeployKind(enum.StrEnum):
+    """What the deployed process runs."""
+
+    worker = "worker"
+    run = "run"
+    stage = "stage"
+
+
+def build_spec(
+    kind: str,
+    target: str,
+    *,
+    stages: Iterable[str] = (),
+    name: str | None = None,
+    replicas: int = 1,
+    args: Iterable[str] = (),
+    env: Iterable[str] = (),
+    health_port: int | None = None,
+    workdir: str = DEFAULT_WORKDIR,
+    venv: str = DEFAULT_VENV,
+    user: str | None = None,
+    restart: str = "on-failure",
+) -> DeploySpec:
+    """A spec from command-line shaped values (what the three verbs share)."""
+    if restart not in ("on-failure", "always"):
+        raise ConfigurationError(f"restart must be on-failure or always, not {restart!r}")
+    return DeploySpec(
+        kind=kind,  # type: ignore[arg-type]  # checked in DeploySpec
+        target=target,
+        name=name or default_name(target),
+        stages=tuple(parse_stage(s) for s in stages),
+        replicas=replicas,
+        args=tuple(args),
+        env=parse_env(env),
+        health_port=health_port,
+        workdir=workdir,
+        venv=venv,
+        user=user,
+        restart=restart,  # type: ignore[arg-type]
+    )
+
+
+def _emit(files: dict[str, str], output: Path | None) -> None:
+    if output is None:
+        many = len(files) > 1
+        for filename, text in files.items():
+            if many:
+                typer.echo(f"# ==> {filename} <==")
+            typer.echo(text, nl=False)
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    for filename, text in files.items():
+        path = output / filename
+        path.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {path}", err=True)
+
+
+def _read_includes(paths: Iterable[Path]) -> dict[str, str]:
+    files: dict[str, str] = {}
+    for path in paths:
+        if path.is_absolute() or ".." in path.parts:
+            raise ConfigurationError(f"--include wants a path relative to the current directory, got {str(path)!r}")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+        elif path.is_file():
+            found = [path]
+        else:
+            raise ConfigurationError(f"--include {str(path)!r}: no such file or directory")
+        for file in found:
+            try:
+                files[file.as_posix()] = file.read_text("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigurationError(f"--include {file.as_posix()!r} is not UTF-8 text") from None
+    return files
+
+
+KindArg = Annotated[DeployKind, typer.Argument(help="worker (taskstream worker), run (taskstream run) or stage.")]
+TargetArg = Annotated[str, typer.Argument(help="module:attribute of the App or pipeline.")]
+StageOpt = Annotated[
+    list[str] | None,
+    typer.Option("--stage", help="Stage to run: NAME, NAME=REPLICAS or NAME@I,J (replica indices); repeatable."),
+]
+NameOpt = Annotated[str | None, typer.Option(help="Deployment name (default: the module's name).")]
+ReplicasOpt = Annotated[int, typer.Option(help="Identical worker processes (worker and run kinds).")]
+EnvOpt = Annotated[
+    list[str] | None,
+    typer.Option("--env", help="A non-secret setting KEY=VALUE (repeatable); secrets go in the environment file."),
+]
+HealthOpt = Annotated[int | None, typer.Option(help="Serve /healthz and /readyz on this port (worker and run).")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write files into this directory.")]
+_EXTRA = {"allow_extra_args": True}
+
+
+def register(cli: typer.Typer) -> None:
+    """Add ``taskstream deploy systemd|cloud-init|k8s`` to the CLI."""
+    deploy = typer.Typer(
+        help="Render what runs a worker or pipeline stages: systemd units, cloud-init, Kubernetes manifests.",
+        no_args_is_help=True,
+    )
+
+    @deploy.command("systemd", context_settings=_EXTRA)
+    def systemd_cmd(
+        ctx: typer.Context,
+        kind: KindArg,
+        target: TargetArg,
+        stage: StageOpt = None,
+        name: NameOpt = None,
+        replicas: ReplicasOpt = 1,
+        env: EnvOpt = None,
+        health_port: HealthOpt = None,
+        workdir: Annotated[str, typer.Option(help="Application code on the host.")] = DEFAULT_WORKDIR,
+        venv: Annotated[str, typer.Option(help="Virtual environment holding taskstream.")] = DEFAULT_VENV,
+        user: Annotated[str | None, typer.Option(help="Fixed system user (default: a dynamic user).")] = None,
+        restart: Annotated[str, typer.Option(help="on-failure or always.")] = "on-failure",
+        output: OutputOpt = None,
+    ) -> None:
+        """systemd units (restart policy, secrets in an environment file) and the secrets-file template.
+
+        Arguments after `--` are appended to the taskstream command line.
+        """
+        spec = build_spec(
+            kind.value,
+            target,
+            stages=stage or (),
+            name=name,
+            replicas=replicas,
+            args=ctx.args,
+            env=env or (),
+            health_port=health_port,
+            workdir=workdir,
+            venv=venv,
+            user=user,
+            restart=restart,
+        )
+        _emit(render_systemd(spec), output)
+
+    @deploy.command("cloud-init", context_settings=_EXTRA)
+    def cloud_init_cmd(
+        ctx: typer.Context,
+        kind: KindArg,
+        target: TargetArg,
+        stage: StageOpt = None,
+        name: NameOpt = None,
+        replicas: ReplicasOpt = 1,
+        env: EnvOpt = None,
+        health_port: HealthOpt = None,
+        requirement: Annotated[
+            list[str] | None,
+            typer.Option("--requirement", "-r", help="pip requirement for the VM (repeatable; default taskstream)."),
+        ] = None,
+        include: Annotated[
+            list[Path] | None,
+            typer.Option(help="Application file or directory (*.py) to copy to the VM, relative path kept."),
+        ] = None,
+        secrets_file: Annotated[
+            Path | None,
+            typer.Option(help="Local environment file embedded as the VM's secrets (user data is not secret!)."),
+        ] = None,
+        user: Annotated[str | None, typer.Option(help="Fixed system user, created on the VM.")] = None,
+        restart: Annotated[str, typer.Option(help="on-failure or always.")] = "on-failure",
+        output: OutputOpt = None,
+    ) -> None:
+        """A #cloud-config that installs taskstream, writes the app and its units, and starts them.
+
+        Arguments after `--` are appended to the taskstream command line.
+        """
+        spec = build_spec(
+            kind.value,
+            target,
+            stages=stage or (),
+            name=name,
+            replicas=replicas,
+            args=ctx.args,
+            env=env or (),
+            health_port=health_port,
+            user=user,
+            restart=restart,
+        )
+        secrets = None
+        if secrets_file is not None:
+            try:
+                secrets = check_env_file(secrets_file.read_text("utf-8"))
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read --secrets-file {str(secrets_file)!r}: {exc.strerror}") from None
+        text = render_cloud_init(
+            spec, requirements=requirement or None, files=_read_includes(include or ()), secrets=secrets
+        )
+        _emit({f"{spec.name}.cloud-init.yaml": text}, output)
+
+    @deploy.command("k8s", context_settings=_EXTRA)
+    def k8s_cmd(
+        ctx: typer.Context,
+        kind: KindArg,
+        target: TargetArg,
+        stage: StageOpt = None,
+        name: NameOpt = None,
+        replicas: ReplicasOpt = 1,
+        env: EnvOpt = None,
+        health_port: HealthOpt = None,
+        image: Annotated[str | None, typer.Option(help="Container image (default taskstream:VERSION).")] = None,
+        namespace: Annotated[str | None, typer.Option(help="Namespace of the objects.")] = None,
+        output: OutputOpt = None,
+    ) -> None:
+        """Kubernetes Deployments: one per stage replica, or one for the worker with N replicas.
+
+        Arguments after `--` are appended to the taskstream command line.
+        """
+        from taskstream import __version__
+
+        spec = build_spec(
+            kind.value,
+            target,
+            stages=stage or (),
+            name=name,
+            replicas=replicas,
+            args=ctx.args,
+            env=env or (),
+            health_port=health_port,
+        )
+        text = render_k8s(spec, image=image or DEFAULT_IMAGE.format(version=__version__), namespace=namespace)
+        _emit({f"{spec.name}.k8s.yaml": text}, output)
+
+    cli.add_typer(deploy, name="deploy")
