@@ -159,7 +159,8 @@ def test_systemd_unit_contents() -> None:
     window = next(s for s in spec.stages if s.name == "window")
     unit = render_unit(spec, window)
     lines = unit.splitlines()
-    assert f"ExecStart={VENV_BIN}/taskstream pipeline run examples.sensor_windows:pipeline --stage window --replica %i" in lines
+    command = "pipeline run examples.sensor_windows:pipeline --stage window --replica %i"
+    assert f"ExecStart={VENV_BIN}/taskstream {command}" in lines
     assert "Restart=on-failure" in lines
     assert "EnvironmentFile=/etc/taskstream/sensor-windows.env" in lines
     assert "ConditionPathExists=/etc/taskstream/sensor-windows.env" in lines
@@ -209,9 +210,7 @@ def cloud_init_schema_keys() -> set[str]:
 
 def cloud_init_check(path: Path) -> subprocess.CompletedProcess[str]:
     tool = require_tool("cloud-init")
-    return subprocess.run(
-        [tool, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([tool, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("with_secrets", [True, False])
