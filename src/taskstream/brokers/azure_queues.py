@@ -798,8 +798,13 @@ class AzureQueueBroker(Broker):
 
     def dead_letter_name(self, queue: str) -> str:
         """The platform's poison-queue convention: ``<queue>-poison`` (a valid Azure queue name)."""
+        _check_queue_name(queue)
         name = f"{queue}{POISON_SUFFIX}"
-        _check_queue_name(name)
+        if len(name) > 63:
+            raise ConfigurationError(
+                f"Azure queue name {queue!r} leaves no room for its poison queue {name!r} (63 characters at most): "
+                f"use at most {63 - len(POISON_SUFFIX)} characters"
+            )
         return name
 
     # -- queues ------------------------------------------------------------------------------------------------
