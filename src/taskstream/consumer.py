@@ -156,13 +156,22 @@ class Consumer:
 
     async def _pull(self, subscription: Subscription) -> None:
         try:
-            async for delivery in subscription:
+            while True:
+                # Take a handler slot first, then the delivery: a delivery taken while every slot is busy
+                # would wait without a visibility heartbeat, and on visibility-timeout brokers come back.
                 await self._slots.acquire()
+                try:
+                    delivery = await subscription.__anext__()
+                except BaseException:
+                    self._slots.release()
+                    raise
                 self.stats.received += 1
                 self.stats.in_flight += 1
                 task = asyncio.create_task(self._process(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
+        except StopAsyncIteration:
+            return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the broker failed for good: stop loudly, not silently

@@ -51,7 +51,8 @@ size limit         the queue's ``MaximumMessageSize``, counting body and attribu
                    ``MessageTooLarge``. ``Capabilities.max_message_bytes`` keeps 8 KiB of that for headers
                    (including a dead-letter reason)
 dead-letter        two paths: (1) the runtime dead-letters failures (after ``max_attempts``), rejections and
-                   malformed bodies itself, publishing to ``<queue>-dlq`` with ``x-death-reason`` headers;
+                   malformed bodies itself, publishing to ``<queue>-dlq`` (``dead_letter_name``) with
+                   ``x-death-reason`` headers;
                    (2) SQS's ``RedrivePolicy`` (set by ``declare(queue, dead_letter=...)``) moves a message
                    that was *received* more than ``max_receive_count`` times without being settled, i.e.
                    consumers that crash or hang on it; such messages carry no reason
@@ -824,6 +825,12 @@ class SQSBroker(Broker):
                 Attributes={"RedrivePolicy": redrive},
             )
             info.redrive = redrive
+
+    def dead_letter_name(self, queue: str) -> str:
+        """``<queue>-dlq`` (``<stem>-dlq.fifo`` for FIFO queues): a valid SQS name as it is."""
+        if queue.endswith(".fifo"):
+            return queue[: -len(".fifo")] + "-dlq.fifo"
+        return f"{queue}-dlq"
 
     async def delete_queue(self, queue: str) -> None:
         try:
