@@ -19,12 +19,13 @@ from typing import Literal
 
 from taskstream.errors import ConfigurationError
 from taskstream.health import HEALTH_ENV_VARS
-from taskstream.settings import Settings
+from taskstream.settings import Settings, redact_url
 
 __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_WORKDIR",
     "KNOWN_ENV_VARS",
+    "OTHER_ENV_VARS",
     "SECRET_ENV_VARS",
     "DeploySpec",
     "Kind",
@@ -47,9 +48,15 @@ DEFAULT_IMAGE = "taskstream:{version}"
 SECRET_ENV_VARS = frozenset({"TASKSTREAM_BROKER_URL", "TASKSTREAM_RESULT_STORE_URL", "TASKSTREAM_SIGNING_KEY"})
 _SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN", "CONNECTION_STRING", "CREDENTIAL", "SAS")
 
+#: ``TASKSTREAM_*`` variables read outside :class:`~taskstream.settings.Settings`, with where they are read.
+OTHER_ENV_VARS: dict[str, str] = {
+    **HEALTH_ENV_VARS,
+    "TASKSTREAM_STATE_URL": "state store of stream windows (taskstream.stream_ops.state; SQLite file by default)",
+}
+
 #: Every ``TASKSTREAM_*`` variable taskstream reads: the Settings fields and the documented extras.
 KNOWN_ENV_VARS: frozenset[str] = frozenset(
-    {f"TASKSTREAM_{name.upper()}" for name in Settings.model_fields} | set(HEALTH_ENV_VARS)
+    {f"TASKSTREAM_{name.upper()}" for name in Settings.model_fields} | set(OTHER_ENV_VARS)
 )
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -83,6 +90,10 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
             raise ConfigurationError(
                 f"{name} carries a credential: put it in the environment file (systemd, cloud-init) or the "
                 "Kubernetes Secret, never in a unit or a manifest"
+            )
+        if redact_url(value) != value:
+            raise ConfigurationError(
+                f"the value of {name} holds a credential: put it in the environment file or the Kubernetes Secret"
             )
         if name.startswith("TASKSTREAM_") and name not in KNOWN_ENV_VARS:
             close = difflib.get_close_matches(name, sorted(KNOWN_ENV_VARS), n=1)
