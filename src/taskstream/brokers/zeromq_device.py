@@ -369,33 +369,42 @@ class ZmqDevice:
         assert sock is not None and raw is not None
         while True:
             frames = await sock.recv_multipart()
-            self._handle(frames)
-            for _ in range(_DRAIN):
-                try:
-                    frames = raw.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            try:
                 self._handle(frames)
-            self._flush()
+                for _ in range(_DRAIN):
+                    try:
+                        frames = raw.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                self._flush()
+            except Exception:  # a bug must not take the device down with every queue in it
+                log.exception("zmq device: unexpected error while serving; carrying on")
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(_TICK)
-            now = time.monotonic()
-            for client in list(self._clients.values()):
-                if now - client.last_seen > client.interval * client.liveness:
-                    log.warning(
-                        "zmq client %s missed %d heartbeats: requeueing its %d unacked messages",
-                        client.identity.hex(),
-                        client.liveness,
-                        sum(len(s.unacked) for s in client.subs.values()),
-                    )
-                    self.stats.clients_expired += 1
-                    self._drop_client(client)
-                elif now - client.last_sent >= client.interval:
-                    # also how a vanished peer is found: ROUTER_MANDATORY fails the send
-                    self._send(client, [b'{"t":"hb"}'])
-            self._flush()
+            try:
+                self._check_clients()
+            except Exception:
+                log.exception("zmq device: unexpected error in the heartbeat check; carrying on")
+
+    def _check_clients(self) -> None:
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            if now - client.last_seen > client.interval * client.liveness:
+                log.warning(
+                    "zmq client %s missed %d heartbeats: requeueing its %d unacked messages",
+                    client.identity.hex(),
+                    client.liveness,
+                    sum(len(s.unacked) for s in client.subs.values()),
+                )
+                self.stats.clients_expired += 1
+                self._drop_client(client)
+            elif now - client.last_sent >= client.interval:
+                # also how a vanished peer is found: ROUTER_MANDATORY fails the send
+                self._send(client, [b'{"t":"hb"}'])
+        self._flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None:
@@ -489,12 +498,9 @@ class ZmqDevice:
             self.stats.backlogged += 1
             self._retry_later()
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                self.stats.clients_gone += 1
-                log.info("zmq client %s disconnected: requeueing its unacked messages", client.identity.hex())
-                self._drop_client(client)
-            else:
-                raise
+            self.stats.clients_gone += 1
+            log.info("zmq client %s disconnected (%s): requeueing its unacked messages", client.identity.hex(), exc)
+            self._drop_client(client)
 
     def _retry_later(self) -> None:
         if self._retry_handle is None and self._loop is not None:
@@ -513,9 +519,7 @@ class ZmqDevice:
                 except zmq.Again:
                     pending = True
                     break
-                except zmq.ZMQError as exc:
-                    if exc.errno != zmq.EHOSTUNREACH:
-                        raise
+                except zmq.ZMQError:
                     self.stats.clients_gone += 1
                     self._drop_client(client)
                     break

@@ -1,0 +1,348 @@
+"""The ZeroMQ backend beyond the contract suite: consumer processes that die or freeze holding messages,
+tcp and ipc, device restarts, high-water marks, the topic forwarder and its drop counting, the CLI verb.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from taskstream.brokers.base import OutgoingMessage, broker_from_url
+from taskstream.brokers.zeromq import (
+    TopicMessage,
+    TopicPublisher,
+    TopicSubscriber,
+    ZeroMQBroker,
+    ZeroMQConfig,
+    endpoint_from_url,
+)
+from taskstream.brokers.zeromq_device import DeviceConfig, Forwarder, ZmqDevice, endpoint_url
+from taskstream.errors import BrokerConnectionError, ConfigurationError, QueueNotFound
+from tests.brokers.contract.conftest import receive, receive_none
+
+pytestmark = pytest.mark.zmq
+
+# A consumer in its own process: takes every message it can, acks none, reports what it holds, then waits.
+HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from taskstream.brokers.base import broker_from_url
+
+    async def main(url, queue, count):
+        broker = broker_from_url(url)
+        await broker.connect()
+        sub = broker.consume(queue, prefetch=count)
+        held = [await sub.__anext__() for _ in range(count)]
+        print("HELD", " ".join(sorted(d.message_id for d in held)), flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+async def device(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ZmqDevice]:
+    bind = "tcp://127.0.0.1:*" if request.param == "tcp" else f"ipc://{tmp_path}/device.sock"
+    async with ZmqDevice([bind]) as dev:
+        yield dev
+
+
+async def start_holder(url: str, queue: str, count: int, tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), url, queue, str(count), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            line = (await proc.stdout.readline()).decode()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail("the consumer process did not report the messages it holds")
+    assert line.startswith("HELD "), f"consumer process said {line!r}"
+    return proc, line
+
+
+async def test_messages_of_a_killed_consumer_process_go_to_another_consumer(device: ZmqDevice, tmp_path: Path) -> None:
+    url = endpoint_url(device.endpoints[0]) + "?heartbeat=0.2&liveness=3"
+    async with broker_from_url(url) as survivor:
+        await survivor.declare("work")
+        ids = [f"m-{i}" for i in range(10)]
+        await survivor.publish_batch("work", [OutgoingMessage(i.encode(), message_id=i) for i in ids])
+        proc, line = await start_holder(url, "work", 10, tmp_path)
+        try:
+            assert line.split()[1:] == sorted(ids)
+            assert device.snapshot()["queues"]["work"]["unacked"] == 10
+            async with survivor.consume("work", prefetch=20) as sub:
+                await receive_none(sub, 0.5)  # all ten are held by the other process
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+                again = await receive(sub, 10)
+                assert sorted(d.message_id for d in again) == sorted(ids)
+                assert {d.attempt for d in again} == {2}
+                for d in again:
+                    await d.ack()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert device.stats.clients_gone + device.stats.clients_expired >= 1
+        assert await survivor.depth("work") == 0
+
+
+async def test_messages_of_a_frozen_consumer_return_after_missed_heartbeats(tmp_path: Path) -> None:
+    async with ZmqDevice(["tcp://127.0.0.1:*"]) as device:
+        url = endpoint_url(device.endpoints[0]) + "?heartbeat=0.2&liveness=3"
+        async with broker_from_url(url) as survivor:
+            await survivor.declare("frozen")
+            await survivor.publish_batch("frozen", [OutgoingMessage(b"x", message_id=f"f-{i}") for i in range(3)])
+            proc, _ = await start_holder(url, "frozen", 3, tmp_path)
+            try:
+                proc.send_signal(signal.SIGSTOP)  # alive, connection open, but silent
+                async with survivor.consume("frozen", prefetch=10) as sub:
+                    again = await receive(sub, 3)
+                    assert {d.attempt for d in again} == {2}
+                    for d in again:
+                        await d.ack()
+            finally:
+                proc.kill()
+                await proc.wait()
+            assert device.stats.clients_expired == 1
+
+
+async def test_device_restart_replays_declarations_and_subscriptions() -> None:
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    first = ZmqDevice([bind])
+    await first.start()
+    url = endpoint_url(bind) + "?heartbeat=0.1&liveness=5"
+    async with broker_from_url(url) as broker:
+        assert isinstance(broker, ZeroMQBroker)
+        await broker.declare("survives")
+        sub = broker.consume("survives", prefetch=4)
+        await broker.publish("survives", b"before")
+        [old] = await receive(sub, 1)
+        await first.stop()  # the message it held is gone: the device is not durable
+        async with ZmqDevice([bind]) as second:
+            async with asyncio.timeout(20):
+                while "survives" not in second.snapshot()["queues"] or not second.snapshot()["clients"]:
+                    await asyncio.sleep(0.05)
+                while second.snapshot()["queues"]["survives"]["consumers"] == 0:
+                    await asyncio.sleep(0.05)
+            await old.ack()  # void: that delivery belonged to the old device
+            await broker.publish("survives", b"after")
+            [new] = await receive(sub, 1)
+            assert new.body == b"after"
+            assert new.attempt == 1
+            await new.ack()
+            await sub.close()
+            assert await broker.depth("survives") == 0
+            assert second.stats.acked == 1
+
+
+async def test_no_silent_drop_when_high_water_marks_are_reached() -> None:
+    # Tiny high-water marks, large bodies, device and consumer sharing one loop: the device's sends hit
+    # EAGAIN, frames wait in its per-client backlog, and every message still arrives exactly once.
+    config = DeviceConfig(hwm=1, delivery_batch=1)
+    async with ZmqDevice(["tcp://127.0.0.1:*"], config) as device:
+        broker = ZeroMQBroker(device.endpoints[0], ZeroMQConfig(hwm=1))
+        async with broker:
+            await broker.declare("flood")
+            body = b"z" * 64 * 1024
+            total = 600
+            for start in range(0, total, 200):
+                batch = [OutgoingMessage(body, message_id=str(i)) for i in range(start, start + 200)]
+                await broker.publish_batch("flood", batch)
+            seen: list[str] = []
+            async with broker.consume("flood", prefetch=total) as sub:
+                for d in await receive(sub, total, timeout=60):
+                    seen.append(d.message_id)
+                    await d.ack()
+            assert sorted(seen, key=int) == [str(i) for i in range(total)]
+        assert device.stats.backlogged > 0, "the high-water mark was never reached: the test proved nothing"
+        assert device.stats.acked == total
+
+
+async def test_publish_to_an_undeclared_queue_and_a_missing_device_fail_clearly() -> None:
+    async with ZmqDevice(["tcp://127.0.0.1:*"]) as device, ZeroMQBroker(device.endpoints[0]) as broker:
+        with pytest.raises(QueueNotFound, match="nowhere"):
+            await broker.publish("nowhere", b"x")
+        sub = broker.consume("nowhere", prefetch=1)
+        with pytest.raises(QueueNotFound):
+            await sub.__anext__()
+        await sub.close()
+    lonely = ZeroMQBroker.from_url(f"zmq://127.0.0.1:{free_port()}?request_timeout=0.5")
+    with pytest.raises(BrokerConnectionError, match="did not answer"):
+        await lonely.connect()
+
+
+def test_url_forms() -> None:
+    assert endpoint_from_url("zmq://127.0.0.1:5555") == "tcp://127.0.0.1:5555"
+    assert endpoint_from_url("zmq://ipc/tmp/ts.sock") == "ipc:///tmp/ts.sock"
+    assert endpoint_url("ipc:///tmp/ts.sock") == "zmq://ipc/tmp/ts.sock"
+    broker = broker_from_url("zmq://localhost:7000?heartbeat=0.5&liveness=4&request_timeout=3")
+    assert isinstance(broker, ZeroMQBroker)
+    assert broker.endpoint == "tcp://localhost:7000"
+    assert broker.config.heartbeat_interval == 0.5 and broker.config.heartbeat_liveness == 4
+    assert broker.capabilities.durable is False and broker.capabilities.visibility_timeout is None
+    for bad, why in [
+        ("zmq://localhost", "HOST:PORT"),
+        ("zmq://ipc/", "socket path"),
+        ("zmq://h:1?heartbeat=-1", "greater than 0"),
+        ("zmq://h:1?colour=blue", "unknown zmq URL option 'colour'"),
+    ]:
+        with pytest.raises(ConfigurationError, match=why):
+            broker_from_url(bad)
+
+
+# -- topic pub/sub through the forwarder ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+async def forwarder(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Forwarder]:
+    if request.param == "tcp":
+        front, back = "tcp://127.0.0.1:*", "tcp://127.0.0.1:*"
+    else:
+        front, back = f"ipc://{tmp_path}/front.sock", f"ipc://{tmp_path}/back.sock"
+    async with Forwarder(front, back) as fwd:
+        yield fwd
+
+
+async def take(subscriber: TopicSubscriber, n: int, timeout: float = 20.0) -> list[TopicMessage]:
+    got: list[TopicMessage] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(got) < n:
+                got.append(await subscriber.recv())
+    except TimeoutError:
+        pytest.fail(f"expected {n} topic messages, got {len(got)}")
+    return got
+
+
+async def test_forwarder_delivers_by_prefix_in_order(forwarder: Forwarder) -> None:
+    async with (
+        TopicSubscriber(forwarder.backend_endpoint, ["sensor."]) as sensors,
+        TopicSubscriber(forwarder.backend_endpoint, ["sensor.1"], exact=True) as one,
+        TopicPublisher(forwarder.frontend_endpoint, name="p1") as pub,
+    ):
+        await pub.wait_subscribed("sensor.1", "sensor.2")
+        for i in range(100):
+            for topic in ("sensor.1", "sensor.2", "sensor.10", "other"):
+                assert await pub.publish(topic, str(i).encode(), headers={"i": i})
+        got = await take(sensors, 300)
+        assert {m.topic for m in got} == {"sensor.1", "sensor.2", "sensor.10"}
+        for topic in ("sensor.1", "sensor.2", "sensor.10"):
+            assert [int(m.body) for m in got if m.topic == topic] == list(range(100))
+        mine = await take(one, 100)
+        assert [(m.topic, m.headers["i"], m.publisher, m.seq) for m in mine] == [
+            ("sensor.1", i, "p1", i + 1) for i in range(100)
+        ]
+        assert sensors.missed == one.missed == pub.dropped == forwarder.stats.dropped == 0
+        assert forwarder.stats.subscriptions.keys() >= {b"sensor.", b"sensor.1"}
+
+
+async def test_pub_drops_are_counted_at_each_hop_and_seen_by_the_subscriber() -> None:
+    # A subscriber that does not read, tiny high-water marks: messages must be dropped somewhere, and every
+    # drop must show up in a counter (publisher or forwarder) and as a gap at the subscriber.
+    async with (
+        Forwarder("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", hwm=2) as fwd,
+        TopicSubscriber(fwd.backend_endpoint, ["t"], hwm=2) as sub,
+        TopicPublisher(fwd.frontend_endpoint, hwm=2) as pub,
+    ):
+        await pub.wait_subscribed("t")
+        body = b"d" * 64 * 1024
+        sent = 0
+        while pub.dropped + fwd.stats.dropped == 0 and sent < 20_000:
+            await pub.publish("t", body)
+            sent += 1
+            if sent % 20 == 0:
+                await asyncio.sleep(0)  # let the forwarder run
+        assert pub.dropped + fwd.stats.dropped > 0, "nothing was dropped: the test proved nothing"
+        received = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                async with asyncio.timeout(1.0):
+                    await sub.recv()
+                received += 1
+        pub.on_full = "block"
+        await pub.publish("t", b"last")  # a gap before it reveals drops after the last one read
+        sent += 1
+        last = await take(sub, 1)
+        received += 1
+        assert last[0].body == b"last"
+        assert sub.missed > 0
+        assert sub.missed == pub.dropped + fwd.stats.dropped
+        assert received + sub.missed == sent
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+async def test_cli_runs_device_and_forwarder_until_sigterm(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("taskstream")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-c", "from taskstream.cli import main; main()"]
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        "zmq-device",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--bind",
+        f"ipc://{tmp_path}/cli.sock",
+        "--pubsub-frontend",
+        "tcp://127.0.0.1:*",
+        "--pubsub-backend",
+        "tcp://127.0.0.1:*",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(lines) < 4:
+                line = (await proc.stdout.readline()).decode()
+                assert line, f"zmq-device exited early: {lines}"
+                lines.append(line.strip())
+        urls = [line.split("brokers use ")[1].rstrip(")") for line in lines if "brokers use" in line]
+        assert [u.split("://")[1].split("/")[0].split(":")[0] for u in urls] == ["127.0.0.1", "ipc"]
+        front = next(line.split("-> ")[1] for line in lines if "publishers ->" in line)
+        back = next(line.split("-> ")[1] for line in lines if "subscribers ->" in line)
+        for url in urls:
+            async with broker_from_url(url) as broker:
+                await broker.declare("cli")
+                await broker.publish("cli", url.encode())
+                async with broker.consume("cli", prefetch=1) as sub:
+                    [d] = await receive(sub, 1)
+                    assert d.body == url.encode()
+                    await d.ack()
+        async with TopicSubscriber(back, ["x"]) as tsub, TopicPublisher(front) as tpub:
+            await tpub.wait_subscribed("x")
+            await tpub.publish("x", b"through the cli forwarder")
+            [m] = await take(tsub, 1)
+            assert m.body == b"through the cli forwarder"
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
