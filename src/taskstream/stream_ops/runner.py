@@ -1,0 +1,493 @@
+"""The runner: one loop for a fused pipeline and for one replica of a stage.
+
+Per input batch (a source batch, or deliveries from the stage's queue):
+
+1. feed the items through the runtime's steps (fused steps are plain calls);
+2. publish what crossed into other stages (and dead letters) and wait until the broker has it;
+3. commit a snapshot to the state store: the changed keys of stateful steps, end-of-stream accounting and
+   the ids of the messages just applied;
+4. ack the input.
+
+A crash between 2 and 4 redelivers the input: the snapshot says which ids were applied already, so they are
+skipped (no double counting); results published twice are the same results (sinks with a primary key store
+them once). A crash before 3 loses nothing: the state is the previous snapshot and the input comes back.
+
+End-of-stream: a finite source ending, or every upstream replica's ``eos`` (each carrying how many records it
+sent here, so a record still in flight after a restart is waited for), or a ``Stop``, or the stage's bounds
+(``max_messages``, ``idle_timeout``) end the runtime: windows are flushed, outputs published, and ``eos`` sent
+to every replica of every downstream stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, Subscription
+from taskstream.errors import BrokerConnectionError, ConfigurationError, MalformedMessage
+from taskstream.messages import WIRE_VERSION, loads
+from taskstream.stream_ops.core import SourceNode
+from taskstream.stream_ops.executor import Executor, Outbox
+from taskstream.stream_ops.plan import Plan, StagePlan
+from taskstream.stream_ops.runtime_context import NodeStats, RuntimeContext
+from taskstream.stream_ops.sources.base import Source, SourceBatch
+from taskstream.stream_ops.state import StateStore
+from taskstream.stream_ops.wire import control_message
+
+__all__ = ["RunConfig", "RunResult", "Runner"]
+
+log = logging.getLogger("taskstream.stream_ops")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a runtime batches and bounds its work.
+
+    Attributes:
+        batch_size: most items read and processed together.
+        prefetch: most unacked deliveries held (default ``4 * batch_size``).
+        linger: seconds to wait for more deliveries to fill a batch once one arrived.
+        max_queue_depth: a stage pauses publishing while a downstream queue holds more than this (``None``: no
+            limit); keeps memory bounded when a later stage is slow.
+        fresh: forget this replica's snapshot before starting (a new run, not a restart).
+        remember_batches: how many recent batches' message ids a snapshot keeps for skipping redeliveries.
+    """
+
+    batch_size: int = 256
+    prefetch: int | None = None
+    linger: float = 0.005
+    max_queue_depth: int | None = 10_000
+    fresh: bool = False
+    remember_batches: int = 3
+
+
+@dataclass
+class RunResult:
+    """What a run did. ``stats`` has counters per step."""
+
+    pipeline: str
+    stage: str | None
+    replica: int
+    stats: dict[str, NodeStats]
+    dead_lettered: int = 0
+    late: int = 0
+    received: int = 0
+    duplicates_skipped: int = 0
+    restored: bool = False
+    ended_by: str = "end-of-stream"
+    duration: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        where = f"stage {self.stage!r} replica {self.replica}" if self.stage else "fused"
+        return (
+            f"pipeline {self.pipeline!r} ({where}) ended by {self.ended_by} after {self.duration:.2f} s: "
+            f"{self.received} input items, {self.late} late, {self.dead_lettered} dead-lettered"
+        )
+
+
+class Runner:
+    """Runs a whole pipeline fused (``stage=None``) or one replica of one stage."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        broker: Broker,
+        stage: str | None = None,
+        replica: int = 0,
+        store: StateStore | None = None,
+        now: Callable[[], float] = time.time,
+        config: RunConfig | None = None,
+    ) -> None:
+        self.plan = plan
+        self.broker = broker
+        self.config = config or RunConfig()
+        self.stage: StagePlan | None = plan.stage(stage) if stage is not None else None
+        if self.stage is not None and not 0 <= replica < self.stage.parallelism:
+            raise ConfigurationError(
+                f"stage {stage!r} has {self.stage.parallelism} replica(s); replica {replica} does not exist"
+            )
+        self.replica = replica
+        self.store = store
+        self.ctx = RuntimeContext(plan.pipeline, stage, replica, broker, now)
+        self.outbox = Outbox(plan, self.stage, replica, now) if self.stage is not None else None
+        self.executor = Executor(plan, self.ctx, stage=self.stage, outbox=self.outbox)
+        self.namespace = f"{plan.pipeline}/{stage}/{replica}"
+        self.src = f"{stage}/{replica}"
+        self.uses_store = self.stage is not None and bool(self.stage.entries or self.stage.stateful)
+        # end-of-stream accounting (persisted in the snapshot)
+        self.counts: dict[str, int] = {}
+        self.eos: dict[str, int] = {}
+        self.recent: collections.deque[list[str]] = collections.deque(maxlen=self.config.remember_batches)
+        self.recent_ids: set[str] = set()
+        self.received = 0
+        self.duplicates = 0
+        self.stop_requested = False
+        self.raw_dead: list[OutgoingMessage] = []
+        self._declared: set[str] = set()
+        self._published_since_check: dict[str, int] = {}
+        self._subscription: Subscription | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------------
+
+    @property
+    def sources(self) -> dict[str, Source]:
+        nodes = (
+            self.stage.sources
+            if self.stage
+            else [n.id for n in self.plan.graph.nodes.values() if isinstance(n, SourceNode)]
+        )
+        out = {}
+        for node_id in nodes:
+            node = self.plan.graph.nodes[node_id]
+            assert isinstance(node, SourceNode) and node.source is not None
+            out[node_id] = node.source
+        return out
+
+    async def _declare(self, queue: str) -> None:
+        if queue not in self._declared:
+            await self.broker.declare(queue)
+            self._declared.add(queue)
+
+    async def _restore(self) -> bool:
+        """Load this replica's snapshot. Returns True when it says the replica already finished."""
+        assert self.store is not None
+        if self.config.fresh:
+            await self.store.clear(self.namespace)
+            return False
+        rows = await self.store.load(self.namespace)
+        meta = rows.get("meta")
+        if not meta:
+            return False
+        self.executor.restore(rows)
+        self.counts = dict(meta.get("counts", {}))
+        self.eos = dict(meta.get("eos", {}))
+        self.received = int(meta.get("received", 0))
+        if self.outbox is not None:
+            self.outbox.sent = dict(meta.get("sent", {}))
+        for ids in meta.get("applied", []):
+            self.recent.append(list(ids))
+            self.recent_ids.update(ids)
+        log.info("%s: restored snapshot (%d keys of state)", self.namespace, len(rows) - 1)
+        return bool(meta.get("finished"))
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        started = time.perf_counter()
+        result = RunResult(self.plan.pipeline, self.ctx.stage, self.replica, self.ctx.stats)
+        stage = self.stage
+        if stage is not None:
+            for queue in {q for name in stage.downstream for q in self.plan.stages[name].queues}:
+                await self._declare(queue)
+        await self.executor.open()
+        readers: list[asyncio.Task[None]] = []
+        inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=1)
+        try:
+            if self.uses_store:
+                if self.store is None:
+                    raise ConfigurationError(f"stage {self.ctx.stage!r} keeps state and needs a state store")
+                finished = await self._restore()
+                result.restored = bool(self.counts or self.eos or self.received)
+                if finished:
+                    await self._send_eos()
+                    await self.store.clear(self.namespace)
+                    result.ended_by = "already finished (end-of-stream sent again)"
+                    return result
+            sources = self.sources
+            for node_id, source in sources.items():
+                readers.append(asyncio.create_task(self._read_source(node_id, source, inbox), name=f"source:{node_id}"))
+            if stage is not None and stage.entries:
+                queue = stage.queue(self.replica)
+                await self._declare(queue)
+                prefetch = self.config.prefetch or 4 * self.config.batch_size
+                self._subscription = self.broker.consume(queue, prefetch=prefetch)
+                readers.append(asyncio.create_task(self._read_queue(self._subscription, inbox), name=f"queue:{queue}"))
+            result.ended_by = await self._loop(inbox, len(sources))
+            await self._finish()
+        finally:
+            for task in readers:
+                task.cancel()
+            for task in readers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self._subscription is not None:
+                with contextlib.suppress(Exception):
+                    await self._subscription.close()
+            await self.executor.close()
+            result.duration = time.perf_counter() - started
+            result.received = self.received
+            result.duplicates_skipped = self.duplicates
+            result.dead_lettered = self.executor.dead.total + len(self.raw_dead)
+            result.late = sum(s.late for s in self.ctx.stats.values())
+        log.info("%s", result.summary())
+        return result
+
+    async def _loop(self, inbox: asyncio.Queue[tuple[Any, ...]], n_sources: int) -> str:
+        stage = self.stage
+        sources_left = n_sources
+        expected = self.plan.upstream_replicas(stage.name) if stage is not None else set()
+        has_queue = stage is not None and bool(stage.entries)
+        idle = stage.idle_timeout if stage is not None else None
+        max_messages = stage.max_messages if stage is not None else None
+        last_input = time.monotonic()
+        while True:
+            if not has_queue and sources_left == 0:
+                return "end-of-stream"
+            if has_queue and sources_left == 0:
+                if self.stop_requested:
+                    return "stop"
+                if (
+                    expected
+                    and expected <= set(self.eos)
+                    and all(self.counts.get(src, 0) >= sent for src, sent in self.eos.items())
+                ):
+                    return "end-of-stream"
+                if max_messages is not None and self.received >= max_messages:
+                    return f"max_messages ({max_messages})"
+            timeout: float | None = None
+            due = self.executor.next_notify()
+            if due is not None:
+                timeout = max(0.0, due - self.ctx.now())
+            if idle is not None:
+                left = max(0.0, last_input + idle - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await inbox.get()
+            except TimeoutError:
+                if idle is not None and time.monotonic() - last_input >= idle:
+                    return f"idle_timeout ({idle} s)"
+                await self.executor.tick(self.ctx.now())
+                await self._flush()
+                await self._commit([])
+                continue
+            kind = message[0]
+            if kind == "error":
+                raise message[1]
+            if kind == "source-end":
+                sources_left -= 1
+                continue
+            last_input = time.monotonic()
+            if kind == "source":
+                _, node_id, batch = message
+                assert isinstance(batch, SourceBatch)
+                self.received += len(batch.items)
+                await self.executor.feed(node_id, batch.items)
+                await self._after_batch([])
+                if batch.ack is not None:
+                    await batch.ack()
+            elif kind == "deliveries":
+                deliveries: list[Delivery] = message[1]
+                settle, ids = await self._apply(deliveries, max_messages)
+                await self._after_batch(ids)
+                for delivery in settle:
+                    await delivery.ack()
+            elif kind == "queue-end":
+                raise BrokerConnectionError(f"the subscription to {stage.queue(self.replica)!r} ended")  # type: ignore[union-attr]
+
+    async def _after_batch(self, ids: list[str]) -> None:
+        if self.executor.timed:
+            await self.executor.tick(self.ctx.now())
+        await self._flush()
+        await self._commit(ids)
+
+    async def _apply(self, deliveries: list[Delivery], max_messages: int | None) -> tuple[list[Delivery], list[str]]:
+        """Decode and feed a batch of deliveries; returns those to ack and the ids applied."""
+        assert self.stage is not None
+        entries = self.stage.entries
+        settle: list[Delivery] = []
+        ids: list[str] = []
+        groups: list[tuple[str, list[Any]]] = []
+        for index, delivery in enumerate(deliveries):
+            if self.stop_requested or (max_messages is not None and self.received >= max_messages):
+                for rest in deliveries[index:]:
+                    await rest.nack(requeue=True)  # behind a Stop or over the bound: not ours to take
+                break
+            settle.append(delivery)
+            try:
+                doc = loads(delivery.body)
+            except MalformedMessage as exc:
+                self._dead_letter_raw(delivery, f"malformed message: {exc}")
+                continue
+            if not (isinstance(doc, dict) and doc.get("ts") == WIRE_VERSION and "kind" in doc):
+                if len(entries) != 1:
+                    self._dead_letter_raw(delivery, "raw message on a stage queue with several entry steps")
+                    continue
+                entry, item = entries[0], doc
+            else:
+                mid = str(doc.get("id") or delivery.message_id)
+                if mid in self.recent_ids:
+                    self.duplicates += 1
+                    continue
+                ids.append(mid)
+                if doc["kind"] == "control":
+                    self._control(doc.get("body"))
+                    continue
+                headers = doc.get("headers") or {}
+                entry = headers.get("to") or (entries[0] if len(entries) == 1 else "")
+                if entry not in entries:
+                    self._dead_letter_raw(delivery, f"record for step {entry!r}, which is not an entry of this stage")
+                    continue
+                src = headers.get("src")
+                if src:
+                    self.counts[src] = self.counts.get(src, 0) + 1
+                key = doc.get("key")
+                item = (key, doc.get("body")) if key is not None else doc.get("body")
+            self.received += 1
+            if groups and groups[-1][0] == entry:
+                groups[-1][1].append(item)
+            else:
+                groups.append((entry, [item]))
+        for entry, items in groups:
+            await self.executor.feed(entry, items)
+        return settle, ids
+
+    def _control(self, body: Any) -> None:
+        control = body.get("control") if isinstance(body, dict) else None
+        if control == "eos":
+            source = str(body.get("from"))
+            self.eos[source] = int(body.get("sent", 0))
+        elif control == "stop":
+            log.info("%s: Stop received", self.namespace)
+            self.stop_requested = True
+        else:
+            log.warning("%s: ignoring unknown control message %r", self.namespace, body)
+
+    def _dead_letter_raw(self, delivery: Delivery, reason: str) -> None:
+        log.warning("%s: dead-lettering message %s: %s", self.namespace, delivery.message_id, reason)
+        headers = dict(delivery.headers)
+        headers.update(
+            {
+                "x-death-reason": reason[:4000],
+                "x-original-queue": delivery.queue,
+                "x-original-message-id": delivery.message_id,
+                "x-attempts": delivery.attempt,
+                "x-dead-lettered-at": time.time(),
+            }
+        )
+        self.raw_dead.append(OutgoingMessage(delivery.body, headers, message_id=delivery.message_id))
+
+    # -- publishing, snapshots, end-of-stream ---------------------------------------------------------
+
+    async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
+        step = max(1, self.broker.capabilities.max_batch)
+        for i in range(0, len(messages), step):
+            await self.broker.publish_batch(queue, messages[i : i + step])
+
+    async def _flush(self) -> None:
+        pending = self.outbox.take() if self.outbox is not None else {}
+        dead = self.executor.dead.pending + self.raw_dead
+        self.executor.dead.pending = []
+        self.raw_dead = []
+        if dead:
+            await self._declare(self.plan.dead_letter_queue)
+            pending.setdefault(self.plan.dead_letter_queue, []).extend(dead)
+        if not pending:
+            return
+        await asyncio.gather(*(self._publish(q, msgs) for q, msgs in pending.items()))
+        limit = self.config.max_queue_depth
+        if limit is not None and self.outbox is not None:
+            for queue, msgs in pending.items():
+                if queue == self.plan.dead_letter_queue:
+                    continue
+                count = self._published_since_check.get(queue, 0) + len(msgs)
+                if count < max(1, limit // 10):
+                    self._published_since_check[queue] = count
+                    continue
+                self._published_since_check[queue] = 0
+                while await self.broker.depth(queue) > limit:
+                    await asyncio.sleep(0.05)  # the stage behind is slow: wait for it (backpressure)
+
+    def _meta(self, finished: bool) -> dict[str, Any]:
+        return {
+            "counts": self.counts,
+            "eos": self.eos,
+            "received": self.received,
+            "sent": self.outbox.sent if self.outbox is not None else {},
+            "applied": list(self.recent),
+            "finished": finished,
+        }
+
+    async def _commit(self, ids: list[str], *, finished: bool = False) -> None:
+        if not self.uses_store or self.store is None:
+            return
+        if ids:
+            if len(self.recent) == self.recent.maxlen:
+                for old in self.recent[0]:
+                    self.recent_ids.discard(old)
+            self.recent.append(ids)
+            self.recent_ids.update(ids)
+        updates = self.executor.snapshot_delta()
+        updates["meta"] = self._meta(finished)
+        await self.store.commit(self.namespace, updates)
+
+    async def _send_eos(self) -> None:
+        if self.stage is None:
+            return
+        sent = self.outbox.sent if self.outbox is not None else {}
+        for name in self.stage.downstream:
+            for queue in self.plan.stages[name].queues:
+                message = control_message({"control": "eos", "from": self.src, "sent": sent.get(queue, 0)})
+                await self._declare(queue)
+                await self.broker.publish(queue, message.body, headers=message.headers, message_id=message.message_id)
+
+    async def _finish(self) -> None:
+        await self.executor.finish()
+        await self._flush()
+        await self._commit([], finished=True)
+        await self._send_eos()
+        if self.uses_store and self.store is not None:
+            await self.store.clear(self.namespace)
+
+    # -- readers --------------------------------------------------------------------------------------
+
+    async def _read_source(self, node_id: str, source: Source, inbox: asyncio.Queue[tuple[Any, ...]]) -> None:
+        batches = source.batches(self.ctx, self.config.batch_size)
+        try:
+            while True:
+                if source.idle_timeout is not None:
+                    batch = await asyncio.wait_for(anext(batches), source.idle_timeout)
+                else:
+                    batch = await anext(batches)
+                await inbox.put(("source", node_id, batch))
+        except StopAsyncIteration:
+            pass
+        except TimeoutError:
+            log.info("source %r idle for %s s: ending it", node_id, source.idle_timeout)
+        except Exception as exc:
+            await inbox.put(("error", exc))
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await batches.aclose()  # type: ignore[attr-defined]
+        await inbox.put(("source-end", node_id))
+
+    async def _read_queue(self, subscription: Subscription, inbox: asyncio.Queue[tuple[Any, ...]]) -> None:
+        size = self.config.batch_size
+        linger = self.config.linger
+        try:
+            while True:
+                batch = [await subscription.__anext__()]
+                deadline = time.monotonic() + linger
+                while len(batch) < size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(left):
+                            batch.append(await subscription.__anext__())
+                    except TimeoutError:
+                        break
+                await inbox.put(("deliveries", batch))
+        except StopAsyncIteration:
+            await inbox.put(("queue-end",))
+        except Exception as exc:
+            await inbox.put(("error", exc))

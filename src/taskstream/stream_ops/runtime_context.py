@@ -1,0 +1,50 @@
+"""What a running node can reach: names, the broker, the time source, counters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from taskstream.brokers.base import Broker
+
+__all__ = ["NodeStats", "RuntimeContext"]
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """Counters of one step in one runtime."""
+
+    items_in: int = 0
+    items_out: int = 0
+    late: int = 0
+    dead_lettered: int = 0
+
+
+@dataclass
+class RuntimeContext:
+    """Given to every node when a runtime (fused run or one stage replica) opens it.
+
+    Attributes:
+        pipeline: the pipeline's name.
+        stage: the stage this runtime runs (``None`` when fused).
+        replica: replica index within the stage (0 when fused).
+        broker: the connected broker (queue sources and sinks, services, dead letters).
+        now: the time source, seconds since the epoch; tests inject a fake one.
+        stats: counters per step id.
+    """
+
+    pipeline: str
+    stage: str | None = None
+    replica: int = 0
+    broker: Broker | None = None
+    now: Callable[[], float] = time.time
+    stats: dict[str, NodeStats] = field(default_factory=dict)
+
+    def node_stats(self, node_id: str) -> NodeStats:
+        stats = self.stats.get(node_id)
+        if stats is None:
+            stats = self.stats[node_id] = NodeStats()
+        return stats

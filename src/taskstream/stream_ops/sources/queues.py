@@ -1,0 +1,156 @@
+"""Any taskstream queue as a source (on the pipeline's broker or another one).
+
+Deliveries are acked only after the items they carried went through the stage and its outputs were
+published (the runtime calls the batch's ``ack``). Taskstream envelopes yield their body; plain JSON from
+a foreign producer yields the JSON value. A control envelope ``Stop`` (or a raw ``{"control": "stop"}``) ends
+the source; messages behind it stay in the queue. Bytes that do not decode go to ``<queue>.dlq`` with the
+reason and the source keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from taskstream.brokers.base import Broker, Delivery, Subscription, broker_from_url, dead_letter_name
+from taskstream.errors import ConfigurationError, MalformedMessage
+from taskstream.messages import WIRE_VERSION, loads
+from taskstream.stream_ops.runtime_context import RuntimeContext
+from taskstream.stream_ops.sources.base import Source, SourceBatch, is_stop
+
+__all__ = ["QueueSource"]
+
+log = logging.getLogger("taskstream.stream_ops.sources")
+
+
+class QueueSource(Source):
+    """Consume ``queue``.
+
+    Args:
+        queue: the queue name (a name ending in ``.fifo`` is declared FIFO).
+        broker: a broker URL or instance; default: the pipeline's broker.
+        prefetch: most unacked deliveries held.
+        with_key: emit ``(key, body)`` for messages that carry a key.
+        linger: seconds to wait for more messages to fill a batch once one arrived.
+    """
+
+    label = "queue"
+
+    def __init__(
+        self,
+        queue: str,
+        *,
+        broker: str | Broker | None = None,
+        prefetch: int = 256,
+        with_key: bool = False,
+        linger: float = 0.005,
+        **bounds: Any,
+    ) -> None:
+        super().__init__(**bounds)
+        if not queue:
+            raise ConfigurationError("QueueSource needs a queue name")
+        self.queue = queue
+        self.broker = broker
+        self.prefetch = prefetch
+        self.with_key = with_key
+        self.linger = linger
+        self.dead_lettered = 0
+
+    async def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
+        own = False
+        if isinstance(self.broker, Broker):
+            broker = self.broker
+        elif isinstance(self.broker, str):
+            broker = broker_from_url(self.broker)
+            await broker.connect()
+            own = True
+        elif ctx.broker is not None:
+            broker = ctx.broker
+        else:
+            raise ConfigurationError(f"QueueSource({self.queue!r}) has no broker: pass broker= or run on one")
+        await broker.declare(self.queue, fifo=self.queue.endswith(".fifo"))
+        subscription = broker.consume(self.queue, prefetch=max(self.prefetch, batch_size))
+        emitted = 0
+        try:
+            while True:
+                room = self.room(emitted, batch_size)
+                if room == 0:
+                    return
+                deliveries = await self._receive(subscription, room)
+                items: list[Any] = []
+                settle: list[Delivery] = []
+                stop = False
+                for delivery in deliveries:
+                    if stop:
+                        await delivery.nack(requeue=True)  # behind a Stop: leave it for the next consumer
+                        continue
+                    settle.append(delivery)
+                    try:
+                        value, control = self._decode(delivery)
+                    except MalformedMessage as exc:
+                        await self._dead_letter(broker, delivery, str(exc))
+                        continue
+                    if control is not None:
+                        stop = stop or control == "stop"
+                        continue
+                    items.append(value)
+
+                async def ack(batch: list[Delivery] = settle) -> None:
+                    for d in batch:
+                        await d.ack()
+
+                emitted += len(items)
+                yield SourceBatch(items, ack)
+                if stop:
+                    return
+        finally:
+            await subscription.close()
+            if own:
+                await broker.close()
+
+    async def _receive(self, subscription: Subscription, room: int) -> list[Delivery]:
+        got = [await subscription.__anext__()]
+        deadline = time.monotonic() + self.linger
+        while len(got) < room:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(left):
+                    got.append(await subscription.__anext__())
+            except TimeoutError:
+                break
+            except StopAsyncIteration:
+                break
+        return got
+
+    def _decode(self, delivery: Delivery) -> tuple[Any, str | None]:
+        doc = loads(delivery.body)
+        if isinstance(doc, dict) and doc.get("ts") == WIRE_VERSION and "kind" in doc:
+            body = doc.get("body")
+            if doc["kind"] == "control":
+                control = body.get("control") if isinstance(body, dict) else None
+                return None, str(control or "unknown")
+            key = doc.get("key")
+            if self.with_key and key is not None:
+                return (str(key), body), None
+            return body, None
+        if is_stop(doc):
+            return None, "stop"
+        return doc, None
+
+    async def _dead_letter(self, broker: Broker, delivery: Delivery, reason: str) -> None:
+        self.dead_lettered += 1
+        dlq = dead_letter_name(self.queue)
+        log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
+        headers = dict(delivery.headers)
+        headers.update(
+            {"x-death-reason": reason[:4000], "x-original-queue": self.queue, "x-attempts": delivery.attempt}
+        )
+        with contextlib.suppress(Exception):
+            await broker.declare(dlq)
+        await broker.publish(dlq, delivery.body, headers=headers, message_id=delivery.message_id)
