@@ -1,13 +1,23 @@
-"""The user's entry point: ``App(broker=URL)`` and ``@app.consumer``.
+"""The user's entry point: ``App(broker=URL)``, ``@app.consumer`` and ``@app.task``.
 
 Example:
     >>> app = App()  # the embedded memory broker
     >>> @app.consumer("numbers", publish_to="squares")
     ... def square(n: int) -> int:
     ...     return n * n
+    >>> @app.task
+    ... def add(a: int, b: int) -> int:
+    ...     return a + b
+    >>> with app:
+    ...     add.submit(2, 3).result()
+    5
 
-``async with app:`` connects, runs ``@app.on_startup`` hooks, declares queues and starts every consumer;
-leaving the block stops them cleanly. ``app.run()`` does the same and blocks until SIGTERM or SIGINT.
+``async with app:`` connects, runs ``@app.on_startup`` hooks, declares queues and starts every consumer
+(and, on the memory broker, the task workers); leaving the block stops them cleanly. ``app.run()`` does the
+same and blocks until SIGTERM or SIGINT. Sync code may simply ``submit``: an App nobody started starts
+itself on a background thread (``with app:`` or ``app.close()`` stops it; so does interpreter exit).
+
+The task machinery lives in :mod:`taskstream.tasks`; the App only delegates to ``app.tasks``.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, get_type_hints, overload
 
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -33,12 +43,19 @@ from taskstream.errors import ConfigurationError, ValidationFailed
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from taskstream.settings import Settings, redact_url
+from taskstream.tasks.registry import DEFAULT_TASK_QUEUE
+from taskstream.tasks.runtime import TaskRuntime
+
+if TYPE_CHECKING:
+    from taskstream.tasks.registry import Task
+    from taskstream.tasks.stores.base import ResultStore, TaskInfo
 
 __all__ = ["App", "Component", "ConsumerSpec"]
 
 log = logging.getLogger("taskstream.app")
 
 Hook = Callable[[], Any]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Component(Protocol):
@@ -68,9 +85,21 @@ class App:
     Args:
         broker: a URL, a ``Broker`` instance, or ``None`` for ``TASKSTREAM_BROKER_URL`` (memory by default).
         settings: settings; read from the environment when omitted.
+        result_store: where task status and results live: a URL (``memory://``, ``sqlite:///file.db``,
+            ``redis://host:6379/0``) or a store; by default ``TASKSTREAM_RESULT_STORE_URL``, else memory on
+            the memory broker and a SQLite file under ``~/.cache/taskstream`` on real brokers.
+        workers: run task workers in this process; ``None`` means yes on the memory broker and no on real
+            brokers (where ``taskstream worker`` runs them).
     """
 
-    def __init__(self, broker: str | Broker | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        broker: str | Broker | None = None,
+        *,
+        settings: Settings | None = None,
+        result_store: str | ResultStore | None = None,
+        workers: bool | None = None,
+    ) -> None:
         self.settings = settings or Settings()
         if isinstance(broker, Broker):
             self.broker = broker
@@ -88,6 +117,8 @@ class App:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._started = False
         self._stop_requested: asyncio.Event | None = None
+        self.tasks = TaskRuntime(self, result_store=result_store, workers=workers)
+        self.components.append(self.tasks)
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -134,10 +165,35 @@ class App:
 
         return register
 
-    def on_startup(self, func: Hook) -> Hook:
-        """Run ``func`` (sync or async) once when the app starts, before any consumer (load models here)."""
-        self._startup.append(func)
-        return func
+    @overload
+    def on_startup(self, func: Hook, /) -> Hook: ...
+
+    @overload
+    def on_startup(
+        self, func: None = None, /, *, scope: Literal["all", "main", "processes"] = "all"
+    ) -> Callable[[Hook], Hook]: ...
+
+    def on_startup(
+        self, func: Hook | None = None, /, *, scope: Literal["all", "main", "processes"] = "all"
+    ) -> Hook | Callable[[Hook], Hook]:
+        """Run ``func`` (sync or async) once per process that runs work: load models here.
+
+        ``scope="all"`` (default): in this process when the app starts, before any consumer, and once in each
+        worker process of ``cpu_bound`` tasks before it takes work (if ``func`` is defined at module level).
+        ``scope="main"``: only here. ``scope="processes"``: only in worker processes (a model only
+        ``cpu_bound`` tasks use need not load in the process that merely feeds them).
+        """
+        if scope not in ("all", "main", "processes"):
+            raise ConfigurationError(f"on_startup scope must be 'all', 'main' or 'processes', got {scope!r}")
+
+        def register(hook: Hook) -> Hook:
+            if scope in ("all", "main"):
+                self._startup.append(hook)
+            if scope in ("all", "processes"):
+                self.tasks.add_process_hook(hook, required=scope == "processes")
+            return hook
+
+        return register(func) if func is not None else register
 
     def on_shutdown(self, func: Hook) -> Hook:
         """Run ``func`` once when the app stops, after every consumer stopped."""
@@ -147,6 +203,93 @@ class App:
     def add_component(self, component: Component) -> None:
         """Attach something with ``start(app)``/``stop()`` to this app's lifecycle."""
         self.components.append(component)
+
+    # -- tasks (the machinery is in taskstream.tasks) -------------------------------------------------
+
+    @overload
+    def task(self, func: F, /) -> Task[Any, Any]: ...
+
+    @overload
+    def task(
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_TASK_QUEUE,
+        retries: int = 0,
+        retry_delay: float = 0.5,
+        timeout: float | None = None,
+        cpu_bound: bool = False,
+        ship_code: bool = False,
+    ) -> Callable[[F], Task[Any, Any]]: ...
+
+    def task(
+        self,
+        func: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_TASK_QUEUE,
+        retries: int = 0,
+        retry_delay: float = 0.5,
+        timeout: float | None = None,
+        cpu_bound: bool = False,
+        ship_code: bool = False,
+    ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
+        """Make a sync or async function a task: ``f.submit(...)`` returns a :class:`~taskstream.TaskFuture`.
+
+        Args:
+            name: the name workers know it by (default: the function's ``__name__``).
+            queue: the queue its calls go to.
+            retries: retries after a failure (requeued with backoff from ``retry_delay`` seconds).
+            timeout: seconds a call may run (async: cancelled; ``cpu_bound``: process killed; sync thread:
+                abandoned); ``None`` for no limit.
+            cpu_bound: run in worker processes so all cores are used (the function must be module-level).
+            ship_code: send the function's source, HMAC-signed with ``settings.signing_key``, so workers
+                that do not have it can run it; workers refuse anything unsigned.
+        """
+        if func is not None:
+            return self.tasks.task(func)
+        return self.tasks.task(
+            name=name,
+            queue=queue,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            cpu_bound=cpu_bound,
+            ship_code=ship_code,
+        )
+
+    def remote(
+        self, name: str, *, queue: str = DEFAULT_TASK_QUEUE, retries: int | None = None, timeout: float | None = None
+    ) -> Task[Any, Any]:
+        """A task known only by name to this client (it runs on workers that registered it): ``.submit``/``.map``."""
+        return self.tasks.remote(name, queue=queue, retries=retries, timeout=timeout)
+
+    def get_task(self, task_id: str) -> TaskInfo:
+        """Status (pending/running/success/failed/cancelled), timestamps and outcome of any task by id.
+
+        Works from any client and thread, without starting the App. Raises ``TaskNotFound`` if unknown.
+        """
+        return self.tasks.get_task(task_id)
+
+    def cancel_task(self, task_id: str) -> bool:
+        """Cancel a queued task by id (from any client); ``False`` if it already runs or finished."""
+        return self.tasks.cancel_task(task_id)
+
+    def close(self) -> None:
+        """Stop an App that started itself for sync callers (after ``submit`` from plain code)."""
+        self.tasks.close()
+
+    def __enter__(self) -> Self:
+        self.tasks.ensure_loop()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.tasks.close()
 
     # -- publishing -----------------------------------------------------------------------------------
 

@@ -1,0 +1,371 @@
+"""The submitting side: encode calls, hold dataflow inputs, publish in batches, and listen on a reply queue.
+
+Every client App owns one reply queue (``ts-reply-<random>``, deleted when the App stops). Workers publish
+each task's outcome there; the listener resolves the matching future by task id. Nothing polls.
+
+Submissions made in one turn of the event loop go out as one ``publish_batch`` per queue (5,000 ``submit``
+calls in a loop become a handful of broker requests) and the ``pending`` records go to the result store in
+one write. Arguments are encoded by ``submit`` itself, so a value that cannot travel fails there, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from taskstream.brokers.base import OutgoingMessage, Subscription
+from taskstream.errors import BrokerConnectionError
+from taskstream.messages import Envelope, decode, new_id
+from taskstream.producer import broker_headers
+from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
+from taskstream.tasks.errors import error_from_data, error_to_data
+from taskstream.tasks.future import FutureOwner, TaskFuture
+from taskstream.tasks.registry import Task, chunked
+from taskstream.tasks.stores.base import TaskInfo
+
+if TYPE_CHECKING:
+    from taskstream.tasks.runtime import TaskRuntime
+
+__all__ = ["TaskClient"]
+
+log = logging.getLogger("taskstream.tasks.client")
+
+REPLY_PREFETCH = 1000
+
+Call = tuple[Sequence[Any], dict[str, Any]]
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One task message on its way: a single call, or a chunk of ``map`` items."""
+
+    task: Task[Any, Any]
+    info: TaskInfo
+    futures: list[TaskFuture[Any]]
+    chunked: bool
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def task_id(self) -> str:
+        return self.info.task_id
+
+
+class TaskClient(FutureOwner):
+    """Submits tasks for one App and receives their results."""
+
+    def __init__(self, runtime: TaskRuntime) -> None:
+        self.runtime = runtime
+        self.reply_queue = f"ts-reply-{new_id()[:24]}"
+        self._waiting: dict[str, _Pending] = {}
+        self._outbox: dict[str, list[tuple[OutgoingMessage, _Pending]]] = {}
+        self._records: list[TaskInfo] = []
+        self._flush_scheduled = False
+        self._declared: set[str] = set()
+        self._ready: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- FutureOwner ---------------------------------------------------------------------------------
+
+    def in_loop_thread(self) -> bool:
+        return self.runtime.in_loop_thread()
+
+    def local_info(self, future: TaskFuture[Any]) -> TaskInfo | None:
+        entry = self._waiting.get(future.task_id)
+        return entry.info if entry is not None else None
+
+    def local_info_by_id(self, task_id: str) -> TaskInfo | None:
+        """A copy of what this client knows about a task it is still waiting for."""
+        entry = self._waiting.get(task_id)
+        return replace(entry.info) if entry is not None else None
+
+    def future_by_id(self, task_id: str) -> TaskFuture[Any] | None:
+        """The (first) future of a task this client is still waiting for."""
+        entry = self._waiting.get(task_id)
+        return entry.futures[0] if entry is not None else None
+
+    def cancel_future(self, future: TaskFuture[Any]) -> bool:
+        entry = self._waiting.get(future.task_id)
+        if entry is None:
+            return future.cancelled()
+        if not self.runtime.store.try_cancel(future.task_id):
+            return False
+        self._waiting.pop(future.task_id, None)
+        entry.info.status = "cancelled"
+        entry.info.finished_at = time.time()
+        for f in entry.futures:
+            f._force_cancel()
+        return True
+
+    # -- submitting (any thread) ---------------------------------------------------------------------
+
+    def submit_calls(self, task: Task[Any, Any], calls: Sequence[Call], chunksize: int) -> list[TaskFuture[Any]]:
+        """Create the futures, encode what can be sent now, and hand the rest to the loop."""
+        entries: list[_Pending] = []
+        now = time.time()
+        for group in chunked(calls, chunksize) if chunksize > 1 else ([c] for c in calls):
+            task_id = new_id()
+            info = TaskInfo(task_id, name=task.name, queue=task.options.queue, status="pending", submitted_at=now)
+            is_chunk = chunksize > 1
+            futures: list[TaskFuture[Any]] = [
+                TaskFuture(self, task_id, task.name, index=i if is_chunk else None) for i in range(len(group))
+            ]
+            entries.append(_Pending(task, info, futures, is_chunk, list(group)))
+        ready: list[tuple[_Pending, OutgoingMessage]] = []
+        held: list[tuple[_Pending, list[concurrent.futures.Future[Any]]]] = []
+        for entry in entries:
+            inputs = find_futures(entry.calls)
+            if inputs:
+                held.append((entry, inputs))
+            else:
+                ready.append((entry, self._encode(entry, entry.calls)))
+        for entry in entries:
+            self._waiting[entry.task_id] = entry
+        self.runtime.call_soon(self._accept, ready, held)
+        return [f for entry in entries for f in entry.futures]
+
+    async def send_without_reply(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+        """Publish one call with no reply queue (fire and forget); returns its task id for ``get_task``."""
+        info = TaskInfo(new_id(), name=task.name, queue=task.options.queue, submitted_at=time.time())
+        entry = _Pending(task, info, [], False, [(args, kwargs)])
+        message = self._encode(entry, entry.calls, reply=False)
+        await self._ensure_queue(task.options.queue)
+        await self.runtime.store.add_pending([info])
+        await self.runtime.app.broker.publish_batch(task.options.queue, [message])
+        return info.task_id
+
+    def _encode(self, entry: _Pending, calls: Sequence[Call], reply: bool = True) -> OutgoingMessage:
+        task = entry.task
+        if entry.chunked:
+            body = task.request_body((), {}, items=[(list(a), dict(k)) for a, k in calls])
+        else:
+            args, kwargs = calls[0]
+            body = task.request_body(list(args), dict(kwargs))
+        envelope = Envelope(
+            id=entry.task_id,
+            kind="task",
+            reply_to=self.reply_queue if reply else None,
+            correlation_id=entry.task_id,
+            body=body,
+        )
+        data = self.runtime.producer.encode(envelope)
+        headers = broker_headers(envelope)
+        headers["task"] = task.name
+        return OutgoingMessage(data, headers, message_id=entry.task_id)
+
+    # -- on the loop ---------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _accept(
+        self,
+        ready: list[tuple[_Pending, OutgoingMessage]],
+        held: list[tuple[_Pending, list[concurrent.futures.Future[Any]]]],
+    ) -> None:
+        for entry, message in ready:
+            self._enqueue(entry, message)
+        for entry, inputs in held:
+            self._records.append(entry.info)
+            self._hold(entry, inputs)
+        self._schedule_flush()
+
+    def _enqueue(self, entry: _Pending, message: OutgoingMessage, record: bool = True) -> None:
+        if entry.task_id not in self._waiting:  # cancelled before it was sent
+            return
+        self._outbox.setdefault(entry.task.options.queue, []).append((message, entry))
+        if record:
+            self._records.append(entry.info)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, {}
+        records, self._records = self._records, []
+        for queue, batch in outbox.items():
+            self._spawn(self._send(queue, batch))
+        if records:
+            self._spawn(self._record_pending(records))
+
+    async def _record_pending(self, records: list[TaskInfo]) -> None:
+        try:
+            await self.runtime.store.add_pending(records)
+        except Exception as exc:  # the results still come by the reply queue
+            log.warning("could not record %d pending task(s) in the result store: %s", len(records), exc)
+
+    async def _send(self, queue: str, batch: list[tuple[OutgoingMessage, _Pending]]) -> None:
+        broker = self.runtime.app.broker
+        size = max(1, broker.capabilities.max_batch)
+        try:
+            await self.ensure_started()
+            await self._ensure_queue(queue)
+            parts = list(chunked(batch, size))
+            results = await asyncio.gather(
+                *(broker.publish_batch(queue, [m for m, _ in part]) for part in parts), return_exceptions=True
+            )
+        except Exception as exc:
+            results = [exc]
+            parts = [batch]
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, BaseException):
+                for _, entry in part:
+                    self._fail(entry, result)
+
+    async def _ensure_queue(self, queue: str) -> None:
+        if queue in self._declared:
+            return
+        broker = self.runtime.app.broker
+        dead_letter = broker.dead_letter_name(queue)
+        await broker.declare(dead_letter)
+        await broker.declare(queue, dead_letter=dead_letter)
+        self._declared.add(queue)
+
+    def _fail(self, entry: _Pending, error: BaseException) -> None:
+        if self._waiting.pop(entry.task_id, None) is None:
+            return
+        entry.info.status = "failed"
+        entry.info.finished_at = time.time()
+        entry.info.error = error_to_data(error)
+        for future in entry.futures:
+            future._settle(error=error)
+        self._spawn(self._record_final(entry.info))
+
+    async def _record_final(self, info: TaskInfo) -> None:
+        try:
+            await self.runtime.store.finish(info)
+        except Exception as exc:
+            log.warning("could not record task %s in the result store: %s", info.task_id, exc)
+
+    # -- dataflow ------------------------------------------------------------------------------------
+
+    def _hold(self, entry: _Pending, inputs: list[concurrent.futures.Future[Any]]) -> None:
+        left = [len(inputs)]
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            left[0] -= 1
+            if left[0] or entry.task_id not in self._waiting:
+                return
+            error = dependency_error(entry.task.name, inputs)
+            if error is not None:
+                self._fail(entry, error)
+                return
+            try:
+                calls = [(resolve_futures(list(a)), resolve_futures(dict(k))) for a, k in entry.calls]
+                message = self._encode(entry, calls)
+            except Exception as exc:  # an input's result cannot travel
+                self._fail(entry, exc)
+                return
+            self._enqueue(entry, message, record=False)
+
+        def one_done(_: concurrent.futures.Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the App stopped
+                loop.call_soon_threadsafe(check)
+
+        for future in inputs:
+            future.add_done_callback(one_done)
+
+    # -- replies -------------------------------------------------------------------------------------
+
+    async def ensure_started(self) -> None:
+        """Declare the reply queue and start listening (once)."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_task(self._start_listener())
+        await asyncio.shield(self._ready)
+
+    async def _start_listener(self) -> None:
+        broker = self.runtime.app.broker
+        await broker.declare(self.reply_queue)
+        self._subscription = broker.consume(self.reply_queue, prefetch=REPLY_PREFETCH)
+        self._listener = asyncio.get_running_loop().create_task(self._listen(self._subscription))
+
+    async def _listen(self, subscription: Subscription) -> None:
+        try:
+            async for delivery in subscription:
+                try:
+                    self._on_reply(decode(delivery.body, message_id=delivery.message_id))
+                except Exception as exc:
+                    log.warning("dropping an unreadable reply on %s: %s", self.reply_queue, exc)
+                await delivery.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("reply listener on %s stopped: %s", self.reply_queue, exc)
+            self._fail_all(BrokerConnectionError(f"the reply listener stopped: {exc}"))
+
+    def _on_reply(self, envelope: Envelope) -> None:
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        task_id = envelope.correlation_id or str(body.get("task_id", ""))
+        entry = self._waiting.pop(task_id, None)
+        if entry is None:
+            return  # cancelled here, or a duplicate
+        info = entry.info
+        status = str(body.get("status", "failed"))
+        info.status = status if status in ("success", "failed", "cancelled") else "failed"  # type: ignore[assignment]
+        info.started_at = body.get("started_at")
+        info.finished_at = body.get("finished_at")
+        info.worker = str(body.get("worker", ""))
+        info.attempts = int(body.get("attempts", 0) or 0)
+        if info.status == "cancelled":
+            for future in entry.futures:
+                future._force_cancel()
+            return
+        if info.status == "failed":
+            info.error = body.get("error")
+            error = error_from_data(info.error, task=entry.task.name)
+            for future in entry.futures:
+                future._settle(error=error)
+            return
+        result = body.get("result")
+        if not entry.chunked:
+            info.result = result
+            entry.futures[0]._settle(result)
+            return
+        outcomes = result if isinstance(result, list) else []
+        for i, future in enumerate(entry.futures):
+            outcome = outcomes[i] if i < len(outcomes) and isinstance(outcomes[i], dict) else {}
+            if "error" in outcome:
+                future._settle(error=error_from_data(outcome["error"], task=entry.task.name))
+            else:
+                future._settle(outcome.get("ok"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for entry in waiting.values():
+            for future in entry.futures:
+                future._settle(error=error)
+
+    async def stop(self) -> None:
+        """Stop listening, fail futures still waiting, delete the reply queue."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._subscription is not None:
+            await self._subscription.close()
+        if self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        self._fail_all(
+            BrokerConnectionError("the App stopped before the task finished; ask app.get_task(task_id) later")
+        )
+        if self._ready is not None:
+            with contextlib.suppress(Exception):
+                await self.runtime.app.broker.delete_queue(self.reply_queue)
+        self._ready = None
+        self._listener = None
+        self._subscription = None
+        self._declared.clear()

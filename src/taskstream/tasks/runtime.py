@@ -1,0 +1,340 @@
+"""``TaskRuntime``: everything task-related that hangs off one App.
+
+It owns the registry, the result store, the submitting client and (when this process runs tasks) the
+worker, and it decides which event loop all of that lives on:
+
+* ``async with app:`` (or ``app.serve()``): the caller's loop. ``submit`` from other threads is handed over
+  with ``call_soon_threadsafe``.
+* Sync code (a script, a notebook cell) that submits to an App nobody started: the App starts itself on a
+  background :class:`~taskstream.tasks.loop.LoopThread` and stops at interpreter exit (or ``app.close()``,
+  or leaving ``with app:``).
+
+Who runs tasks: on the memory broker the App itself (in-process workers: async on the loop, sync on
+threads, ``cpu_bound`` on a process pool sized to the cores); on a real broker only ``taskstream worker``
+(or ``App(workers=True)``) does, and a plain App only submits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from taskstream.errors import ConfigurationError
+from taskstream.producer import Producer
+from taskstream.tasks.client import TaskClient
+from taskstream.tasks.errors import TaskNotFound
+from taskstream.tasks.future import TaskFuture
+from taskstream.tasks.loop import LoopThread
+from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, Task, TaskOptions, function_ref
+from taskstream.tasks.stores.base import ResultStore, TaskInfo, default_sqlite_path, store_from_url
+from taskstream.tasks.worker import TaskWorker, WorkerConfig
+
+if TYPE_CHECKING:
+    from taskstream.app import App
+
+__all__ = ["TaskRuntime"]
+
+log = logging.getLogger("taskstream.tasks")
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_GRACE = 2.0
+
+_OWNED: weakref.WeakSet[TaskRuntime] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_background_apps() -> None:
+    for runtime in list(_OWNED):
+        runtime.close(grace=EXIT_GRACE)
+
+
+class TaskRuntime:
+    """Task futures for one App (``app.tasks``). The App's ``task``/``get_task``/... delegate here."""
+
+    def __init__(self, app: App, *, result_store: str | ResultStore | None, workers: bool | None) -> None:
+        self.app = app
+        self.registry: dict[str, Task[Any, Any]] = {}
+        self.client = TaskClient(self)
+        self.worker: TaskWorker | None = None
+        self.worker_config: WorkerConfig | None = None
+        self._workers = workers
+        self._store_arg = result_store
+        self._store: ResultStore | None = None
+        self._store_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread_id: int | None = None
+        self._owned: LoopThread | None = None
+        self._start_lock = threading.Lock()
+        self._process_hooks: list[Callable[[], Any]] = []
+        self._stop_grace: float | None = None
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    @property
+    def producer(self) -> Producer:
+        """The App's producer (encoding and size checks)."""
+        return self.app.producer
+
+    @property
+    def store(self) -> ResultStore:
+        """The result store, built on first use (see :func:`store_from_url`)."""
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    self._store = self._make_store()
+        return self._store
+
+    def _make_store(self) -> ResultStore:
+        arg = self._store_arg
+        ttl = self.app.settings.result_ttl
+        if isinstance(arg, ResultStore):
+            return arg
+        url = arg
+        if url is None and self.app.settings.result_store_url is not None:
+            url = self.app.settings.result_store_url.get_secret_value()
+        if url is None:
+            if self.app.broker.capabilities.name == "memory":
+                hub = getattr(self.app.broker, "hub_name", None) or ""
+                url = f"memory://{hub}"
+            else:
+                url = f"sqlite:///{default_sqlite_path()}"
+        return store_from_url(url, ttl=ttl)
+
+    def signing_key(self) -> bytes | None:
+        """``settings.signing_key`` as bytes, or ``None``."""
+        key = self.app.settings.signing_key
+        return key.get_secret_value().encode() if key is not None else None
+
+    def runs_workers(self) -> bool:
+        """True when this App executes tasks itself (memory broker by default, or ``workers=True``)."""
+        if self.worker_config is not None:
+            return True
+        if self._workers is not None:
+            return self._workers
+        return self.app.broker.capabilities.name == "memory"
+
+    def enable_worker(self, config: WorkerConfig) -> None:
+        """Make this App a task worker with ``config`` when it starts (what ``taskstream worker`` does)."""
+        self.worker_config = config
+
+    def add_process_hook(self, hook: Callable[[], Any], *, required: bool) -> None:
+        """Run ``hook`` once in every worker process before it takes work (``@app.on_startup``)."""
+        if function_ref(hook) is None:
+            if required:
+                raise ConfigurationError(
+                    f"startup hook {hook.__qualname__} must run in worker processes, which import it by name: "
+                    "define it at module level"
+                )
+            return
+        self._process_hooks.append(hook)
+
+    def process_hooks(self) -> list[tuple[str, str]]:
+        """``(module, qualname)`` of the hooks worker processes run."""
+        refs = [function_ref(h) for h in self._process_hooks]
+        return [r for r in refs if r is not None]
+
+    def task_queues(self) -> list[str]:
+        """The queues of every registered task (each served by in-process workers)."""
+        return sorted({t.options.queue for t in self.registry.values() if t.func is not None})
+
+    # -- registration --------------------------------------------------------------------------------
+
+    @overload
+    def task(self, func: F, /) -> Task[Any, Any]: ...
+
+    @overload
+    def task(
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_TASK_QUEUE,
+        retries: int = 0,
+        retry_delay: float = 0.5,
+        timeout: float | None = None,
+        cpu_bound: bool = False,
+        ship_code: bool = False,
+    ) -> Callable[[F], Task[Any, Any]]: ...
+
+    def task(
+        self,
+        func: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_TASK_QUEUE,
+        retries: int = 0,
+        retry_delay: float = 0.5,
+        timeout: float | None = None,
+        cpu_bound: bool = False,
+        ship_code: bool = False,
+    ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
+        """Register a function as a task (see :meth:`taskstream.App.task`)."""
+        options = TaskOptions(
+            queue=queue,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            cpu_bound=cpu_bound,
+            ship_code=ship_code,
+        ).validated()
+
+        def register(fn: F) -> Task[Any, Any]:
+            if not callable(fn):
+                raise ConfigurationError(f"@app.task needs a function, got {type(fn).__name__}")
+            task_name = name or fn.__name__
+            existing = self.registry.get(task_name)
+            if existing is not None and existing.func is not None and function_ref(existing.func) != function_ref(fn):
+                raise ConfigurationError(
+                    f"two tasks are named {task_name!r} ({existing.func.__qualname__} and {fn.__qualname__}); "
+                    "pass name=... to tell them apart"
+                )
+            task: Task[Any, Any] = Task(self, task_name, fn, options)
+            self.registry[task_name] = task
+            self._serve_late(options.queue)
+            return task
+
+        if func is not None:
+            return register(func)
+        return register
+
+    def remote(
+        self,
+        name: str,
+        *,
+        queue: str = DEFAULT_TASK_QUEUE,
+        retries: int | None = None,
+        timeout: float | None = None,
+    ) -> Task[Any, Any]:
+        """A handle on a task that only workers know, to ``submit``/``map`` it by name (funcX-style)."""
+        if not name:
+            raise ConfigurationError("remote(name): the task name must not be empty")
+        options = TaskOptions(queue=queue, retries=retries or 0, timeout=timeout)
+        task: Task[Any, Any] = Task(self, name, None, options)
+        return task
+
+    def _serve_late(self, queue: str) -> None:
+        """A task registered after start (a notebook cell) gets its queue served too."""
+        worker = self.worker
+        loop = self._loop
+        if worker is None or loop is None or (self.worker_config is not None and self.worker_config.queues):
+            return
+        if queue in worker.consumers:
+            return
+        asyncio.run_coroutine_threadsafe(worker.serve(queue), loop)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def in_loop_thread(self) -> bool:
+        """True when called on the thread that runs the App's loop."""
+        return self._loop_thread_id is not None and threading.get_ident() == self._loop_thread_id
+
+    def ensure_loop(self) -> asyncio.AbstractEventLoop:
+        """The App's running loop; starts the App on a background thread if nobody started it."""
+        loop = self._loop
+        if loop is not None:
+            return loop
+        with self._start_lock:
+            if self._loop is None:
+                owned = LoopThread(name="taskstream-app")
+                try:
+                    owned.run(self.app.start())
+                except BaseException:
+                    owned.stop()
+                    raise
+                self._owned = owned
+                _OWNED.add(self)
+            assert self._loop is not None
+            return self._loop
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` on the App's loop (at once if already on it)."""
+        loop = self.ensure_loop()
+        if self.in_loop_thread():
+            callback(*args)
+        else:
+            loop.call_soon_threadsafe(callback, *args)
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop an App that started itself on a background thread (no-op otherwise)."""
+        owned = self._owned
+        if owned is None:
+            return
+        self._stop_grace = grace
+        try:
+            if self._loop is not None:
+                owned.run(self.app.stop(), timeout=(grace or 0) + 60.0)
+        finally:
+            self._owned = None
+            _OWNED.discard(self)
+            owned.stop()
+            self._stop_grace = None
+
+    # -- Component -----------------------------------------------------------------------------------
+
+    async def start(self, app: App) -> None:
+        """Bind to the running loop; start in-process workers when this App runs tasks."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread_id = threading.get_ident()
+        if self.runs_workers():
+            config = self.worker_config or WorkerConfig(
+                concurrency=app.settings.concurrency,
+                max_processes=os.cpu_count() or 1,
+                shutdown_grace=app.settings.shutdown_grace,
+            )
+            self.worker = TaskWorker(self, config)
+            await self.worker.start()
+
+    async def stop(self) -> None:
+        """Stop workers (running calls get their grace), the client, and the store."""
+        try:
+            if self.worker is not None:
+                await self.worker.stop(self._stop_grace)
+                self.worker = None
+            await self.client.stop()
+            if self._store is not None:
+                await self._store.close()
+                self._store = None
+        finally:
+            self._loop = None
+            self._loop_thread_id = None
+
+    # -- submitting and asking -----------------------------------------------------------------------
+
+    def submit_calls(
+        self, task: Task[Any, Any], calls: Sequence[tuple[Sequence[Any], dict[str, Any]]], chunksize: int
+    ) -> list[TaskFuture[Any]]:
+        """Used by :meth:`Task.submit` and :meth:`Task.map`."""
+        self.ensure_loop()
+        return self.client.submit_calls(task, calls, chunksize)
+
+    def get_task(self, task_id: str) -> TaskInfo:
+        """Status, timestamps and outcome of ``task_id`` from the result store (any client, any thread).
+
+        Raises:
+            TaskNotFound: the store has no record (never submitted, or expired after ``result_ttl``).
+        """
+        info = self.store.get(task_id)
+        if info is None:
+            entry = self.client.local_info_by_id(task_id)
+            if entry is not None:
+                return entry
+            raise TaskNotFound(
+                f"no task {task_id!r} in the result store {self.store!r} "
+                "(never submitted there, or its record expired after result_ttl)"
+            )
+        return info
+
+    def cancel_task(self, task_id: str) -> bool:
+        """Cancel a queued task by id from any client; ``False`` if it is running or finished."""
+        future = self.client.future_by_id(task_id)
+        if future is not None:
+            return future.cancel()
+        return self.store.try_cancel(task_id)

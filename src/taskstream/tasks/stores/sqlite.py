@@ -1,0 +1,286 @@
+"""The SQLite result store: one file shared by every process on a host (the default for real brokers).
+
+WAL journal, ``synchronous=NORMAL`` and a busy timeout let clients and workers in many processes read and
+write the same file. The hot-path writes (``add_pending``, ``claim``, ``finish``) go to one writer thread
+that commits whatever has queued up in a single transaction, so thousands of tasks a second cost a few
+commits, not thousands; an idle store commits each write at once. ``get`` and ``try_cancel`` use their own
+connection and work from any thread, with or without an event loop.
+
+Claim and cancel are single UPSERT statements guarded by ``WHERE status IN (...)``: SQLite serialises
+writers, so a task is either cancelled before it is claimed or claimed before it is cancelled, never both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from taskstream.messages import dumps, loads
+from taskstream.tasks.errors import ResultStoreError
+from taskstream.tasks.stores.base import ResultStore, TaskInfo
+
+__all__ = ["SQLiteResultStore"]
+
+log = logging.getLogger("taskstream.tasks.sqlite")
+
+_TABLE = "taskstream_tasks"
+_COLUMNS = (
+    "task_id, name, queue, status, submitted_at, started_at, finished_at, attempts, worker, result, error, expires_at"
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {_TABLE} (
+    task_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    queue TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    submitted_at REAL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT NOT NULL DEFAULT '',
+    result BLOB,
+    error BLOB,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS {_TABLE}_expiry ON {_TABLE}(expires_at);
+"""
+_PENDING = (
+    f"INSERT INTO {_TABLE} (task_id, name, queue, status, submitted_at, expires_at) VALUES (?, ?, ?, 'pending', ?, ?) "
+    "ON CONFLICT(task_id) DO UPDATE SET name = excluded.name, queue = excluded.queue, status = 'pending', "
+    "submitted_at = excluded.submitted_at, expires_at = excluded.expires_at WHERE expires_at < ?"
+)
+_CLAIM = (
+    f"INSERT INTO {_TABLE} (task_id, name, queue, status, submitted_at, started_at, attempts, worker, expires_at) "
+    "VALUES (?, ?, ?, 'running', ?, ?, 1, ?, ?) "
+    "ON CONFLICT(task_id) DO UPDATE SET status = 'running', started_at = excluded.started_at, "
+    "attempts = attempts + 1, worker = excluded.worker, expires_at = excluded.expires_at, "
+    "name = CASE WHEN name = '' THEN excluded.name ELSE name END, "
+    "queue = CASE WHEN queue = '' THEN excluded.queue ELSE queue END "
+    "WHERE status IN ('pending', 'running') OR expires_at < ?"
+)
+_FINISH = f"INSERT OR REPLACE INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_GET = f"SELECT {_COLUMNS} FROM {_TABLE} WHERE task_id = ? AND expires_at >= ?"
+_CANCEL = (
+    f"INSERT INTO {_TABLE} (task_id, status, finished_at, expires_at) VALUES (?, 'cancelled', ?, ?) "
+    "ON CONFLICT(task_id) DO UPDATE SET status = 'cancelled', finished_at = excluded.finished_at, "
+    "expires_at = excluded.expires_at WHERE status = 'pending' OR expires_at < ?"
+)
+_PURGE = f"DELETE FROM {_TABLE} WHERE expires_at < ?"
+_PURGE_EVERY = 60.0
+_MAX_BATCH = 2000
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def _row_to_info(row: Sequence[Any]) -> TaskInfo:
+    (task_id, name, queue_, status, submitted, started, finished, attempts, worker, result, error, expires) = row
+    return TaskInfo(
+        task_id=task_id,
+        name=name,
+        queue=queue_,
+        status=status,
+        submitted_at=submitted,
+        started_at=started,
+        finished_at=finished,
+        attempts=attempts,
+        worker=worker,
+        result=loads(result) if result is not None else None,
+        error=loads(error) if error is not None else None,
+        expires_at=expires,
+    )
+
+
+class SQLiteResultStore(ResultStore):
+    """Task records in a SQLite file.
+
+    Args:
+        path: the database file (created with its directory when missing).
+        ttl: seconds a record is kept after its last write.
+    """
+
+    def __init__(self, path: str | Path, *, ttl: float = 86400.0) -> None:
+        self.path = Path(path)
+        self.ttl = ttl
+        self.url = f"sqlite:///{self.path}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._sync = _connect(str(self.path))
+            self._sync.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise ResultStoreError(f"cannot open the SQLite result store {self.path}: {exc}") from exc
+        self._sync_lock = threading.Lock()
+        self._ops: queue.SimpleQueue[tuple[Op, asyncio.AbstractEventLoop, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
+
+    # -- the writer thread ---------------------------------------------------------------------------
+
+    def _ensure_writer(self) -> None:
+        if self._writer is not None:
+            return
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="taskstream-sqlite-writer", daemon=True)
+                self._writer.start()
+
+    def _write_loop(self) -> None:
+        conn = _connect(str(self.path))
+        next_purge = 0.0
+        try:
+            while True:
+                first = self._ops.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        item = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._ops.put(None)  # stop after this batch
+                        break
+                    batch.append(item)
+                results: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Any, BaseException | None]] = []
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for op, loop, fut in batch:
+                        results.append((loop, fut, op(conn), None))
+                    now = time.time()
+                    if now >= next_purge:
+                        next_purge = now + _PURGE_EVERY
+                        conn.execute(_PURGE, (now,))
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    error = ResultStoreError(f"SQLite result store {self.path}: {exc}")
+                    error.__cause__ = exc
+                    results = [(loop, fut, None, error) for _, loop, fut in batch]
+                self._resolve(results)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _resolve(
+        results: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Any, BaseException | None]],
+    ) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for loop, fut, value, error in results:
+            by_loop.setdefault(loop, []).append((fut, value, error))
+
+        def settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+            for fut, value, error in items:
+                if fut.done():
+                    continue
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(value)
+
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, items)
+
+    async def _submit(self, op: Op) -> Any:
+        if self._closed:
+            raise ResultStoreError(f"SQLite result store {self.path} is closed")
+        self._ensure_writer()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._ops.put((op, loop, fut))
+        return await fut
+
+    # -- the protocol --------------------------------------------------------------------------------
+
+    async def add_pending(self, records: Sequence[TaskInfo]) -> None:
+        if not records:
+            return
+        now = time.time()
+        rows = [(r.task_id, r.name, r.queue, r.submitted_at, now + self.ttl, now) for r in records]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(_PENDING, rows)
+
+        await self._submit(op)
+
+    async def claim(self, task_id: str, *, name: str, queue: str, worker: str, started_at: float) -> TaskInfo | None:
+        now = time.time()
+        params = (task_id, name, queue, started_at, started_at, worker, now + self.ttl, now)
+
+        def op(conn: sqlite3.Connection) -> TaskInfo | None:
+            if conn.execute(_CLAIM, params).rowcount:
+                return None
+            row = conn.execute(_GET, (task_id, 0.0)).fetchone()
+            return _row_to_info(row) if row else None
+
+        result: TaskInfo | None = await self._submit(op)
+        return result
+
+    async def finish(self, info: TaskInfo) -> None:
+        now = time.time()
+        row = (
+            info.task_id,
+            info.name,
+            info.queue,
+            info.status,
+            info.submitted_at,
+            info.started_at,
+            info.finished_at,
+            info.attempts,
+            info.worker,
+            dumps(info.result) if info.status == "success" else None,
+            dumps(info.error) if info.error is not None else None,
+            now + self.ttl,
+        )
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(_FINISH, row)
+
+        await self._submit(op)
+
+    def get(self, task_id: str) -> TaskInfo | None:
+        try:
+            with self._sync_lock:
+                row = self._sync.execute(_GET, (task_id, time.time())).fetchone()
+        except sqlite3.Error as exc:
+            raise ResultStoreError(f"SQLite result store {self.path}: {exc}") from exc
+        return _row_to_info(row) if row else None
+
+    def try_cancel(self, task_id: str) -> bool:
+        now = time.time()
+        try:
+            with self._sync_lock:
+                return bool(self._sync.execute(_CANCEL, (task_id, now, now + self.ttl, now)).rowcount)
+        except sqlite3.Error as exc:
+            raise ResultStoreError(f"SQLite result store {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        writer = self._writer
+        if writer is not None:
+            self._ops.put(None)
+            await asyncio.to_thread(writer.join, 30.0)
+        with self._sync_lock:
+            self._sync.close()

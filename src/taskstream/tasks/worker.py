@@ -1,0 +1,411 @@
+"""The executing side: consume task queues, run each call the way it asks, store and reply.
+
+For every task message (through the shared consumer runtime, so malformed messages are dead-lettered and
+shutdown is graceful):
+
+1. Parse the request; find the function by name in the App's registry, or load verified shipped code.
+   A request the worker cannot run (unknown name, unsigned code) is answered ``failed`` with
+   :class:`TaskRefused` and dead-lettered with the reason.
+2. *Claim* it in the result store: a task cancelled while queued, or already finished (a duplicate
+   delivery), is not run again; the stored outcome is sent back instead.
+3. Run it: async functions on the loop, sync ones on a thread pool, ``cpu_bound`` ones in a worker
+   process (:mod:`taskstream.tasks.pool`).
+4. On an exception, while attempts remain (``retries``), record ``pending`` and requeue with backoff;
+   otherwise record ``failed`` with the remote type, message and traceback. Store the outcome and publish
+   it to the client's reply queue, then ack.
+
+Timeouts (``timeout=`` seconds from the moment the call starts running):
+
+==================  ===================================================================================
+How the task runs   At its timeout
+==================  ===================================================================================
+async function      cancelled (``CancelledError`` raised inside it), reported as ``TaskTimeout``
+``cpu_bound``       its worker process is killed and replaced, reported as ``TaskTimeout``
+sync on a thread    abandoned: ``TaskTimeout`` is reported at once, the thread runs to the end in the
+                    background (Python cannot kill a thread) and its result is discarded
+==================  ===================================================================================
+
+A timed-out call counts as a failure: it is retried while ``retries`` allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError as PydanticValidationError
+
+from taskstream.consumer import Consumer, ConsumerConfig, Message
+from taskstream.errors import MessageTooLarge, Reject, Retry
+from taskstream.messages import Envelope
+from taskstream.producer import broker_headers
+from taskstream.tasks.errors import TaskRefused, TaskTimeout, error_to_data
+from taskstream.tasks.pool import DEFAULT_IDLE_TIMEOUT, ProcessPool, Target, run_items
+from taskstream.tasks.protocol import TaskRequest, load_shipped, verify_code
+from taskstream.tasks.registry import MAX_RETRIES, TaskOptions, function_ref
+from taskstream.tasks.stores.base import TaskInfo
+
+if TYPE_CHECKING:
+    from taskstream.tasks.runtime import TaskRuntime
+
+__all__ = ["TaskWorker", "WorkerConfig"]
+
+log = logging.getLogger("taskstream.tasks.worker")
+
+MAX_RETRY_DELAY = 60.0
+DEPTH_INTERVAL = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How a worker serves task queues.
+
+    Attributes:
+        queues: queues to serve; ``None`` serves the queue of every registered task.
+        concurrency: calls running at once (async, threads and waiting for a process together); raised to
+            at least the process count so every process can be fed.
+        prefetch: unacked messages held; ``None`` means ``max(settings.prefetch, concurrency)``.
+        min_processes / max_processes: the worker-process pool for ``cpu_bound`` tasks; processes start
+            on demand up to ``max_processes`` while calls wait (or the queue is deep) and stop after
+            ``idle_timeout`` seconds idle, down to ``min_processes``.
+        shutdown_grace: seconds running calls may finish on stop before they are requeued.
+    """
+
+    queues: tuple[str, ...] | None = None
+    concurrency: int = 16
+    prefetch: int | None = None
+    min_processes: int = 0
+    max_processes: int = os.cpu_count() or 1
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    shutdown_grace: float = 30.0
+
+
+@dataclass(slots=True)
+class _Runnable:
+    name: str
+    func: Callable[..., Any]
+    target: Target | None  # how a worker process finds it; None: not possible
+    is_async: bool
+    cpu_bound: bool
+    retries: int
+    retry_delay: float
+    timeout: float | None
+
+
+class TaskWorker:
+    """Serves task queues for one App (in-process on the memory broker, or under ``taskstream worker``)."""
+
+    def __init__(self, runtime: TaskRuntime, config: WorkerConfig) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.consumers: dict[str, Consumer] = {}
+        self.pool: ProcessPool | None = None
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._depth_task: asyncio.Task[None] | None = None
+        self._key = runtime.signing_key()
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues this worker serves now."""
+        return sorted(self.consumers)
+
+    async def start(self) -> None:
+        """Start the process pool (``min_processes``), the thread pool and one consumer per queue."""
+        config = self.config
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, config.concurrency), thread_name_prefix="taskstream-task"
+        )
+        self.pool = ProcessPool(
+            min_size=config.min_processes,
+            max_size=max(1, config.max_processes),
+            idle_timeout=config.idle_timeout,
+            hooks=self.runtime.process_hooks(),
+        )
+        await self.pool.start()
+        queues = config.queues if config.queues is not None else self.runtime.task_queues()
+        for queue in queues:
+            await self.serve(queue)
+        self._depth_task = asyncio.create_task(self._watch_depth(), name="taskstream-worker-depth")
+
+    async def serve(self, queue: str) -> None:
+        """Start consuming ``queue`` (no-op if served already)."""
+        if queue in self.consumers:
+            return
+        settings = self.runtime.app.settings
+        concurrency = max(self.config.concurrency, self.config.max_processes)
+        consumer = Consumer(
+            self.runtime.app.broker,
+            queue,
+            self.handle,
+            ConsumerConfig(
+                prefetch=self.config.prefetch or max(settings.prefetch, concurrency),
+                concurrency=concurrency,
+                max_attempts=MAX_RETRIES + settings.max_attempts + 1,
+                shutdown_grace=self.config.shutdown_grace,
+            ),
+        )
+        self.consumers[queue] = consumer
+        await consumer.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop consuming (running calls get ``grace`` seconds, then are requeued), then the pools."""
+        if self._depth_task is not None:
+            self._depth_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._depth_task
+        await asyncio.gather(*(c.stop(grace) for c in self.consumers.values()))
+        self.consumers.clear()
+        if self.pool is not None:
+            await self.pool.close(grace=5.0)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch_depth(self) -> None:
+        """Grow the process pool while queues with cpu_bound work are deep."""
+        broker = self.runtime.app.broker
+        while True:
+            await asyncio.sleep(DEPTH_INTERVAL)
+            pool = self.pool
+            if pool is None or pool.max_size <= pool.min_size or pool.busy + pool.waiting == 0:
+                continue
+            try:
+                depth = sum([await broker.depth(q) for q in self.consumers])
+            except Exception as exc:
+                log.debug("cannot read queue depth: %s", exc)
+                continue
+            if depth:
+                pool.want(depth)
+
+    # -- one message ---------------------------------------------------------------------------------
+
+    async def handle(self, message: Message) -> None:
+        """Run one task message (the consumer runtime acks when this returns)."""
+        envelope, delivery = message.envelope, message.delivery
+        if envelope.kind != "task":
+            raise Reject(f"not a task message (kind={envelope.kind!r})")
+        task_id = envelope.id
+        try:
+            request = TaskRequest.model_validate(envelope.body)
+        except PydanticValidationError as exc:
+            reason = f"malformed task request: {_short(exc)}"
+            await self._refuse(envelope, "", TaskRefused(reason))
+            raise Reject(reason) from None
+        try:
+            runnable = self._resolve(request)
+        except TaskRefused as exc:
+            await self._refuse(envelope, request.task, exc)
+            raise Reject(str(exc)) from None
+        allowed = runnable.retries + 1 + self.runtime.app.settings.max_attempts
+        if delivery.attempt > allowed:
+            error = TaskRefused(f"delivered {delivery.attempt} times without finishing (the worker died each time?)")
+            await self._refuse(envelope, request.task, error)
+            raise Reject(str(error))
+
+        started = time.time()
+        store = self.runtime.store
+        blocker = await store.claim(
+            task_id, name=request.task, queue=delivery.queue, worker=self.worker_id, started_at=started
+        )
+        if blocker is not None:
+            await self._replay(envelope, blocker)
+            return
+        info = TaskInfo(
+            task_id,
+            name=request.task,
+            queue=delivery.queue,
+            status="running",
+            submitted_at=envelope.created_at,
+            started_at=started,
+            attempts=delivery.attempt,
+            worker=self.worker_id,
+        )
+        try:
+            value = await self._execute(runnable, request)
+        except Exception as exc:
+            info.error = error_to_data(exc)
+            if delivery.attempt <= runnable.retries:
+                info.status = "pending"
+                await store.finish(info)
+                delay = min(MAX_RETRY_DELAY, runnable.retry_delay * 2 ** (delivery.attempt - 1))
+                raise Retry(f"{type(exc).__name__}: {exc}", delay=delay) from exc
+            info.status = "failed"
+        else:
+            info.status = "success"
+            info.result = value
+        info.finished_at = time.time()
+        await self._finish(envelope, info)
+
+    def _resolve(self, request: TaskRequest) -> _Runnable:
+        if request.code is not None:
+            verify_code(self._key, request.task, request.code)
+            func = load_shipped(request.code)
+            code = request.code
+            opts = TaskOptions()
+            return _Runnable(
+                name=request.task,
+                func=func,
+                target=("code", code.name, code.source, code.sig),
+                is_async=asyncio.iscoroutinefunction(func),
+                cpu_bound=bool(request.cpu_bound),
+                retries=request.retries if request.retries is not None else opts.retries,
+                retry_delay=request.retry_delay if request.retry_delay is not None else opts.retry_delay,
+                timeout=request.timeout,
+            )
+        task = self.runtime.registry.get(request.task)
+        if task is None or task.func is None:
+            known = ", ".join(sorted(self.runtime.registry)) or "none"
+            raise TaskRefused(f"no task named {request.task!r} on this worker (it knows: {known})")
+        opts = task.options
+        ref = function_ref(task.func)
+        return _Runnable(
+            name=task.name,
+            func=task.func,
+            target=("ref", *ref) if ref is not None else None,
+            is_async=task.is_async,
+            cpu_bound=opts.cpu_bound,
+            retries=min(MAX_RETRIES, request.retries if request.retries is not None else opts.retries),
+            retry_delay=request.retry_delay if request.retry_delay is not None else opts.retry_delay,
+            timeout=request.timeout if request.timeout is not None else opts.timeout,
+        )
+
+    async def _execute(self, runnable: _Runnable, request: TaskRequest) -> Any:
+        items: Sequence[tuple[Sequence[Any], dict[str, Any]]] | None = request.items
+        timeout = runnable.timeout
+        if runnable.cpu_bound and runnable.target is not None:
+            assert self.pool is not None
+            return await self.pool.run(
+                runnable.target,
+                request.args,
+                request.call_kwargs,
+                items=items,
+                retries=runnable.retries,
+                timeout=timeout,
+            )
+        if runnable.is_async:
+            coro = (
+                self._run_items_async(runnable, items)
+                if items is not None
+                else runnable.func(*request.args, **request.call_kwargs)
+            )
+            try:
+                return await asyncio.wait_for(coro, timeout) if timeout is not None else await coro
+            except TimeoutError:
+                raise TaskTimeout(f"ran longer than its timeout of {timeout} s and was cancelled") from None
+        loop = asyncio.get_running_loop()
+        call = (
+            functools.partial(run_items, runnable.func, items, runnable.retries)
+            if items is not None
+            else functools.partial(runnable.func, *request.args, **request.call_kwargs)
+        )
+        future = loop.run_in_executor(self._threads, call)
+        if timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise TaskTimeout(
+                f"ran longer than its timeout of {timeout} s; its thread was abandoned "
+                "(it finishes in the background and its result is discarded)"
+            ) from None
+
+    async def _run_items_async(
+        self, runnable: _Runnable, items: Sequence[tuple[Sequence[Any], dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        outcomes: list[dict[str, Any]] = []
+        for args, kwargs in items:
+            for attempt in range(runnable.retries + 1):
+                try:
+                    outcomes.append({"ok": await runnable.func(*args, **kwargs)})
+                    break
+                except Exception as exc:
+                    if attempt >= runnable.retries:
+                        outcomes.append({"error": error_to_data(exc)})
+        return outcomes
+
+    # -- answers -------------------------------------------------------------------------------------
+
+    def _reply_body(self, info: TaskInfo) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "task_id": info.task_id,
+            "status": info.status,
+            "started_at": info.started_at,
+            "finished_at": info.finished_at,
+            "worker": info.worker,
+            "attempts": info.attempts,
+        }
+        if info.status == "success":
+            body["result"] = info.result
+        elif info.error is not None:
+            body["error"] = info.error
+        return body
+
+    async def _finish(self, envelope: Envelope, info: TaskInfo) -> None:
+        """Store the outcome and publish it to the reply queue (a result that cannot travel becomes a failure)."""
+        reply: tuple[bytes, dict[str, Any]] | None = None
+        if envelope.reply_to:
+            try:
+                reply = self._encode_reply(envelope, info)
+            except (TypeError, MessageTooLarge) as exc:
+                info.status = "failed"
+                info.result = None
+                info.error = error_to_data(TypeError(f"the result of task {info.name} cannot travel: {exc}"))
+                reply = self._encode_reply(envelope, info)
+        else:
+            from taskstream.messages import dumps
+
+            try:
+                dumps(info.result)
+            except TypeError as exc:
+                info.status, info.result = "failed", None
+                info.error = error_to_data(TypeError(f"the result of task {info.name} cannot travel: {exc}"))
+        await asyncio.gather(self.runtime.store.finish(info), self._publish_reply(envelope, reply))
+
+    def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[bytes, dict[str, Any]]:
+        reply = Envelope(kind="result", correlation_id=envelope.id, body=self._reply_body(info))
+        return self.runtime.producer.encode(reply), broker_headers(reply)
+
+    async def _publish_reply(self, envelope: Envelope, reply: tuple[bytes, dict[str, Any]] | None) -> None:
+        if reply is None or not envelope.reply_to:
+            return
+        data, headers = reply
+        try:
+            await self.runtime.app.broker.publish(envelope.reply_to, data, headers=headers)
+        except Exception as exc:  # the client is gone; the store still has the outcome
+            log.warning("could not reply to %s for task %s: %s", envelope.reply_to, envelope.id, exc)
+
+    async def _replay(self, envelope: Envelope, record: TaskInfo) -> None:
+        """Answer a task that is cancelled or already finished without running it again."""
+        if envelope.reply_to:
+            await self._publish_reply(envelope, self._encode_reply(envelope, record))
+
+    async def _refuse(self, envelope: Envelope, name: str, error: TaskRefused) -> None:
+        now = time.time()
+        info = TaskInfo(
+            envelope.id,
+            name=name,
+            status="failed",
+            submitted_at=envelope.created_at,
+            finished_at=now,
+            worker=self.worker_id,
+            error=error_to_data(error),
+        )
+        with contextlib.suppress(Exception):
+            await self._finish(envelope, info)
+
+
+def _short(exc: PydanticValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
