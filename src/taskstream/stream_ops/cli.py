@@ -1,0 +1,145 @@
+"""``taskstream pipeline ...``: run a pipeline fused or one stage replica, draw it, list its stages, stop it.
+
+=================================================================  ==================================================
+Command                                                            Does
+=================================================================  ==================================================
+``taskstream pipeline run module:pipeline``                         runs every step in this process on the broker
+``taskstream pipeline run module:pipeline --stage S --replica I``   runs replica I of stage S (one per VM/service)
+``taskstream pipeline graph module:pipeline -o graph.svg``          draws stages and queues (``.svg`` or ``.png``)
+``taskstream pipeline stages module:pipeline``                      prints stages, steps, replicas and queues
+``taskstream pipeline stop QUEUE``                                  puts a ``Stop`` control message on QUEUE
+=================================================================  ==================================================
+
+``module:pipeline`` names a :class:`Pipeline` or a function without arguments that returns one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Annotated, Any
+
+import typer
+
+from taskstream.errors import ConfigurationError
+
+__all__ = ["load_pipeline", "register"]
+
+pipeline_cli = typer.Typer(
+    name="pipeline", help="Stream pipelines: run fused or by stage, draw, stop.", no_args_is_help=True
+)
+
+BrokerOpt = Annotated[str | None, typer.Option("--broker", help="Broker URL (default TASKSTREAM_BROKER_URL).")]
+
+
+def load_pipeline(target: str) -> Any:
+    """Import ``module:attribute`` and return the Pipeline it names (calling a factory if needed)."""
+    from taskstream.cli import load_object
+    from taskstream.stream_ops.pipeline import Pipeline
+
+    obj = load_object(target if ":" in target else f"{target}:pipeline")
+    if not isinstance(obj, Pipeline) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Pipeline):
+        raise ConfigurationError(f"{target!r} is a {type(obj).__name__}, not a taskstream Pipeline")
+    return obj
+
+
+async def _run_until_signal(coro: Any) -> Any:
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        typer.echo("stopped by signal: unacked input returns to its queue", err=True)
+        return None
+
+
+@pipeline_cli.command("run")
+def run_command(
+    target: Annotated[str, typer.Argument(help="module:pipeline")],
+    stage: Annotated[str | None, typer.Option(help="Run only this stage (one replica of it).")] = None,
+    replica: Annotated[int, typer.Option(help="Replica index within the stage.")] = 0,
+    broker: BrokerOpt = None,
+    state: Annotated[
+        str | None, typer.Option(help="State store URL for snapshots (sqlite:///path, redis://...).")
+    ] = None,
+    fresh: Annotated[bool, typer.Option(help="Forget this replica's snapshot (a new run, not a restart).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Items processed together.")] = 256,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a pipeline fused in this process, or one replica of one stage."""
+    from taskstream.stream_ops.runner import RunConfig
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if broker:
+        os.environ["TASKSTREAM_BROKER_URL"] = broker
+    pipeline = load_pipeline(target)
+    config = RunConfig(batch_size=batch_size, fresh=fresh)
+    if stage is None:
+        if replica:
+            raise ConfigurationError("--replica needs --stage")
+        result = asyncio.run(_run_until_signal(pipeline.run(broker, config=config)))
+    else:
+        result = asyncio.run(
+            _run_until_signal(pipeline.run_stage(stage, replica, broker=broker, store=state, config=config))
+        )
+    if result is not None:
+        typer.echo(result.summary())
+
+
+@pipeline_cli.command("graph")
+def graph_command(
+    target: Annotated[str, typer.Argument(help="module:pipeline")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output file, .svg or .png.")] = "pipeline.svg",
+    dot: Annotated[bool, typer.Option(help="Print Graphviz dot instead of drawing.")] = False,
+) -> None:
+    """Draw a pipeline's stages, steps and queues."""
+    from taskstream.stream_ops.drawing import draw_plan, to_dot
+
+    plan = load_pipeline(target).plan()
+    if dot:
+        typer.echo(to_dot(plan))
+        return
+    draw_plan(plan, output)
+    typer.echo(f"wrote {output}")
+
+
+@pipeline_cli.command("stages")
+def stages_command(target: Annotated[str, typer.Argument(help="module:pipeline")]) -> None:
+    """Print the stages (what each VM or service runs), their steps and queues."""
+    typer.echo(load_pipeline(target).plan().describe())
+
+
+@pipeline_cli.command("stop")
+def stop_command(
+    queue: Annotated[str, typer.Argument(help="The queue of the component to stop.")],
+    broker: BrokerOpt = None,
+    key: Annotated[str | None, typer.Option(help="Message group (FIFO queues).")] = None,
+) -> None:
+    """Put a Stop control message on QUEUE; the component consuming it ends cleanly."""
+    from taskstream.brokers.base import broker_from_url
+    from taskstream.settings import Settings
+    from taskstream.stream_ops.wire import send_stop
+
+    async def go() -> None:
+        url = broker or Settings().broker_url.get_secret_value()
+        async with broker_from_url(url) as b:
+            await b.declare(queue, fifo=queue.endswith(".fifo"))
+            await send_stop(b, queue, key=key)
+
+    asyncio.run(go())
+    typer.echo(f"sent Stop to {queue}")
+
+
+def register(cli: typer.Typer) -> None:
+    """Add the ``pipeline`` verbs to the ``taskstream`` command."""
+    cli.add_typer(pipeline_cli, name="pipeline")
