@@ -121,7 +121,10 @@ def _child_main(conn: multiprocessing.connection.Connection, hooks: list[tuple[s
         with contextlib.suppress(Exception):
             conn.send(("fatal", error_to_data(exc)))
         return
-    conn.send(("ready", os.getpid()))
+    try:
+        conn.send(("ready", os.getpid()))
+    except OSError:  # the pool closed while this process was starting
+        return
     cache: dict[Target, Callable[..., Any]] = {}
     while True:
         try:

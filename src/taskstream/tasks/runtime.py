@@ -33,6 +33,7 @@ from taskstream.tasks.future import TaskFuture
 from taskstream.tasks.loop import LoopThread
 from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, Task, TaskOptions, function_ref
 from taskstream.tasks.stores.base import ResultStore, TaskInfo, default_sqlite_path, store_from_url
+from taskstream.tasks.stores.memory import MemoryResultStore
 from taskstream.tasks.worker import TaskWorker, WorkerConfig
 
 if TYPE_CHECKING:
@@ -299,8 +300,8 @@ class TaskRuntime:
                 await self.worker.stop(self._stop_grace)
                 self.worker = None
             await self.client.stop()
-            if self._store is not None:
-                await self._store.close()
+            if self._store is not None and not isinstance(self._store, MemoryResultStore):
+                await self._store.close()  # reopened on demand; a memory store keeps its records
                 self._store = None
         finally:
             self._loop = None

@@ -1,0 +1,105 @@
+"""Fixtures of the task tests.
+
+Backend-parametrized tests take the ``backend`` fixture and run once per backend in ``TASK_BACKENDS``, reusing
+the broker contract suite's ``BackendSpec`` (how to reach the server, how to name queues). A backend joins
+these tests by adding its contract-suite name to ``TASK_BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskstream.app import App
+from taskstream.settings import Settings
+from tests.brokers.contract.backends import BackendSpec, all_specs
+
+TASK_BACKENDS = ("memory", "rabbitmq")
+SPECS = [s for s in all_specs() if s.name in TASK_BACKENDS]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", [pytest.param(s, id=s.name, marks=getattr(pytest.mark, s.name)) for s in SPECS])
+
+
+def quick_settings(**changes: Any) -> Settings:
+    """Settings for tests: short shutdown grace, modest concurrency."""
+    values: dict[str, Any] = {"shutdown_grace": 2.0, "concurrency": 8}
+    values.update(changes)
+    return Settings(**values)
+
+
+class TaskEnv:
+    """Per-test helper: Apps on one backend, unique queues, a shared result store, cleanup."""
+
+    def __init__(self, spec: BackendSpec, tmp_path: Path) -> None:
+        self.spec = spec
+        self.tmp_path = tmp_path
+        self.apps: list[App] = []
+        self.queues: list[str] = []
+        self.store_url = None if spec.name == "memory" else f"sqlite:///{tmp_path / 'results.sqlite3'}"
+
+    @property
+    def memory(self) -> bool:
+        return self.spec.name == "memory"
+
+    def queue(self, stem: str = "tq") -> str:
+        name = self.spec.queue_name(f"{stem}-{uuid.uuid4().hex[:10]}")
+        self.queues.append(name)
+        return name
+
+    def app(self, *, workers: bool = True, settings: Settings | None = None, **kwargs: Any) -> App:
+        app = App(
+            broker=self.spec.make(),
+            settings=settings or quick_settings(),
+            result_store=kwargs.pop("result_store", self.store_url),
+            workers=workers,
+            **kwargs,
+        )
+        self.apps.append(app)
+        return app
+
+    async def close(self) -> None:
+        for app in reversed(self.apps):
+            with contextlib.suppress(Exception):
+                await app.stop()
+        if self.spec.name != "memory" and self.queues:
+            broker = self.spec.make()
+            try:
+                await broker.connect()
+                for queue in self.queues:
+                    for name in (queue, broker.dead_letter_name(queue)):
+                        with contextlib.suppress(Exception):
+                            await broker.delete_queue(name)
+            finally:
+                await broker.close()
+
+
+@pytest.fixture
+async def env(backend: BackendSpec, tmp_path: Path) -> AsyncIterator[TaskEnv]:
+    if backend.setup is not None:
+        await backend.setup()
+    context = TaskEnv(backend, tmp_path)
+    try:
+        yield context
+    finally:
+        await context.close()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds saying what."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s (last value: {value!r})")
+        await asyncio.sleep(0.02)
