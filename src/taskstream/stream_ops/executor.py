@@ -81,8 +81,9 @@ class Outbox:
         self.sent: dict[str, int] = {}
         self._rr: dict[str, int] = {}
 
-    def add(self, target: StagePlan, entry: str, items: list[Any]) -> None:
+    def add(self, target: StagePlan, entries: list[str], items: list[Any]) -> None:
         now = self.now()
+        entry: str | list[str] = entries[0] if len(entries) == 1 else entries
         n = target.parallelism
         if n == 1:
             queue = target.queue(0)
@@ -107,11 +108,13 @@ class Outbox:
 
 
 class _Target:
-    __slots__ = ("entry", "stage")
+    """Steps of another stage fed by one output: each item is published once for all of them."""
+
+    __slots__ = ("entries", "stage")
 
     def __init__(self, stage: StagePlan, entry: str) -> None:
         self.stage = stage
-        self.entry = entry
+        self.entries = [entry]
 
 
 class NodeRuntime:
@@ -147,7 +150,7 @@ class NodeRuntime:
                 await target.feed(items)
             else:
                 assert self.ex.outbox is not None
-                self.ex.outbox.add(target.stage, target.entry, items)
+                self.ex.outbox.add(target.stage, target.entries, items)
 
     def fail(self, item: Any, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -403,7 +406,12 @@ class Executor:
                 for up, port in node.inputs:
                     if up in scope:
                         target = plan.stages[plan.stage_of[node.id]]
-                        self.runtimes[up].targets.setdefault(port, []).append(_Target(target, node.id))
+                        targets = self.runtimes[up].targets.setdefault(port, [])
+                        same = [t for t in targets if isinstance(t, _Target) and t.stage is target]
+                        if same:
+                            same[0].entries.append(node.id)
+                        else:
+                            targets.append(_Target(target, node.id))
         self.stateful = [r for r in self.runtimes.values() if isinstance(r, StatefulRuntime)]
         self.timed = [r for r in self.stateful if r.uses_timers]
 

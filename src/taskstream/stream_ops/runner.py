@@ -305,13 +305,14 @@ class Runner:
         entries = self.stage.entries
         settle: list[Delivery] = []
         ids: list[str] = []
-        groups: list[tuple[str, list[Any]]] = []
+        groups: list[tuple[str | tuple[str, ...], list[Any]]] = []
         for index, delivery in enumerate(deliveries):
             if self.stop_requested or (max_messages is not None and self.received >= max_messages):
                 for rest in deliveries[index:]:
                     await rest.nack(requeue=True)  # behind a Stop or over the bound: not ours to take
                 break
             settle.append(delivery)
+            entry: str | tuple[str, ...]
             try:
                 doc = loads(delivery.body)
             except MalformedMessage as exc:
@@ -332,9 +333,11 @@ class Runner:
                     self._control(doc.get("body"))
                     continue
                 headers = doc.get("headers") or {}
-                entry = headers.get("to") or (entries[0] if len(entries) == 1 else "")
-                if entry not in entries:
-                    self._dead_letter_raw(delivery, f"record for step {entry!r}, which is not an entry of this stage")
+                to = headers.get("to") or (entries[0] if len(entries) == 1 else "")
+                entry = tuple(to) if isinstance(to, list) else to
+                targets = entry if isinstance(entry, tuple) else (entry,)
+                if not all(t in entries for t in targets):
+                    self._dead_letter_raw(delivery, f"record for step {to!r}, which is not an entry of this stage")
                     continue
                 src = headers.get("src")
                 if src:
@@ -346,8 +349,12 @@ class Runner:
                 groups[-1][1].append(item)
             else:
                 groups.append((entry, [item]))
-        for entry, items in groups:
-            await self.executor.feed(entry, items)
+        for group_entry, items in groups:
+            if isinstance(group_entry, tuple):
+                for node_id in group_entry:
+                    await self.executor.feed(node_id, items)
+            else:
+                await self.executor.feed(group_entry, items)
         return settle, ids
 
     def _control(self, body: Any) -> None:

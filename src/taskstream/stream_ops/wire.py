@@ -1,8 +1,8 @@
 """How records and control messages travel between stages.
 
 A record is a standard taskstream envelope (``kind="record"``); a keyed item ``(key, value)`` travels as
-``key=key, body=value``. Two envelope headers route it: ``to`` (the step that receives it in the downstream
-stage) and ``src`` (``"<stage>/<replica>"`` of the sender, for end-of-stream accounting).
+``key=key, body=value``. Two envelope headers route it: ``to`` (the step, or list of steps, receiving it downstream)
+and ``src`` (``"<stage>/<replica>"`` of the sender, for end-of-stream accounting).
 
 Control envelopes (``kind="control"``):
 
@@ -29,8 +29,8 @@ RECORD_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record"}
 CONTROL_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "control"}
 
 
-def record_message(item: Any, to: str, src: str, now: float) -> OutgoingMessage:
-    """Encode one item for the stage queue of step ``to``."""
+def record_message(item: Any, to: str | list[str], src: str, now: float) -> OutgoingMessage:
+    """Encode one item for the stage queue of step ``to`` (or of several steps of that stage)."""
     mid = new_id()
     doc: dict[str, Any] = {
         "ts": WIRE_VERSION,
