@@ -95,11 +95,14 @@ class AzureBlobStore(BlobStore):
     @asynccontextmanager
     async def _container(self) -> AsyncIterator[Any]:
         from azure.core.exceptions import AzureError
-        from azure.storage.blob.aio import BlobServiceClient
+        from azure.storage.blob.aio import BlobServiceClient, ExponentialRetry
 
+        # The SDK's default retry waits 15 s and more between attempts; the consumer retries with its own
+        # backoff anyway, so a store call gives up after a few seconds.
+        retry = ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=0.5)
         try:
             async with BlobServiceClient.from_connection_string(
-                self._connection_string, connection_timeout=10, read_timeout=120
+                self._connection_string, connection_timeout=10, read_timeout=120, retry_policy=retry
             ) as service:
                 container = service.get_container_client(self.container)
                 if not self._container_ready:

@@ -68,7 +68,7 @@ def encode_blob(envelope: Envelope) -> bytes:
                 raise TypeError("numpy arrays of dtype=object cannot travel (they would need pickle)")
             import numpy as np
 
-            array = np.ascontiguousarray(obj)
+            array = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)  # (ascontiguousarray makes 0-d 1-d)
             buffers.append(array.reshape(-1).view(np.uint8).data)
             return {TAG: "ndarray", "dtype": array.dtype.str, "shape": list(array.shape), "buf": len(buffers) - 1}
         if module == "numpy":
@@ -82,7 +82,8 @@ def encode_blob(envelope: Envelope) -> bytes:
     try:
         envelope_json = orjson.dumps(_document(envelope), default=default, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError as exc:
-        raise TypeError(str(exc)) from exc
+        cause = exc.__cause__  # orjson keeps what ``default`` raised here; its message says more
+        raise TypeError(str(cause) if isinstance(cause, TypeError) else str(exc)) from exc
     header = b'{"envelope":' + envelope_json + b',"buffers":' + orjson.dumps([len(b) for b in buffers]) + b"}"
     return b"".join([_HEADER.pack(MAGIC, len(header)), header, *buffers])
 
