@@ -223,6 +223,49 @@ _RETRYABLE = (
 )
 
 
+class _ChannelGuard:
+    """Interrupts the tasks waiting on an AMQP channel when that channel closes.
+
+    A connection that dies never drains its write queue, so a publish or ack blocked on it (or awaiting a
+    confirm the broker will never send) would wait forever; the guard cancels such waits and
+    :meth:`wait` turns them into ``ChannelInvalidStateError``, which the callers retry or report.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[asyncio.Task[Any], aiormq.abc.AbstractChannel] = {}
+        self._interrupted: set[asyncio.Task[Any]] = set()
+        self._watched: set[int] = set()
+
+    async def wait(self, channel: aiormq.abc.AbstractChannel, operation: Any) -> Any:
+        """Await ``operation`` (a coroutine using ``channel``) unless the channel closes first."""
+        task = asyncio.current_task()
+        assert task is not None
+        if id(channel) not in self._watched:
+            self._watched.add(id(channel))
+            channel.closing.add_done_callback(lambda _: self._closed(channel))
+        if channel.is_closed:
+            operation.close()
+            raise amqp_errors.ChannelInvalidStateError("channel closed")
+        self._waiting[task] = channel
+        try:
+            return await operation
+        except asyncio.CancelledError:
+            if task in self._interrupted:
+                self._interrupted.discard(task)
+                task.uncancel()
+                raise amqp_errors.ChannelInvalidStateError("channel closed while waiting on it") from None
+            raise
+        finally:
+            self._waiting.pop(task, None)
+
+    def _closed(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self._watched.discard(id(channel))
+        for task, waiting_on in list(self._waiting.items()):
+            if waiting_on is channel and not task.done():
+                self._interrupted.add(task)
+                task.cancel()
+
+
 @dataclass(slots=True)
 class _Declared:
     """What ``declare`` did for one queue, replayed after a reconnect."""
@@ -255,7 +298,9 @@ class _RabbitDelivery(Delivery):
         self._prior = prior
 
     async def _ack(self) -> None:
-        self._sub._ack(self._channel, self._tag)
+        written = self._sub._ack(self._channel, self._tag)
+        if written is not None:
+            await asyncio.shield(written)
 
     async def _nack(self, requeue: bool, delay: float | None) -> None:
         await self._sub._return(self, requeue=requeue, delay=delay, consumed=True)
@@ -286,6 +331,7 @@ class _RabbitSubscription(Subscription):
         self._to_ack: set[int] = set()
         self._gone: set[int] = set()
         self._flush_task: asyncio.Task[None] | None = None
+        self._flush_done: asyncio.Future[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -413,18 +459,23 @@ class _RabbitSubscription(Subscription):
 
     # -- settling -------------------------------------------------------------------------------------
 
-    def _ack(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+    def _ack(self, channel: aiormq.abc.AbstractChannel, tag: int) -> asyncio.Future[None] | None:
+        """Queue an ack; the returned future resolves once it is handed to the connection."""
         if channel is not self._underlay:
             log.warning(
                 "ack on RabbitMQ queue %r after its channel closed: the broker redelivers that message", self.queue
             )
-            return
+            return None
         self._handed.pop(tag, None)
         self._to_ack.add(tag)
-        if self._flush_task is None:
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+        written = self._flush_done
+        if written is None:
+            loop = asyncio.get_running_loop()
+            written = self._flush_done = loop.create_future()
+            self._flush_task = loop.create_task(self._flush(written))
+        return written
 
-    async def _flush(self) -> None:
+    async def _flush(self, written: asyncio.Future[None]) -> None:
         """Send the acks settled during this loop turn: one ``multiple`` ack for the contiguous prefix."""
         try:
             await asyncio.sleep(0)
@@ -445,16 +496,20 @@ class _RabbitSubscription(Subscription):
                     else:
                         break
                     outstanding.popleft()
+                guard = self.broker._guard
                 if top:
-                    await channel.basic_ack(top, multiple=True, wait=False)
+                    await guard.wait(channel, channel.basic_ack(top, multiple=True, wait=False))
                 for tag in sorted(to_ack):
                     # acked out of order: the head is still held; ack alone, remember it is gone
-                    await channel.basic_ack(tag, wait=False)
+                    await guard.wait(channel, channel.basic_ack(tag, wait=False))
                     self._gone.add(tag)
         except Exception as exc:  # the channel died: the broker redelivers what we could not ack
             log.warning("acks on RabbitMQ queue %r were lost (%s); the broker redelivers", self.queue, exc)
         finally:
             self._flush_task = None
+            self._flush_done = None
+            if not written.done():
+                written.set_result(None)
 
     async def _return(self, delivery: _RabbitDelivery, *, requeue: bool, delay: float | None, consumed: bool) -> None:
         """Give a delivery back: republish a copy carrying the attempt count, then ack the original."""
@@ -476,14 +531,17 @@ class _RabbitSubscription(Subscription):
             )
             await self._settle_directly(channel, tag, "nack")
             return
-        self._ack(channel, tag)
+        written = self._ack(channel, tag)
+        if written is not None:
+            await asyncio.shield(written)
 
     async def _settle_directly(self, channel: aiormq.abc.AbstractChannel, tag: int, how: str) -> None:
         try:
+            guard = self.broker._guard
             if how == "reject":
-                await channel.basic_reject(tag, requeue=False, wait=False)
+                await guard.wait(channel, channel.basic_reject(tag, requeue=False, wait=False))
             else:
-                await channel.basic_nack(tag, requeue=True, wait=False)
+                await guard.wait(channel, channel.basic_nack(tag, requeue=True, wait=False))
         except Exception as exc:
             log.warning("%s on RabbitMQ queue %r was lost (%s); the broker redelivers", how, self.queue, exc)
             return
@@ -504,7 +562,7 @@ class _RabbitSubscription(Subscription):
         try:
             if underlay is not None and not underlay.is_closed:
                 with contextlib.suppress(Exception):
-                    await underlay.basic_cancel(self._consumer_tag)
+                    await self.broker._guard.wait(underlay, underlay.basic_cancel(self._consumer_tag))
                 # return what we hold: handed-out unsettled ones count as an attempt, buffered ones do not
                 returns = [
                     self._return(d, requeue=True, delay=None, consumed=True) for d in list(self._handed.values())
@@ -565,6 +623,7 @@ class RabbitMQBroker(Broker):
         self._gone: BrokerConnectionError | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
+        self._guard = _ChannelGuard()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
@@ -896,13 +955,16 @@ class RabbitMQBroker(Broker):
             try:
                 async with asyncio.timeout_at(deadline):
                     channel = cast(aiormq.Channel, await self._publish_channel())
-                    result = await channel.basic_publish(
-                        body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=properties,
-                        mandatory=mandatory,
-                        wait=False,
+                    result = await self._guard.wait(
+                        channel,
+                        channel.basic_publish(
+                            body,
+                            exchange=exchange,
+                            routing_key=routing_key,
+                            properties=properties,
+                            mandatory=mandatory,
+                            wait=False,
+                        ),
                     )
             except TimeoutError as exc:
                 raise PublishError(
