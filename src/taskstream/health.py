@@ -13,7 +13,8 @@ Both answer a small JSON document; ``/readyz`` lists each consumer's queue, stat
 
 Readiness reads the app only through public state: ``app.consumers`` (filled once the broker is connected and the
 consumers started, emptied on stop) with each consumer's ``running`` and ``stats``; components attached with
-``app.add_component`` take part when they expose ``consumers`` (the same shape) or a boolean ``ready``; a broker
+``app.add_component`` take part when they expose ``consumers`` (a list or a mapping of the same shape, on
+themselves or on their ``worker``, as the task runtime does) or a boolean ``ready``; a broker
 that exposes a boolean ``connected`` must say ``True``.
 
 The CLI turns it on with ``--health-port`` (or ``TASKSTREAM_HEALTH_PORT``) on ``taskstream run`` and
@@ -31,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -98,6 +99,16 @@ def _consumer_view(consumer: Any) -> dict[str, Any]:
     return view
 
 
+def _component_consumers(component: Any) -> list[Any]:
+    """A component's consumers: its ``consumers`` (list or mapping), or its ``worker``'s (task workers)."""
+    found = getattr(component, "consumers", None)
+    if found is None:
+        found = getattr(getattr(component, "worker", None), "consumers", None)
+    if isinstance(found, Mapping):
+        return list(found.values())
+    return list(found or ())
+
+
 def app_readiness(app: App) -> Readiness:
     """Check ``app`` through its public state (see the module docstring).
 
@@ -110,7 +121,7 @@ def app_readiness(app: App) -> Readiness:
     consumers: list[Any] = list(app.consumers)
     reasons: list[str] = []
     for component in app.components:
-        consumers.extend(getattr(component, "consumers", None) or ())
+        consumers.extend(_component_consumers(component))
         flag = getattr(component, "ready", None)
         if isinstance(flag, bool) and not flag:
             reasons.append(f"component {type(component).__name__} is not ready")

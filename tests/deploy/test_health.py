@@ -171,3 +171,58 @@ def test_cli_run_serves_health_from_the_environment() -> None:
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert "health server on http://127.0.0.1:" in stderr
+
+
+async def test_task_worker_consumers_count_for_readiness() -> None:
+    app = App("memory://health-tasks")
+
+    @app.task(queue="health.tasks")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    assert not app_readiness(app).ready
+    async with app:
+        readiness = app_readiness(app)
+        assert readiness.ready, readiness
+        assert [c["queue"] for c in readiness.consumers] == ["health.tasks"]
+        assert await add.submit(1, 2) == 3
+    assert not app_readiness(app).ready
+
+
+TASK_MODULE = """
+from taskstream import App
+app = App()
+
+@app.task(queue="probe.tasks")
+def ping() -> str:
+    return "pong"
+"""
+
+
+def test_cli_worker_serves_health(tmp_path: Path) -> None:
+    """`taskstream worker --health-port`: ready once the task queues are consumed; SIGTERM exits 0."""
+    (tmp_path / "probe_tasks.py").write_text(TASK_MODULE)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TASKSTREAM_BROKER_URL": "memory://"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskstream.cli", "worker", "probe_tasks:app", "--health-port", str(port),
+         "--health-host", "127.0.0.1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            status = http_status(port, "/readyz")
+            if status == 200:
+                break
+            time.sleep(0.1)
+        assert status == 200, f"never ready (last status {status}); exit {proc.poll()}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr

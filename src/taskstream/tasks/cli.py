@@ -69,6 +69,11 @@ def worker(
     broker: Annotated[str | None, typer.Option(help="Broker URL (overrides TASKSTREAM_BROKER_URL).")] = None,
     result_store: Annotated[str | None, typer.Option(help="Result store URL.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    health_port: Annotated[
+        int | None,
+        typer.Option(envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz and /readyz on this port."),
+    ] = None,
+    health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
 ) -> None:
     """Serve an App's task queues until SIGTERM or SIGINT (running calls finish or are requeued)."""
     from taskstream.app import App
@@ -113,7 +118,12 @@ def worker(
         f"{', '.join(served or app.tasks.task_queues()) or '(none)'}, processes {low}..{high}",
         err=True,
     )
-    app.run()
+    if health_port is None:
+        app.run()
+    else:
+        from taskstream.health import serve_with_health
+
+        asyncio.run(serve_with_health(app, health_port, health_host))
 
 
 def _parse_value(text: str) -> Any:
