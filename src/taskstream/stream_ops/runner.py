@@ -131,6 +131,7 @@ class Runner:
         self.duplicates = 0
         self.stop_requested = False
         self.raw_dead: list[OutgoingMessage] = []
+        self.raw_dead_total = 0
         self._declared: set[str] = set()
         self._published_since_check: dict[str, int] = {}
         self._subscription: Subscription | None = None
@@ -225,7 +226,7 @@ class Runner:
             result.duration = time.perf_counter() - started
             result.received = self.received
             result.duplicates_skipped = self.duplicates
-            result.dead_lettered = self.executor.dead.total + len(self.raw_dead)
+            result.dead_lettered = self.executor.dead.total + self.raw_dead_total
             result.late = sum(s.late for s in self.ctx.stats.values())
         log.info("%s", result.summary())
         return result
@@ -381,6 +382,7 @@ class Runner:
             }
         )
         self.raw_dead.append(OutgoingMessage(delivery.body, headers, message_id=delivery.message_id))
+        self.raw_dead_total += 1
 
     # -- publishing, snapshots, end-of-stream ---------------------------------------------------------
 
@@ -460,7 +462,7 @@ class Runner:
         batches = source.batches(self.ctx, self.config.batch_size)
         try:
             while True:
-                if source.idle_timeout is not None:
+                if source.idle_timeout is not None and not source.handles_idle:
                     batch = await asyncio.wait_for(anext(batches), source.idle_timeout)
                 else:
                     batch = await anext(batches)

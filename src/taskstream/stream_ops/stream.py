@@ -266,9 +266,12 @@ class Stream:
         stage: str | None = None,
         now: Callable[[], float] | None = None,
     ) -> Stream:
-        """Lists of at most ``size`` values per key, or fewer after ``timeout`` seconds or at end-of-stream."""
+        """Lists of at most ``size`` values per key, or fewer after ``timeout`` seconds or at end-of-stream.
+
+        On a stream known to be unkeyed (no ``key_by`` before it) every item joins one list.
+        """
         builder = batching.batch_builder(size, timeout, now)
-        if self.keyed:
+        if self.keyed is not False:  # keyed, or not known to be unkeyed (e.g. after a map)
             return self.stateful(builder, name=name, stage=stage, uses_timers=timeout is not None, label="batch")
         keyed = self.key_by(lambda _item: "", name=f"{name}-key" if name else None)
         out = keyed.stateful(builder, name=name, stage=stage, uses_timers=timeout is not None, label="batch")

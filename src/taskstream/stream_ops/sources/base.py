@@ -41,6 +41,9 @@ class Source(abc.ABC):
     """Base of every source. Subclasses implement :meth:`batches`."""
 
     label = "source"
+    #: True when the source applies ``idle_timeout`` itself (sources whose batches carry acks must: the
+    #: runtime's generic timeout would cancel the source while a batch of it is still being processed).
+    handles_idle = False
 
     def __init__(self, *, max_items: int | None = None, idle_timeout: float | None = None) -> None:
         self.max_items: int | None = None

@@ -39,6 +39,7 @@ class QueueSource(Source):
     """
 
     label = "queue"
+    handles_idle = True
 
     def __init__(
         self,
@@ -75,12 +76,16 @@ class QueueSource(Source):
         await broker.declare(self.queue, fifo=self.queue.endswith(".fifo"))
         subscription = broker.consume(self.queue, prefetch=max(self.prefetch, batch_size))
         emitted = 0
+        acked: list[asyncio.Event] = []
         try:
             while True:
                 room = self.room(emitted, batch_size)
                 if room == 0:
-                    return
+                    break
                 deliveries = await self._receive(subscription, room)
+                if not deliveries:  # idle for idle_timeout
+                    log.info("queue source %r idle for %s s: ending", self.queue, self.idle_timeout)
+                    break
                 items: list[Any] = []
                 settle: list[Delivery] = []
                 stop = False
@@ -99,21 +104,37 @@ class QueueSource(Source):
                         continue
                     items.append(value)
 
-                async def ack(batch: list[Delivery] = settle) -> None:
+                done = asyncio.Event()
+                acked.append(done)
+
+                async def ack(batch: list[Delivery] = settle, done: asyncio.Event = done) -> None:
                     for d in batch:
                         await d.ack()
+                    done.set()
 
                 emitted += len(items)
                 yield SourceBatch(items, ack)
+                acked[:] = [e for e in acked if not e.is_set()]
                 if stop:
-                    return
+                    break
+            # Ending normally: wait until the runtime acked what it took, before closing the subscription
+            # (closing returns unacked deliveries to the queue).
+            for event in acked:
+                await event.wait()
         finally:
             await subscription.close()
             if own:
                 await broker.close()
 
     async def _receive(self, subscription: Subscription, room: int) -> list[Delivery]:
-        got = [await subscription.__anext__()]
+        if self.idle_timeout is None:
+            got = [await subscription.__anext__()]
+        else:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    got = [await subscription.__anext__()]
+            except TimeoutError:
+                return []
         deadline = time.monotonic() + self.linger
         while len(got) < room:
             left = deadline - time.monotonic()
