@@ -12,7 +12,7 @@ Parameter               Default    Meaning
 ``queue_prefix``        ``""``     prepended to every queue name (environments sharing one account)
 ``visibility_timeout``  ``30``     seconds a received message stays hidden (sent with every receive, so
                                    ``Capabilities.visibility_timeout`` holds on queues made elsewhere too)
-``wait_time``           ``20``     long-poll seconds per receive (0-20)
+``wait_time``           ``20``     long-poll seconds per receive (0-20; 0 polls every 0.1 s when empty)
 ``max_receives``        ``10``     most receives in flight per subscription (prefetch / 10, rounded up, below)
 ``max_receive_count``   settings   RedrivePolicy ``maxReceiveCount`` of created queues: deliveries before SQS
                                    itself moves a message to the dead-letter queue. Default
@@ -38,8 +38,9 @@ extend             ``ChangeMessageVisibility(Batch)`` to ``seconds`` from now (t
                    messages received ahead and not yet handed out are extended by the subscription itself
 attempt            ``ApproximateReceiveCount``
 visibility         unacked messages return after ``visibility_timeout``; ``close()`` returns held ones at once
-publish            ``SendMessageBatch``: concurrent publishes share calls; ``publish_batch`` sends 10 per call
-                   (FIFO queues: one call after the other, so order holds)
+publish            ``SendMessageBatch``: concurrent publishes share calls; ``publish_batch`` sends 10 per call.
+                   FIFO queues: one call at a time, in the order publishes were made (pipelined
+                   ``publish_batch`` calls too), so per-group order holds through ``Producer.send_many``
 delay              ``DelaySeconds`` (at most 900 s; FIFO queues have no per-message delay)
 FIFO               queue names ending in ``.fifo``; ``MessageGroupId`` = the message key (``default``
                    without one); ``MessageDeduplicationId`` = the message id (5-minute window)
@@ -118,6 +119,7 @@ SQS_MAX_BATCH = 10
 SQS_MAX_DELAY = 900
 SQS_MAX_VISIBILITY = 12 * 3600
 DEFAULT_GROUP = "default"
+SHORT_POLL_PAUSE = 0.1
 ATTRIBUTE = "taskstream"
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -363,8 +365,19 @@ class _SQSSubscription(Subscription):
             self._tasks.append(asyncio.create_task(self._poll(), name=f"sqs-receive:{self._queue}:{index}"))
         self._keeper = asyncio.create_task(self._keep_buffer_hidden(), name=f"sqs-buffer:{self._queue}")
 
-    def _free(self) -> int:
-        return self._prefetch - len(self._unsettled) - self._reserved
+    def _free(self, now: float) -> int:
+        # A delivery whose visibility lapsed is back on the queue: like the memory broker, it frees its slot.
+        held = sum(1 for delivery in self._unsettled if delivery.deadline > now)
+        return self._prefetch - held - self._reserved
+
+    async def _wait_for_space(self, now: float) -> None:
+        """Until a delivery settles, or the next visibility deadline passes."""
+        self._space.clear()
+        deadlines = [delivery.deadline for delivery in self._unsettled if delivery.deadline > now]
+        timeout = max(0.05, min(deadlines) - now) if deadlines else None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._space.wait()
 
     async def _poll(self) -> None:
         broker = self._broker
@@ -376,10 +389,10 @@ class _SQSSubscription(Subscription):
             self._fail(exc)
             return
         while not self._closed:
-            wanted = min(SQS_MAX_BATCH, self._free())
+            now = time.monotonic()
+            wanted = min(SQS_MAX_BATCH, self._free(now))
             if wanted <= 0:
-                self._space.clear()
-                await self._space.wait()
+                await self._wait_for_space(now)
                 continue
             self._reserved += wanted
             started = time.monotonic()
@@ -412,8 +425,11 @@ class _SQSSubscription(Subscription):
             # seconds for them, while the answer itself takes milliseconds. Assume at most half a second.
             arrived = time.monotonic()
             deadline = max(started, arrived - 0.5) + options.visibility_timeout
-            for raw in response.get("Messages", ()):
+            messages = response.get("Messages", ())
+            for raw in messages:
                 self._accept(info, raw, deadline)
+            if not messages and options.wait_time == 0:
+                await asyncio.sleep(SHORT_POLL_PAUSE)  # short polling: do not spin on an empty queue
 
     def _accept(self, info: _QueueInfo, raw: Mapping[str, Any], deadline: float) -> None:
         sqs_id = str(raw["MessageId"])
@@ -574,6 +590,7 @@ class SQSBroker(Broker):
         self._queues: dict[str, _QueueInfo] = {}
         self._lookups: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._batchers: dict[tuple[str, str], _Batcher] = {}
+        self._fifo_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._subscriptions: set[_SQSSubscription] = set()
 
     @classmethod
@@ -937,7 +954,12 @@ class SQSBroker(Broker):
             async def send(entries: list[_Entry]) -> None:
                 await self._send_entries(info, op, entries)
 
-            batcher = self._batchers[key] = _Batcher(send, max_bytes=info.max_bytes if op == "send" else 0)
+            # FIFO sends go one call at a time, so calls reach SQS in the order they were made.
+            batcher = self._batchers[key] = _Batcher(
+                send,
+                max_bytes=info.max_bytes if op == "send" else 0,
+                max_in_flight=1 if info.fifo and op == "send" else 4,
+            )
         return batcher
 
     async def _send_entries(self, info: _QueueInfo, op: str, entries: list[_Entry]) -> None:
@@ -1009,8 +1031,11 @@ class SQSBroker(Broker):
                 raise PublishError(f"{len(errors)} of {len(entries)} messages were not sent; first: {errors[0]}")
 
         if info.fifo:
-            for chunk in chunks:
-                await send(chunk)
+            # Callers may pipeline batches (Producer.send_many does); the fair lock keeps their call order.
+            async with self._fifo_locks[queue]:
+                await self._batcher(info, "send").drain()  # single publishes made earlier go first
+                for chunk in chunks:
+                    await send(chunk)
             return
         results = await asyncio.gather(*(send(chunk) for chunk in chunks), return_exceptions=True)
         for result in results:

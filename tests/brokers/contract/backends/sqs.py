@@ -6,9 +6,11 @@ Dummy credentials and region ``us-east-1`` are set unless the environment alread
 
 from __future__ import annotations
 
+import asyncio
 import os
-import urllib.request
 import uuid
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,25 +26,22 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-def make(visibility_timeout: float | None = None, **options: object) -> Broker:
-    return SQSBroker(
-        SQSOptions(
-            region="us-east-1",
-            endpoint_url=ENDPOINT,
-            queue_prefix=PREFIX,
-            visibility_timeout=visibility_timeout or 30.0,
-            **options,  # type: ignore[arg-type]
-        )
-    )
+def make(visibility_timeout: float | None = None, **options: Any) -> Broker:
+    """An unconnected broker on the test server; ``options`` are :class:`SQSOptions` fields."""
+    settings: dict[str, Any] = {"region": "us-east-1", "endpoint_url": ENDPOINT, "queue_prefix": PREFIX}
+    settings.update(options)
+    return SQSBroker(SQSOptions(visibility_timeout=visibility_timeout or 30.0, **settings))
 
 
 async def setup() -> None:
+    parts = urlsplit(ENDPOINT)
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        urllib.request.urlopen(ENDPOINT, timeout=3).close()
-    except OSError as exc:
-        if getattr(exc, "code", None):  # an HTTP error status: something answers
-            return
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=3)
+    except (OSError, TimeoutError) as exc:
         pytest.fail(f"no SQS API server at {ENDPOINT} ({exc}); start it with: bash scripts/services/sqs.sh")
+    writer.close()
+    await writer.wait_closed()
 
 
 SPEC = BackendSpec(name="sqs", make=make, setup=setup)
