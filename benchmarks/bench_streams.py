@@ -1,0 +1,292 @@
+"""S8 throughput: records per second through calibrate -> filter -> key_by -> 1 s event-time tumbling window
+(count/mean/min/max per sensor), fused in one process on the memory broker.
+
+Compared in the same run against:
+
+* a hand-written asyncio pipeline with a bounded ``asyncio.Queue`` between stages (the way one writes it
+  without a framework), and
+* Bytewax, installed into its own venv under ``benchmarks/.peers/bytewax`` by this script (never a project
+  dependency) and run as a subprocess on the same readings (``TestingSource(batch_size=1000)``).
+
+Every contender gets the same pre-generated readings (generation is not timed) and must produce the same
+number of windows. Run: ``python benchmarks/bench_streams.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Row, machine_info, print_rows
+
+N = int(os.environ.get("BENCH_STREAMS_N", "200000"))
+SENSORS = 8
+PEERS = Path(__file__).resolve().parent / ".peers"
+BYTEWAX_VENV = PEERS / "bytewax"
+BYTEWAX_SPEC = "bytewax==0.21.1"
+
+
+# -- the workload (pure Python: also shipped to the Bytewax subprocess) --------------------------------
+
+
+def make_readings(n: int, sensors: int = 8, seed: int = 7) -> list[dict[str, Any]]:
+    """S8 readings: 1000 readings/s of event time, 5% out of order, 1% late, 1% bad."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        due = 1_700_000_000.0 + i / 1000.0
+        u = rng.random()
+        t = due - 3.0 if u < 0.01 else (due - rng.random() * 0.3 if u < 0.06 else due)
+        value = None if rng.random() < 0.01 else 20.0 + (i % sensors) + rng.gauss(0.0, 0.5)
+        out.append({"sensor": f"s{i % sensors}", "seq": i, "t": t, "value": value})
+    return out
+
+
+def calibrate(r: dict[str, Any]) -> dict[str, Any]:
+    v = r["value"]
+    return {"sensor": r["sensor"], "t": r["t"], "celsius": None if v is None else v * 1.02 - 0.3}
+
+
+def valid(r: dict[str, Any]) -> bool:
+    c = r["celsius"]
+    return c is not None and -50.0 < c < 150.0
+
+
+# -- taskstream ---------------------------------------------------------------------------------------
+
+
+async def run_taskstream(readings: list[dict[str, Any]]) -> tuple[float, int]:
+    from taskstream.stream_ops import CallbackSink, Count, EventClock, Max, Mean, Min, Pipeline, TumblingWindow
+
+    windows = [0]
+
+    def count(items: list[Any]) -> None:
+        windows[0] += len(items)
+
+    p = Pipeline("bench-s8")
+    (
+        p.source("sensor", readings)
+        .map(calibrate)
+        .filter(valid)
+        .key_by(lambda r: r["sensor"])
+        .window(TumblingWindow(1.0), EventClock("t", allowed_lateness=0.5))
+        .aggregate(count=Count(), mean=Mean("celsius"), min=Min("celsius"), max=Max("celsius"))
+        .sink(CallbackSink(count, per_batch=True))
+    )
+    started = time.perf_counter()
+    await p.run("memory://")
+    return time.perf_counter() - started, windows[0]
+
+
+# -- hand-written asyncio baseline ---------------------------------------------------------------------
+
+_END = object()
+
+
+async def run_asyncio(readings: list[dict[str, Any]]) -> tuple[float, int]:
+    """Stages as tasks joined by bounded queues, one record at a time."""
+    q1: asyncio.Queue[Any] = asyncio.Queue(1000)
+    q2: asyncio.Queue[Any] = asyncio.Queue(1000)
+    q3: asyncio.Queue[Any] = asyncio.Queue(1000)
+    q4: asyncio.Queue[Any] = asyncio.Queue(1000)
+    windows = [0]
+
+    async def source() -> None:
+        for r in readings:
+            await q1.put(r)
+        await q1.put(_END)
+
+    async def calibrate_stage() -> None:
+        while (r := await q1.get()) is not _END:
+            await q2.put(calibrate(r))
+        await q2.put(_END)
+
+    async def filter_stage() -> None:
+        while (r := await q2.get()) is not _END:
+            if valid(r):
+                await q3.put(r)
+        await q3.put(_END)
+
+    async def window_stage() -> None:
+        state: dict[str, tuple[float, dict[float, list[float]]]] = {}  # key -> (watermark, start -> acc)
+        while (r := await q3.get()) is not _END:
+            key = r["sensor"]
+            wm, open_ = state.get(key, (-math.inf, {}))
+            t = r["t"]
+            start = math.floor(t)
+            if start + 1.0 > wm:
+                acc = open_.get(start)
+                c = r["celsius"]
+                if acc is None:
+                    open_[start] = [1, c, c, c]
+                else:
+                    acc[0] += 1
+                    acc[1] += c
+                    acc[2] = min(acc[2], c)
+                    acc[3] = max(acc[3], c)
+            if t - 0.5 > wm:
+                wm = t - 0.5
+            for s in [s for s in open_ if s + 1.0 <= wm]:
+                n, total, lo, hi = open_.pop(s)
+                await q4.put((key, {"start": s, "count": n, "mean": total / n, "min": lo, "max": hi}))
+            state[key] = (wm, open_)
+        for key, (_wm, open_) in state.items():
+            for s, (n, total, lo, hi) in sorted(open_.items()):
+                await q4.put((key, {"start": s, "count": n, "mean": total / n, "min": lo, "max": hi}))
+        await q4.put(_END)
+
+    async def sink() -> None:
+        while (await q4.get()) is not _END:
+            windows[0] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(source(), calibrate_stage(), filter_stage(), window_stage(), sink())
+    return time.perf_counter() - started, windows[0]
+
+
+# -- Bytewax in its own venv ---------------------------------------------------------------------------
+
+BYTEWAX_FLOW = """
+import json, sys, time
+from datetime import datetime, timedelta, timezone
+
+import bytewax.operators as op
+import bytewax.operators.windowing as win
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+
+def builder():
+    return [0, 0.0, None, None]
+
+
+def folder(acc, r):
+    c = r["celsius"]
+    acc[0] += 1
+    acc[1] += c
+    acc[2] = c if acc[2] is None or c < acc[2] else acc[2]
+    acc[3] = c if acc[3] is None or c > acc[3] else acc[3]
+    return acc
+
+
+def merger(a, b):
+    return [a[0] + b[0], a[1] + b[1], min(a[2], b[2]), max(a[3], b[3])]
+
+
+def main(n):
+    readings = make_readings(n)
+    flow = Dataflow("s8")
+    stream = op.input("in", flow, TestingSource(readings, batch_size=1000))
+    ok = op.filter("valid", op.map("calibrate", stream, calibrate), valid)
+    keyed = op.key_on("by-sensor", ok, lambda r: r["sensor"])
+    clock = win.EventClock(
+        lambda r: datetime.fromtimestamp(r["t"], tz=timezone.utc), wait_for_system_duration=timedelta(seconds=0.5)
+    )
+    windower = win.TumblingWindower(length=timedelta(seconds=1), align_to=datetime(2023, 1, 1, tzinfo=timezone.utc))
+    out = win.fold_window("stats", keyed, clock, windower, builder, folder, merger)
+    results = []
+    op.output("out", out.down, TestingSink(results))
+    started = time.perf_counter()
+    run_main(flow)
+    print(json.dumps({"seconds": time.perf_counter() - started, "windows": len(results)}))
+
+
+main(int(sys.argv[1]))
+"""
+
+
+def ensure_bytewax() -> Path | None:
+    """Create ``benchmarks/.peers/bytewax`` and install Bytewax there (once). None if it cannot be had."""
+    python = BYTEWAX_VENV / "bin" / "python"
+    check = [str(python), "-c", "import bytewax.operators.windowing"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    try:
+        PEERS.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(BYTEWAX_VENV)], check=True, capture_output=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", BYTEWAX_SPEC], check=True, capture_output=True)
+    except subprocess.CalledProcessError as exc:
+        print(f"bytewax could not be installed: {exc.stderr.decode(errors='replace')[-500:]}", file=sys.stderr)
+        return None
+    return python
+
+
+def run_bytewax(python: Path, n: int) -> tuple[float, int]:
+    source = "\n\n".join(inspect.getsource(f) for f in (make_readings, calibrate, valid))
+    script = "import random\nfrom typing import Any\n\n" + source + "\n" + textwrap.dedent(BYTEWAX_FLOW)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(script)
+        path = f.name
+    try:
+        done = subprocess.run([str(python), path, str(n)], capture_output=True, text=True, timeout=900, check=True)
+    finally:
+        os.unlink(path)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["seconds"]), int(result["windows"])
+
+
+# -- measure -------------------------------------------------------------------------------------------
+
+
+def measure(repeats: int = 3) -> list[Row]:
+    readings = make_readings(N, SENSORS)
+    ts_rates, base_rates, bw_rates = [], [], []
+    windows: dict[str, set[int]] = {"taskstream": set(), "asyncio": set(), "bytewax": set()}
+    python = ensure_bytewax()
+    for _ in range(repeats):
+        seconds, n = asyncio.run(run_taskstream(readings))
+        ts_rates.append(N / seconds)
+        windows["taskstream"].add(n)
+        seconds, n = asyncio.run(run_asyncio(readings))
+        base_rates.append(N / seconds)
+        windows["asyncio"].add(n)
+        if python is not None:
+            seconds, n = run_bytewax(python, N)
+            bw_rates.append(N / seconds)
+            windows["bytewax"].add(n)
+    info = {**machine_info(), "records": N, "sensors": SENSORS, "windows": {k: sorted(v) for k, v in windows.items()}}
+    rows = [
+        Row(
+            workload="S8 fused, memory (records/s)",
+            subject="taskstream fused pipeline",
+            baseline="hand-written asyncio, queues between stages",
+            unit="rec/s",
+            values=ts_rates,
+            baseline_values=base_rates,
+            target=1.0,
+            extra=info,
+        )
+    ]
+    if bw_rates:
+        rows.append(
+            Row(
+                workload="S8 fused, memory (records/s)",
+                subject="taskstream fused pipeline",
+                baseline=f"Bytewax {BYTEWAX_SPEC.split('==')[1]} (run_main, batch 1000)",
+                unit="rec/s",
+                values=ts_rates,
+                baseline_values=bw_rates,
+                target=1.0,
+                extra=info,
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    rows = measure(int(os.environ.get("BENCH_REPEATS", "3")))
+    print_rows(rows)
+    print(json.dumps(rows[0].extra["windows"]))
