@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pydantic import BaseModel
 
 from taskstream.app import App
+from taskstream.stream_ops.demo_section import stream_section
 
 __all__ = ["SECTIONS", "run_demo"]
 
@@ -58,6 +59,7 @@ async def consumers_section(broker_url: str) -> None:
 
 SECTIONS: list[tuple[str, Callable[[str], Awaitable[None]]]] = [
     ("Consumers", consumers_section),
+    ("Stream pipeline", stream_section),
 ]
 
 
