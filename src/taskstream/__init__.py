@@ -20,6 +20,24 @@ from taskstream.errors import (
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from taskstream.settings import Settings
+from taskstream.stream_ops import (
+    Count,
+    EventClock,
+    Max,
+    Mean,
+    Min,
+    Pipeline,
+    SessionWindow,
+    SimulatedCamera,
+    SimulatedSensor,
+    SlidingWindow,
+    Stop,
+    Stream,
+    Sum,
+    SystemClock,
+    TumblingWindow,
+)
+from taskstream.stream_ops.service import Service, ServiceClient
 
 __version__ = "0.1.0"
 
@@ -30,17 +48,34 @@ __all__ = [
     "ConfigurationError",
     "Consumer",
     "ConsumerConfig",
+    "Count",
     "Delivery",
     "Envelope",
+    "EventClock",
     "MalformedMessage",
+    "Max",
+    "Mean",
     "Message",
     "MessageTooLarge",
+    "Min",
+    "Pipeline",
     "Producer",
     "Reject",
     "Retry",
+    "Service",
+    "ServiceClient",
+    "SessionWindow",
     "Settings",
+    "SimulatedCamera",
+    "SimulatedSensor",
+    "SlidingWindow",
+    "Stop",
+    "Stream",
+    "Sum",
+    "SystemClock",
     "TaskError",
     "TaskstreamError",
+    "TumblingWindow",
     "__version__",
     "broker_from_url",
 ]
