@@ -32,7 +32,7 @@ async def test_put_get_list_delete(store: BlobStore) -> None:
 
 
 async def test_missing_key_raises_payload_missing(store: BlobStore) -> None:
-    with pytest.raises(PayloadMissing, match="nope.tsb"):
+    with pytest.raises(PayloadMissing, match=r"nope\.tsb"):
         await store.get("nope.tsb")
 
 
