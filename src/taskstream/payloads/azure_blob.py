@@ -102,7 +102,7 @@ class AzureBlobStore(BlobStore):
 
         # The SDK's default retry waits 15 s and more between attempts; the consumer retries with its own
         # backoff anyway, so a store call gives up after a few seconds.
-        retry = ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=0.5)
+        retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=2, random_jitter_range=1)
         try:
             async with BlobServiceClient.from_connection_string(
                 self._connection_string,
