@@ -30,6 +30,7 @@ from taskstream.settings import Settings
 from .conftest import ROOT, VENV_BIN, require_tool
 
 SECRET = "s3cr3t-Passw0rd"
+PLANT = "plant.sensor_windows:pipeline"  # not importable here: stage names are taken as given
 
 
 def stage_spec(**overrides: Any) -> Any:
@@ -39,7 +40,7 @@ def stage_spec(**overrides: Any) -> Any:
         "venv": str(VENV_BIN.parent),
     }
     options.update(overrides)
-    return build_spec("stage", "examples.sensor_windows:pipeline", **options)
+    return build_spec("stage", PLANT, **options)
 
 
 def worker_spec(**overrides: Any) -> Any:
@@ -91,7 +92,7 @@ def test_stage_syntax() -> None:
         ({"env": ["TASKSTREAM_PREFETC=10"]}, "did you mean TASKSTREAM_PREFETCH"),
         ({"env": ["TASKSTREAM_PREFETCH"]}, "KEY=VALUE"),
         ({"env": ["TASKSTREAM_PREFETCH=1\nExecStart=/bin/evil"]}, "one line"),
-        ({"stages": []}, "needs its stages"),
+        ({"stages": []}, "--stage NAME"),
         ({"stages": ["sink", "sink"]}, "named once"),
         ({"health_port": 8080}, "serves no health endpoint"),
         ({"name": "Bad_Name"}, "lowercase"),
@@ -164,7 +165,7 @@ def test_systemd_unit_contents() -> None:
     window = next(s for s in spec.stages if s.name == "window")
     unit = render_unit(spec, window)
     lines = unit.splitlines()
-    command = "pipeline run examples.sensor_windows:pipeline --stage window --replica %i"
+    command = f"pipeline run {PLANT} --stage window --replica %i"
     assert f"ExecStart={VENV_BIN}/taskstream {command}" in lines
     assert "Restart=on-failure" in lines
     assert "EnvironmentFile=/etc/taskstream/sensor-windows.env" in lines
@@ -304,7 +305,7 @@ def test_k8s_manifests_validate_offline(tmp_path: Path) -> None:
     assert window2["args"] == [
         "pipeline",
         "run",
-        "examples.sensor_windows:pipeline",
+        PLANT,
         "--stage",
         "window",
         "--replica",
@@ -348,15 +349,15 @@ def taskstream(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]
 def test_cli_renders_every_kind(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = taskstream(
-        "deploy", "systemd", "stage", "examples.sensor_windows:pipeline", "--stage", "window=3",
+        "deploy", "systemd", "stage", "examples.sensor_windows:pipeline", "--stage", "windows=3",
         "--venv", str(VENV_BIN.parent), "-o", str(out), "--", "--verbose",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "sensor-windows.env.example",
-        "taskstream-sensor-windows-window@.service",
+        "taskstream-sensor-windows-windows@.service",
     ]
-    assert "--replica %i --verbose" in (out / "taskstream-sensor-windows-window@.service").read_text()
+    assert "--replica %i --verbose" in (out / "taskstream-sensor-windows-windows@.service").read_text()
 
     secrets = tmp_path / "prod.env"
     secrets.write_text(f"TASKSTREAM_BROKER_URL=amqp://app:{SECRET}@broker:5672/\n")
@@ -383,6 +384,19 @@ def test_cli_errors_are_one_clear_line() -> None:
     assert result.returncode == 2
     assert "taskstream: error: TASKSTREAM_SIGNING_KEY carries a credential" in result.stderr
     assert SECRET not in result.stderr + result.stdout
-    result = taskstream("deploy", "k8s", "stage", "examples.sensor_windows:pipeline")
+    result = taskstream("deploy", "k8s", "stage", PLANT)
     assert result.returncode == 2
     assert "--stage NAME" in result.stderr
+    result = taskstream("deploy", "k8s", "stage", "examples.stack:pipeline", "--stage", "window=3")
+    assert result.returncode == 2
+    assert "has no stage 'window'; it has sensor, windows, store" in result.stderr
+    result = taskstream("deploy", "k8s", "stage", "examples.stack:pipeline", "--stage", "windows@3")
+    assert result.returncode == 2
+    assert "no replica 3" in result.stderr
+
+
+def test_stages_default_to_the_pipelines_own() -> None:
+    spec = build_spec("stage", "examples.stack:pipeline")
+    assert [(s.name, s.replicas) for s in spec.stages] == [("sensor", (0,)), ("windows", (0, 1, 2)), ("store", (0,))]
+    names = [d["metadata"]["name"] for d in manifests(spec, image="taskstream:0.1.0")]
+    assert names == ["stack-sensor-0", "stack-windows-0", "stack-windows-1", "stack-windows-2", "stack-store-0"]

@@ -57,6 +57,7 @@ __all__ = [
     "render_k8s",
     "render_systemd",
     "render_unit",
+    "resolve_stages",
 ]
 
 
@@ -86,6 +87,8 @@ def build_spec(
     """A spec from command-line shaped values (what the three verbs share)."""
     if restart not in ("on-failure", "always"):
         raise ConfigurationError(f"restart must be on-failure or always, not {restart!r}")
+    if kind == "stage":
+        stages = resolve_stages(target, stages)
     return DeploySpec(
         kind=kind,  # type: ignore[arg-type]  # checked in DeploySpec
         target=target,
@@ -100,6 +103,50 @@ def build_spec(
         user=user,
         restart=restart,  # type: ignore[arg-type]
     )
+
+
+def pipeline_stages(target: str) -> dict[str, int] | None:
+    """``{stage: parallelism}`` of the pipeline ``target`` names; ``None`` when its module is not importable here.
+
+    Raises:
+        ConfigurationError: ``target`` imports but is not a pipeline.
+    """
+    try:
+        from taskstream.stream_ops.cli import load_pipeline
+    except ImportError:  # stream pipelines are not part of this build
+        return None
+    try:
+        plan = load_pipeline(target).plan()
+    except ConfigurationError as exc:
+        if "cannot import" in str(exc):
+            return None
+        raise
+    return {name: stage.parallelism for name, stage in plan.stages.items()}
+
+
+def resolve_stages(target: str, stages: Iterable[str]) -> list[str]:
+    """The ``--stage`` values, checked against the pipeline; all its stages at full parallelism when none given."""
+    given = [parse_stage(s) for s in stages]
+    known = pipeline_stages(target)
+    if known is None:
+        if not given:
+            raise ConfigurationError(
+                f"cannot import {target!r} here to list its stages: name them with --stage NAME[=REPLICAS]"
+            )
+        typer.echo(f"note: {target} is not importable here; stage names are not checked", err=True)
+        return list(stages)
+    if not given:
+        return [f"{name}={parallelism}" for name, parallelism in known.items()]
+    for stage in given:
+        if stage.name not in known:
+            raise ConfigurationError(f"pipeline {target!r} has no stage {stage.name!r}; it has {', '.join(known)}")
+        too_high = [i for i in stage.replicas if i >= known[stage.name]]
+        if too_high:
+            raise ConfigurationError(
+                f"stage {stage.name!r} runs {known[stage.name]} replica(s) (0..{known[stage.name] - 1}); "
+                f"no replica {too_high[0]}"
+            )
+    return list(stages)
 
 
 def _emit(files: dict[str, str], output: Path | None) -> None:
@@ -140,7 +187,11 @@ KindArg = Annotated[DeployKind, typer.Argument(help="worker (taskstream worker),
 TargetArg = Annotated[str, typer.Argument(help="module:attribute of the App or pipeline.")]
 StageOpt = Annotated[
     list[str] | None,
-    typer.Option("--stage", help="Stage to run: NAME, NAME=REPLICAS or NAME@I,J (replica indices); repeatable."),
+    typer.Option(
+        "--stage",
+        help="Stage to run: NAME, NAME=REPLICAS or NAME@I,J (replica indices); repeatable. "
+        "Default: every stage of the pipeline at its parallelism.",
+    ),
 ]
 NameOpt = Annotated[str | None, typer.Option(help="Deployment name (default: the module's name).")]
 ReplicasOpt = Annotated[int, typer.Option(help="Identical worker processes (worker and run kinds).")]
