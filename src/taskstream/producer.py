@@ -86,6 +86,23 @@ class Producer:
         ref = await self.claim_check.offload(envelope, shared=shared)
         return ref.to_bytes(), ref
 
+    async def offload_outgoing(
+        self, messages: Sequence[OutgoingMessage], *, shared: bool = False
+    ) -> list[OutgoingMessage]:
+        """For messages encoded elsewhere (``encode`` of :mod:`taskstream.messages`): bodies over the inline
+        limit go to the payload store and are replaced by references, ready for ``Broker.publish_batch``.
+
+        Raises:
+            MessageTooLarge: a body is over the broker's limit and no payload store is configured.
+        """
+        return await self.claim_check.offload_outgoing(
+            messages,
+            threshold=self.inline_limit,
+            max_message_bytes=self.max_message_bytes,
+            broker=self.broker.capabilities.name,
+            shared=shared,
+        )
+
     async def _discard(self, ref: PayloadRef | None) -> None:
         if ref is not None:
             await self.claim_check.release(ref, force=True)

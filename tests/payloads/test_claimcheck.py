@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from taskstream.brokers.base import Delivery
+from taskstream.brokers.base import Delivery, OutgoingMessage
 from taskstream.brokers.memory import MemoryBroker
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import ConfigurationError, MessageTooLarge
-from taskstream.messages import Envelope, decode
+from taskstream.messages import Envelope, decode, encode
 from taskstream.payloads import (
     BlobStore,
     ClaimCheck,
@@ -293,3 +293,27 @@ async def test_settings_choose_the_store_and_threshold(monkeypatch: pytest.Monke
     assert check.threshold_for(65536) == 1234
     monkeypatch.setenv("TASKSTREAM_PAYLOAD_STORE_URL", "none")
     assert ClaimCheck.from_settings().store is None
+
+
+async def test_pre_encoded_messages_are_offloaded_and_resolved(broker: MemoryBroker, local_store: LocalStore) -> None:
+    """The byte-level path, for code that encodes its own messages and publishes with publish_batch."""
+    check = ClaimCheck(local_store)
+    producer = Producer(broker, claim_check=check)
+    await broker.declare("q")
+    envelopes = [Envelope(kind="result", body={"v": "b" * n}) for n in (10, 30_000)]
+    outgoing = [OutgoingMessage(encode(e), {"ts_kind": e.kind}, message_id=e.id) for e in envelopes]
+    sent = await producer.offload_outgoing(outgoing)
+    assert sent[0] is outgoing[0] and is_reference(sent[1].body)
+    assert PayloadRef.from_bytes(sent[1].body).format == "json"
+    await broker.publish_batch("q", sent)
+    refs = []
+    for expected in envelopes:
+        envelope, ref = await check.open((await take(broker, "q")).body)
+        assert envelope.body == expected.body and envelope.kind == "result"
+        refs.append(ref)
+    assert refs[0] is None and refs[1] is not None
+    assert await check.release(refs[1]) and await blobs(local_store) == []
+    with pytest.raises(MessageTooLarge):
+        await Producer(broker, claim_check=ClaimCheck.disabled()).offload_outgoing(
+            [OutgoingMessage(b"x" * (LIMIT + 1))]
+        )

@@ -11,9 +11,9 @@ Query parameter             Meaning
 ``create``                  ``1`` creates the container on first use (off by default)
 ==========================  ===================================================================
 
-Operations map to ``upload_blob(overwrite=True)`` (1 MiB blocks, 4 in parallel, above 1 MiB), ``download_blob``, ``delete_blob`` and ``list_blobs``.
-A client is opened per operation, so the store belongs to no event loop and needs no closing. The location
-references carry is ``azureblob://<account>/<container>/<prefix>``.
+Operations map to ``upload_blob(overwrite=True)`` (above 1 MiB in 1 MiB blocks, 4 in parallel),
+``download_blob``, ``delete_blob`` and ``list_blobs``. A client is opened per operation, so the store belongs to
+no event loop and needs no closing. The location references carry is ``azureblob://<account>/<container>/<prefix>``.
 """
 
 from __future__ import annotations

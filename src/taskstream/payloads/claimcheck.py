@@ -30,12 +30,13 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 import orjson
 
-from taskstream.errors import ConfigurationError, MalformedMessage
+from taskstream.brokers.base import OutgoingMessage
+from taskstream.errors import ConfigurationError, MalformedMessage, MessageTooLarge
 from taskstream.messages import Envelope, decode
 from taskstream.payloads.base import BlobStore, PayloadCorrupt, PayloadError, check_key, store_from_url
 from taskstream.payloads.codec import decode_blob, encode_blob
@@ -57,6 +58,8 @@ DEFAULT_HEADROOM = 4096
 #: every reference document starts with these bytes
 REF_MARK = b'{"ts_ref":1,'
 _FORMAT = "tsb1"
+#: blob formats: the envelope re-encoded with raw buffers, or the message bytes exactly as encoded inline
+_FORMATS = ("tsb1", "json")
 _HASH_IN_THREAD = 1 << 20
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -77,7 +80,8 @@ class PayloadRef:
         sha256: hex SHA-256 of the blob.
         id: the envelope's id.
         kind: the envelope's kind.
-        format: blob format (``tsb1``).
+        format: blob format: ``tsb1`` (the envelope with raw buffers) or ``json`` (the message bytes as
+            they would have travelled inline, from :meth:`ClaimCheck.offload_outgoing`).
         shared: referenced by several messages (topic fan-out): never deleted on ack, only expired.
     """
 
@@ -125,8 +129,8 @@ class PayloadRef:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise MalformedMessage(f"broken payload reference: {exc}") from exc
-        if ref.format != _FORMAT:
-            raise MalformedMessage(f"payload reference has format {ref.format!r}; this version reads {_FORMAT!r}")
+        if ref.format not in _FORMATS:
+            raise MalformedMessage(f"payload reference has format {ref.format!r}; this version reads {_FORMATS}")
         return ref
 
 
@@ -207,23 +211,68 @@ class ClaimCheck:
             PayloadStoreError: the store failed.
             TypeError: the envelope holds a value no taskstream encoding covers.
         """
+        return await self._store_blob(encode_blob(envelope), envelope.id, envelope.kind, _FORMAT, shared)
+
+    async def _store_blob(self, data: bytes, ident: str, kind: str, fmt: str, shared: bool) -> PayloadRef:
         if self.store is None:
             raise ConfigurationError("payload offloading is disabled (no payload store configured)")
-        data = encode_blob(envelope)
-        ident = _SAFE_ID.sub("", envelope.id)[:64] or "msg"
-        key = f"{time.strftime('%Y%m%d', time.gmtime())}/{ident}-{uuid.uuid4().hex[:12]}.tsb"
+        safe = _SAFE_ID.sub("", ident)[:64] or "msg"
+        key = f"{time.strftime('%Y%m%d', time.gmtime())}/{safe}-{uuid.uuid4().hex[:12]}.tsb"
         digest = await _digest(data)
         await self.store.put(key, data)
-        log.debug("offloaded %d bytes of message %s to %s", len(data), envelope.id, self.store.location)
+        log.debug("offloaded %d bytes of message %s to %s", len(data), ident, self.store.location)
         return PayloadRef(
             store=self.store.location,
             key=key,
             size=len(data),
             sha256=digest,
-            id=envelope.id,
-            kind=envelope.kind,
+            id=ident,
+            kind=kind,
+            format=fmt,
             shared=shared,
         )
+
+    async def offload_outgoing(
+        self,
+        messages: Sequence[OutgoingMessage],
+        *,
+        threshold: int,
+        max_message_bytes: int,
+        broker: str = "broker",
+        shared: bool = False,
+    ) -> list[OutgoingMessage]:
+        """Replace every message whose encoded body is over ``threshold`` by a reference to its stored bytes.
+
+        For code that encodes messages itself and publishes with ``Broker.publish_batch``; the bytes are stored
+        as they are (``format="json"``) and :meth:`open` / the consumer runtime resolve them as usual.
+
+        Raises:
+            MessageTooLarge: a body is over ``max_message_bytes`` and offloading is disabled.
+            PayloadStoreError: the store failed.
+        """
+        out: list[OutgoingMessage] = []
+        for message in messages:
+            size = len(message.body)
+            if size <= threshold or self.store is None:
+                if size > max_message_bytes:
+                    raise MessageTooLarge(size, max_message_bytes, broker)
+                out.append(message)
+                continue
+            kind = str(message.headers.get("ts_kind", "record"))
+            ref = await self._store_blob(message.body, message.message_id or "msg", kind, "json", shared)
+            out.append(replace(message, body=ref.to_bytes()))
+        return out
+
+    async def open(self, body: bytes, *, message_id: str | None = None) -> tuple[Envelope, PayloadRef | None]:
+        """Decode message bytes read straight from a broker, resolving a reference when it is one.
+
+        For code that reads deliveries itself instead of through :class:`~taskstream.consumer.Consumer`:
+        after the delivery is acked for good, pass the reference to :meth:`release`.
+        """
+        if is_reference(body):
+            ref = PayloadRef.from_bytes(body)
+            return await self.load(ref), ref
+        return decode(body, message_id=message_id), None
 
     def _store_for(self, ref: PayloadRef) -> BlobStore:
         store = self._stores.get(ref.store)
