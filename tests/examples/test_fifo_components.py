@@ -73,7 +73,7 @@ async def test_fifo_components_on_sqs(tmp_path: Path) -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     prefix = f"ts{uuid.uuid4().hex[:6]}-"
-    url = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={prefix}&visibility_timeout=20"
+    url = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={prefix}&visibility_timeout=20&wait_time=1"
     try:
         broker = broker_from_url(url)
         async with asyncio.timeout(10):

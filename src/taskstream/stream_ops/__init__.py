@@ -15,7 +15,9 @@ Example:
     >>> sorted(r[1]["n"] for r in results)
     [5, 5, 5, 5, 5, 5, 5, 5]
 
-See ``docs/streams.md`` for the model (stages, replicas, end-of-stream, snapshots).
+The model: :mod:`~taskstream.stream_ops.core` (primitives), :mod:`~taskstream.stream_ops.plan` (stages and
+queues), :mod:`~taskstream.stream_ops.runner` (acks, snapshots, end-of-stream), :mod:`~taskstream.stream_ops.clock`
+and :mod:`~taskstream.stream_ops.window_logic` (event time, watermarks, lateness).
 """
 
 from taskstream.stream_ops.aggregators import Aggregator, Collect, Count, Max, Mean, Min, Reduce, Sum
