@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import os
 import shlex
@@ -239,7 +241,9 @@ def test_cloud_init_passes_its_schema(tmp_path: Path, with_secrets: bool) -> Non
     assert written["/etc/systemd/system/taskstream-sensor-windows-window@.service"]["content"] == render_unit(
         spec, window
     )
-    assert written["/opt/taskstream/app/examples/sensor_windows.py"]["content"] == "PIPELINE = 1\n"
+    app_file = written["/opt/taskstream/app/examples/sensor_windows.py"]
+    assert app_file["encoding"] == "gz+b64"
+    assert gzip.decompress(base64.b64decode(app_file["content"])) == b"PIPELINE = 1\n"
     assert doc["runcmd"][-1] == [
         "systemctl",
         "enable",

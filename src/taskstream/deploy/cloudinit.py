@@ -13,6 +13,8 @@ Needs an image with Python 3.11 or newer as ``python3`` (Debian 12, Ubuntu 24.04
 
 from __future__ import annotations
 
+import base64
+import gzip
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,10 @@ from taskstream.errors import ConfigurationError
 __all__ = ["check_env_file", "default_requirements", "render_cloud_init"]
 
 _ENV_LINE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=.*$")
+
+
+def _gz_b64(text: str) -> str:
+    return base64.b64encode(gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)).decode("ascii")
 
 
 def default_requirements(extras: str = "rabbitmq,sqs,azure") -> list[str]:
@@ -59,7 +65,8 @@ def render_cloud_init(
     Args:
         spec: what to run.
         requirements: pip requirements installed into the VM's venv (taskstream itself by default).
-        files: application files, path relative to ``spec.workdir`` -> text content.
+        files: application files, path relative to ``spec.workdir`` -> text content (written gzip+base64
+            encoded, as user data is small: 16 KiB on EC2).
         secrets: content of the environment file (``KEY=VALUE`` lines); ``None`` leaves it to the operator.
     """
     requirements = list(requirements) if requirements else default_requirements()
@@ -67,7 +74,14 @@ def render_cloud_init(
     for relative, content in sorted((files or {}).items()):
         if relative.startswith("/") or ".." in relative.split("/"):
             raise ConfigurationError(f"application file paths must be relative and stay inside, got {relative!r}")
-        write_files.append({"path": f"{spec.workdir}/{relative}", "permissions": "0644", "content": content})
+        write_files.append(
+            {
+                "path": f"{spec.workdir}/{relative}",
+                "permissions": "0644",
+                "encoding": "gz+b64",  # user data is small (16 KiB on EC2): code travels compressed
+                "content": _gz_b64(content),
+            }
+        )
     for stage in spec.units():
         write_files.append(
             {
