@@ -194,3 +194,20 @@ def test_window_logic_snapshot_restores_mid_stream_to_the_same_results() -> None
     out += second.on_batch(records[5:]) + second.on_eof()
     assert out == expected
     assert ("late", records[7]) in expected
+
+
+def test_fast_aggregation_path_equals_the_general_one() -> None:
+    records = [{"v": 2.0, "w": 1}, {"v": -1.5, "w": 7}, {"v": 4.25, "w": 3}]
+    fast2 = Named({"n": Count(), "m": Mean("v"), "hi": Max("w")})
+    assert fast2._fast is not None
+    gen2 = Named({"n": Count(), "m": Mean("v"), "hi": Max("w")})
+    gen2._fast = None
+    a, b = fast2.zero(), gen2.zero()
+    for rec in records:
+        a, b = fast2.add(a, rec), gen2.add(b, rec)
+    assert fast2.result(a) == gen2.result(b) == {"n": 3, "m": 4.75 / 3, "hi": 7}
+    # a record without the field: the general path raises a KeyError naming it
+    import pytest
+
+    with pytest.raises(KeyError, match="no field 'v'"):
+        fast2.add(fast2.zero(), {"x": 1})

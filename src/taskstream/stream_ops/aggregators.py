@@ -185,11 +185,17 @@ class Named(Aggregator):
                 raise ConfigurationError(f"aggregator {name!r} is a {type(agg).__name__}, not an Aggregator")
         self.names = list(aggregators)
         self.aggs = list(aggregators.values())
+        self._fast = _compile_fast_add(self.aggs)
 
     def zero(self) -> list[Any]:
         return [a.zero() for a in self.aggs]
 
     def add(self, acc: list[Any], value: Any) -> list[Any]:
+        if self._fast is not None:
+            try:
+                return self._fast(acc, value)  # reads every field before changing acc
+            except (KeyError, TypeError, IndexError):
+                pass  # not a plain dict record: the general path below says what is wrong
         for i, a in enumerate(self.aggs):
             acc[i] = a.add(acc[i], value)
         return acc
@@ -199,6 +205,43 @@ class Named(Aggregator):
 
     def result(self, acc: list[Any]) -> dict[str, Any]:
         return {name: agg.result(x) for name, agg, x in zip(self.names, self.aggs, acc, strict=True)}
+
+
+def _compile_fast_add(aggs: list[Aggregator]) -> Callable[[list[Any], Any], list[Any]] | None:
+    """One function folding a dict record into every built-in aggregator at once (the hot path of windows).
+
+    Only for exact ``Count``/``Sum``/``Mean``/``Min``/``Max`` over field names (or the record itself); any
+    other aggregator keeps the general path. The generated code reads all fields first, then updates.
+    """
+    fields: dict[str | None, str] = {}
+    body: list[str] = []
+    for i, agg in enumerate(aggs):
+        kind = type(agg)
+        if kind is Count:
+            body.append(f"    acc[{i}] += 1")
+            continue
+        if kind not in (Sum, Mean, Min, Max):
+            return None
+        field = agg.field  # type: ignore[attr-defined]
+        if field is not None and not isinstance(field, str):
+            return None
+        var = fields.setdefault(field, f"v{len(fields)}")
+        if kind is Sum:
+            body.append(f"    acc[{i}] += {var}")
+        elif kind is Mean:
+            body.append(f"    m = acc[{i}]\n    m[0] += 1\n    m[1] += {var}")
+        elif kind is Min:
+            body.append(f"    a = acc[{i}]\n    if a is None or {var} < a:\n        acc[{i}] = {var}")
+        else:
+            body.append(f"    a = acc[{i}]\n    if a is None or {var} > a:\n        acc[{i}] = {var}")
+    reads = [
+        f"    {var} = value[{field!r}]" if field is not None else f"    {var} = value" for field, var in fields.items()
+    ]
+    source = "def add(acc, value):\n" + "\n".join(reads + body) + "\n    return acc\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<taskstream aggregators>", "exec"), namespace)  # built from our own names only
+    fast: Callable[[list[Any], Any], list[Any]] = namespace["add"]
+    return fast
 
 
 def as_aggregator(single: Aggregator | None, named: dict[str, Aggregator]) -> Named:
