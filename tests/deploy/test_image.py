@@ -17,6 +17,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from taskstream.deploy.k8s import IMAGE_APP_DIR, IMAGE_UID
 
 from .conftest import ROOT
@@ -165,3 +167,47 @@ def test_the_install_step_on_the_build_context_gives_a_complete_wheel(tmp_path: 
     assert "taskstream/py.typed" in names
     assert "taskstream/health.py" in names
     assert "taskstream = taskstream.cli:main" in scripts
+
+
+@pytest.mark.slow
+def test_every_compose_service_target_loads_in_the_image_install(tmp_path: Path) -> None:
+    """Replay the image: install the build context with the Dockerfile's default EXTRAS into a fresh venv, copy
+    the application code where the image puts it, and load every compose service's target there (this catches
+    an import the dev extras hide, such as numpy in a module a service needs)."""
+    from .test_compose import load_compose, taskstream_services
+
+    steps = instructions(ROOT / "Dockerfile")
+    extras = dict(rest.split("=", 1) for keyword, rest in steps if keyword == "ARG" and "=" in rest)["EXTRAS"]
+    context = tmp_path / "context"
+    for relative in build_context():
+        target = context / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / relative, target)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", f"{context}[{extras}]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    app_dir = tmp_path / "app"  # COPY examples /app/examples
+    (final_copy,) = [rest for keyword, rest in stages(steps)[-1] if keyword == "COPY" and not rest.startswith("--")]
+    source, destination = final_copy.split()
+    assert destination == f"{IMAGE_APP_DIR}/{source}"
+    shutil.copytree(context / source, app_dir / source)
+
+    env = {"PATH": f"{venv}/bin:/usr/bin:/bin", "PYTHONPATH": str(app_dir), "HOME": str(tmp_path)}
+    probe = (
+        "import sys; from taskstream.cli import load_object; from taskstream.app import App; "
+        "obj = load_object(sys.argv[1]); assert isinstance(obj, App), type(obj)"
+    )
+    for name, svc in taskstream_services(load_compose()).items():
+        command = svc["command"]
+        if command[:2] == ["pipeline", "run"]:
+            argv = [str(venv / "bin" / "taskstream"), "pipeline", "stages", command[2]]
+        else:
+            argv = [str(venv / "bin" / "python"), "-c", probe, command[1]]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
