@@ -211,3 +211,18 @@ def test_fast_aggregation_path_equals_the_general_one() -> None:
 
     with pytest.raises(KeyError, match="no field 'v'"):
         fast2.add(fast2.zero(), {"x": 1})
+
+
+async def test_a_bad_record_in_a_window_is_dead_lettered_without_touching_the_counts() -> None:
+    records = [r("a", 0.1, 1.0), {"k": "a", "v": 2.0}, {"k": "a", "t": 0.3, "v": "warm"}, r("a", 0.4, 3.0)]
+    p = Pipeline("bad-window")
+    out = (
+        p.source("in", records)
+        .key_by(lambda x: x["k"])
+        .window(TumblingWindow(1.0), EventClock("t"), name="win")
+        .aggregate(n=Count(), total=Sum("v"), avg=Mean("v"))
+        .collect()
+    )
+    result = await p.run()
+    assert [(res["n"], res["total"], res["avg"]) for _k, res in out] == [(2, 4.0, 2.0)]
+    assert result.stats["win"].dead_lettered == 2 and result.dead_lettered == 2

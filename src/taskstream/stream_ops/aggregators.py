@@ -192,10 +192,10 @@ class Named(Aggregator):
 
     def add(self, acc: list[Any], value: Any) -> list[Any]:
         if self._fast is not None:
-            try:
-                return self._fast(acc, value)  # reads every field before changing acc
-            except (KeyError, TypeError, IndexError):
-                pass  # not a plain dict record: the general path below says what is wrong
+            done = self._fast(acc, value)
+            if done is not None:
+                return done
+            # a field is missing or the record is not a dict: the general path says what is wrong
         for i, a in enumerate(self.aggs):
             acc[i] = a.add(acc[i], value)
         return acc
@@ -207,18 +207,22 @@ class Named(Aggregator):
         return {name: agg.result(x) for name, agg, x in zip(self.names, self.aggs, acc, strict=True)}
 
 
-def _compile_fast_add(aggs: list[Aggregator]) -> Callable[[list[Any], Any], list[Any]] | None:
+def _compile_fast_add(aggs: list[Aggregator]) -> Callable[[list[Any], Any], list[Any] | None] | None:
     """One function folding a dict record into every built-in aggregator at once (the hot path of windows).
 
     Only for exact ``Count``/``Sum``/``Mean``/``Min``/``Max`` over field names (or the record itself); any
-    other aggregator keeps the general path. The generated code reads all fields first, then updates.
+    other aggregator keeps the general path. The generated code reads every field (returning ``None`` when one
+    is missing, so the general path can say which), computes every new value, and only then writes them: a
+    value that fails (say, a string where a number belongs) leaves the accumulator unchanged.
     """
     fields: dict[str | None, str] = {}
-    body: list[str] = []
+    compute: list[str] = []
+    store: list[str] = []
     for i, agg in enumerate(aggs):
         kind = type(agg)
         if kind is Count:
-            body.append(f"    acc[{i}] += 1")
+            compute.append(f"    n{i} = acc[{i}] + 1")
+            store.append(f"    acc[{i}] = n{i}")
             continue
         if kind not in (Sum, Mean, Min, Max):
             return None
@@ -227,20 +231,35 @@ def _compile_fast_add(aggs: list[Aggregator]) -> Callable[[list[Any], Any], list
             return None
         var = fields.setdefault(field, f"v{len(fields)}")
         if kind is Sum:
-            body.append(f"    acc[{i}] += {var}")
+            compute.append(f"    n{i} = acc[{i}] + {var}")
+            store.append(f"    acc[{i}] = n{i}")
         elif kind is Mean:
-            body.append(f"    m = acc[{i}]\n    m[0] += 1\n    m[1] += {var}")
-        elif kind is Min:
-            body.append(f"    a = acc[{i}]\n    if a is None or {var} < a:\n        acc[{i}] = {var}")
+            compute.append(f"    m{i} = acc[{i}]\n    c{i} = m{i}[0] + 1\n    s{i} = m{i}[1] + {var}")
+            store.append(f"    m{i}[0] = c{i}\n    m{i}[1] = s{i}")
         else:
-            body.append(f"    a = acc[{i}]\n    if a is None or {var} > a:\n        acc[{i}] = {var}")
+            op = "<" if kind is Min else ">"
+            compute.append(f"    a{i} = acc[{i}]\n    n{i} = {var} if a{i} is None or {var} {op} a{i} else a{i}")
+            store.append(f"    acc[{i}] = n{i}")
     reads = [
-        f"    {var} = value[{field!r}]" if field is not None else f"    {var} = value" for field, var in fields.items()
+        f"        {var} = value[{name!r}]" if name is not None else f"        {var} = value"
+        for name, var in fields.items()
     ]
-    source = "def add(acc, value):\n" + "\n".join(reads + body) + "\n    return acc\n"
+    source = "\n".join(
+        [
+            "def add(acc, value):",
+            "    try:",
+            *(reads or ["        pass"]),
+            "    except (KeyError, TypeError, IndexError):",
+            "        return None",
+            *compute,
+            *store,
+            "    return acc",
+            "",
+        ]
+    )
     namespace: dict[str, Any] = {}
     exec(compile(source, "<taskstream aggregators>", "exec"), namespace)  # built from our own names only
-    fast: Callable[[list[Any], Any], list[Any]] = namespace["add"]
+    fast: Callable[[list[Any], Any], list[Any] | None] = namespace["add"]
     return fast
 
 

@@ -295,19 +295,22 @@ class StatefulRuntime(NodeRuntime):
                 logic = logics[key] = self.make(key, None)
             try:
                 emitted = logic.on_batch(values)
-            except Exception:
-                emitted = []
+            except Exception as exc:
+                # The logic may have applied part of the batch: retrying values one by one could count them
+                # twice, so the whole group is dead-lettered (logics should report bad values on "error").
                 for value in values:
-                    try:
-                        emitted.extend(logic.on_batch([value]))
-                    except Exception as exc:
-                        self.fail((key, value), exc)
+                    self.fail((key, value), exc)
+                emitted = []
             self._collect(key, logic, emitted, out)
         await self._emit_all(out)
 
     def _collect(self, key: str, logic: KeyedLogic, emitted: Emit, out: dict[str, list[Any]]) -> None:
         self.dirty.add(key)
         for port, value in emitted:
+            if port == "error":
+                bad, exc = value
+                self.fail((key, bad), exc)
+                continue
             out.setdefault(port, []).append((key, value))
         if logic.is_empty():
             del self.logics[key]

@@ -3,8 +3,11 @@
 A stateful step keeps one :class:`KeyedLogic` per key. The runtime calls ``on_batch`` with the values of one
 key in arrival order, ``on_notify`` when the time returned by ``notify_at`` has come, and ``on_eof`` at
 end-of-stream. Each returns ``(port, value)`` pairs; the runtime re-attaches the key, so a stateful step's
-outputs are keyed. ``snapshot()`` returns JSON data from which ``builder(ctx, key, snapshot)`` rebuilds the
-logic after a restart. Windows, joins and batching are all built on this.
+outputs are keyed. A value the logic cannot take is reported as ``("error", (value, exception))`` and
+dead-lettered with the reason; if ``on_batch`` raises instead, its whole batch is dead-lettered (it may have
+applied part of it, so values are never retried one by one, which could count them twice).
+``snapshot()`` returns JSON data from which ``builder(ctx, key, snapshot)`` rebuilds the logic after a
+restart. Windows, joins and batching are all built on this.
 """
 
 from __future__ import annotations

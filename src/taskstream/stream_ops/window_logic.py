@@ -2,7 +2,8 @@
 
 One :class:`WindowLogic` (tumbling and sliding) or :class:`SessionLogic` per key holds the open windows and
 their accumulators plus the key's watermark. Results leave on port ``down`` as dicts
-``{"key", "start", "end", <aggregator results>}``; late records leave on port ``late`` unchanged.
+``{"key", "start", "end", <aggregator results>}``; late records leave on port ``late`` unchanged; a record
+whose time or aggregation raises leaves on ``error`` (the runtime dead-letters it with the reason).
 
 Lateness (event time): a record is late when every window it belongs to has already closed, i.e. its window
 end is at or before the key's watermark (largest event time seen minus ``allowed_lateness``). Windows are
@@ -91,13 +92,17 @@ class WindowLogic(KeyedLogic):
         lateness = spec.lateness
         wm = self.wm
         for value in values:
-            t = get_ts(value)
-            placed = False
-            for w in assign(t):
-                if w[1] > wm:
-                    acc = open_.get(w)
-                    open_[w] = add(agg.zero() if acc is None else acc, value)
-                    placed = True
+            try:
+                t = get_ts(value)
+                placed = False
+                for w in assign(t):
+                    if w[1] > wm:
+                        acc = open_.get(w)
+                        open_[w] = add(agg.zero() if acc is None else acc, value)
+                        placed = True
+            except Exception as exc:  # this value only: it goes to the dead-letter queue, the rest goes on
+                late.append(("error", (value, exc)))
+                continue
             if not placed:
                 late.append(("late", value))
             if t - lateness > wm:
@@ -187,8 +192,13 @@ class SessionLogic(KeyedLogic):
             return out
         lateness = spec.lateness
         for value in values:
-            t = spec.get_ts(value)
-            if not self._add(t, value):
+            try:
+                t = spec.get_ts(value)
+                added = self._add(t, value)
+            except Exception as exc:  # this value only: dead-lettered, the rest goes on
+                out.append(("error", (value, exc)))
+                continue
+            if not added:
                 out.append(("late", value))
             if t - lateness > self.wm:
                 self.wm = t - lateness
