@@ -65,6 +65,8 @@ from taskstream.brokers.zeromq_device import (
     DEFAULT_PUBSUB_HWM,
     check_endpoint,
     new_routing_id,
+    recv_nowait,
+    send_nowait,
 )
 from taskstream.errors import (
     BrokerConnectionError,
@@ -289,7 +291,6 @@ class ZeroMQBroker(Broker):
             max_batch=1000,
         )
         self._sock: zmq.asyncio.Socket | None = None
-        self._raw: zmq.Socket[bytes] | None = None
         self._closing = False
         self._rids = itertools.count(1)
         self._sids = itertools.count(1)
@@ -347,7 +348,6 @@ class ZeroMQBroker(Broker):
             sock.close(0)
             raise BrokerConnectionError(f"cannot connect to the zmq device at {self.endpoint}: {exc}") from exc
         self._sock = sock
-        self._raw = zmq.Socket.shadow(sock.underlying)
         self._closing = False
         self._last_heard = time.monotonic()
         self._tasks = [asyncio.create_task(self._read(), name=f"zmq-read:{self.endpoint}")]
@@ -397,7 +397,7 @@ class ZeroMQBroker(Broker):
         self._outq.clear()
         if self._sock is not None:
             self._sock.close(0)
-        self._sock = self._raw = None
+        self._sock = None
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -458,11 +458,10 @@ class ZeroMQBroker(Broker):
         if self._outq:
             self._outq.extend(batch)
             return
-        raw = self._raw
-        assert raw is not None
+        sock = self._sock
         for i, frames in enumerate(batch):
             try:
-                raw.send_multipart(frames, zmq.NOBLOCK)
+                send_nowait(sock, frames)
             except zmq.Again:
                 # at the high-water mark: keep order, wait for room (DEALER never drops)
                 self._outq.extend(batch[i:])
@@ -494,15 +493,15 @@ class ZeroMQBroker(Broker):
     # -- receiving ----------------------------------------------------------------------------------
 
     async def _read(self) -> None:
-        sock, raw = self._sock, self._raw
-        assert sock is not None and raw is not None
+        sock = self._sock
+        assert sock is not None
         while True:
             frames = await sock.recv_multipart()
             self._last_heard = time.monotonic()
             self._on_frames(frames)
             for _ in range(_DRAIN):
                 try:
-                    frames = raw.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_nowait(sock)
                 except zmq.Again:
                     break
                 self._on_frames(frames)
@@ -722,7 +721,6 @@ class TopicPublisher:
         self.dropped = 0
         self._seq: dict[str, int] = {}
         self._sock: zmq.asyncio.Socket | None = None
-        self._raw: zmq.Socket[bytes] | None = None
         self._subscribed: set[bytes] = set()
         self._changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -741,7 +739,6 @@ class TopicPublisher:
             sock.close(0)
             raise BrokerConnectionError(f"cannot connect to the forwarder at {self.endpoint}: {exc}") from exc
         self._sock = sock
-        self._raw = zmq.Socket.shadow(sock.underlying)
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read_subscriptions(), name=f"zmq-pub:{self.name}")
 
@@ -754,7 +751,7 @@ class TopicPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         self._sock.close()
-        self._sock = self._raw = None
+        self._sock = None
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -795,12 +792,12 @@ class TopicPublisher:
 
     async def publish(self, topic: str, body: bytes, *, headers: Mapping[str, Any] | None = None) -> bool:
         """Send one message; True if it left, False if it was dropped (and counted) at the high-water mark."""
-        if self._sock is None or self._raw is None:
+        if self._sock is None:
             raise BrokerConnectionError("topic publisher is not connected (use 'async with' or connect())")
         seq = self._seq[topic] = self._seq.get(topic, 0) + 1
         frames = [topic.encode(), orjson.dumps([self.name, seq, dict(headers) if headers else {}]), body]
         try:
-            self._raw.send_multipart(frames, zmq.NOBLOCK)
+            send_nowait(self._sock, frames)
         except zmq.Again:
             if self.on_full == "drop":
                 self.dropped += 1

@@ -80,7 +80,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Self, cast
 
 import orjson
 import typer
@@ -110,7 +110,9 @@ __all__ = [
     "ForwarderStats",
     "ZmqDevice",
     "register",
+    "recv_nowait",
     "run_device",
+    "send_nowait",
 ]
 
 log = logging.getLogger("taskstream.zmq.device")
@@ -136,6 +138,26 @@ def check_endpoint(endpoint: str) -> str:
     if not isinstance(endpoint, str) or not endpoint.startswith(("tcp://", "ipc://")) or len(endpoint) <= 6:
         raise ConfigurationError(f"bad ZeroMQ endpoint {endpoint!r}: expected tcp://HOST:PORT or ipc:///path/to/socket")
     return endpoint
+
+
+def send_nowait(sock: zmq.asyncio.Socket, frames: Sequence[bytes]) -> None:
+    """Send ``frames`` now or raise ``zmq.Again``.
+
+    Goes through the asyncio socket on purpose: a ZeroMQ socket's file descriptor is edge-triggered, and an
+    operation on a raw (shadow) socket can consume the edge another task on this socket waits for, which then
+    never wakes. pyzmq's asyncio socket rechecks its events after its own operations.
+    """
+    future = cast("asyncio.Future[Any]", sock.send_multipart(frames, flags=zmq.NOBLOCK))
+    if not future.done():  # other sends are queued on this socket: do not jump the queue
+        future.cancel()
+        raise zmq.Again()
+    future.result()
+
+
+def recv_nowait(sock: zmq.asyncio.Socket) -> list[bytes]:
+    """Receive one multipart message now or raise ``zmq.Again`` (see :func:`send_nowait` for why not raw)."""
+    future = cast("asyncio.Future[list[bytes]]", sock.recv_multipart(flags=zmq.NOBLOCK))
+    return future.result()
 
 
 class DeviceConfig(BaseModel):
@@ -256,7 +278,6 @@ class ZmqDevice:
         self._retry_handle: asyncio.TimerHandle | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
-        self._raw: zmq.Socket[bytes] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ops: dict[str, Callable[[_Client, dict[str, Any], list[bytes]], Any]] = {
@@ -304,7 +325,6 @@ class ZmqDevice:
             self.endpoints.clear()
             raise BrokerConnectionError(f"the zmq device cannot bind {endpoint!r}: {exc}") from exc
         self._ctx, self._sock = ctx, sock
-        self._raw = zmq.Socket.shadow(sock.underlying)
         self._tasks = [
             asyncio.create_task(self._serve(), name="zmq-device:serve"),
             asyncio.create_task(self._tick(), name="zmq-device:tick"),
@@ -329,7 +349,7 @@ class ZmqDevice:
         self._sock.close(0)
         assert self._ctx is not None
         self._ctx.term()
-        self._sock = self._raw = self._ctx = None
+        self._sock = self._ctx = None
         self._queues.clear()
         self._clients.clear()
         self._inflight.clear()
@@ -365,15 +385,15 @@ class ZmqDevice:
     # -- the loop -----------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        sock, raw = self._sock, self._raw
-        assert sock is not None and raw is not None
+        sock = self._sock
+        assert sock is not None
         while True:
             frames = await sock.recv_multipart()
             try:
                 self._handle(frames)
                 for _ in range(_DRAIN):
                     try:
-                        frames = raw.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_nowait(sock)
                     except zmq.Again:
                         break
                     self._handle(frames)
@@ -488,10 +508,9 @@ class ZmqDevice:
         if client.backlog:
             client.backlog.append(frames)
             return
-        raw = self._raw
-        assert raw is not None
+        assert self._sock is not None
         try:
-            raw.send_multipart([client.identity, *frames], zmq.NOBLOCK)
+            send_nowait(self._sock, [client.identity, *frames])
         except zmq.Again:
             # the peer's pipe is at its high-water mark: keep the frames, never drop them
             client.backlog.append(frames)
@@ -508,14 +527,14 @@ class ZmqDevice:
 
     def _retry_backlogs(self) -> None:
         self._retry_handle = None
-        raw = self._raw
-        if raw is None:
+        sock = self._sock
+        if sock is None:
             return
         pending = False
         for client in list(self._clients.values()):
             while client.backlog and not client.gone:
                 try:
-                    raw.send_multipart([client.identity, *client.backlog[0]], zmq.NOBLOCK)
+                    send_nowait(sock, [client.identity, *client.backlog[0]])
                 except zmq.Again:
                     pending = True
                     break
@@ -848,19 +867,18 @@ class Forwarder:
     async def _forward(self) -> None:
         assert self._xsub is not None and self._xpub is not None
         xsub = self._xsub
-        raw_in: zmq.Socket[bytes] = zmq.Socket.shadow(xsub.underlying)
-        raw_out: zmq.Socket[bytes] = zmq.Socket.shadow(self._xpub.underlying)
+        xpub = self._xpub
         stats = self.stats
         while True:
             frames = await xsub.recv_multipart()
             for _ in range(_DRAIN):
                 try:
-                    raw_out.send_multipart(frames, zmq.NOBLOCK)
+                    send_nowait(xpub, frames)
                     stats.forwarded += 1
                 except zmq.Again:
                     stats.dropped += 1
                 try:
-                    frames = raw_in.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_nowait(xsub)
                 except zmq.Again:
                     break
 
