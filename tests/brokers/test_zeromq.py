@@ -5,6 +5,7 @@ tcp and ipc, device restarts, high-water marks, the topic forwarder and its drop
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from taskstream.brokers.base import OutgoingMessage, broker_from_url
+from taskstream.brokers.base import Broker, OutgoingMessage, broker_from_url
 from taskstream.brokers.zeromq import (
     TopicMessage,
     TopicPublisher,
@@ -25,7 +26,7 @@ from taskstream.brokers.zeromq import (
     ZeroMQConfig,
     endpoint_from_url,
 )
-from taskstream.brokers.zeromq_device import DeviceConfig, Forwarder, ZmqDevice, endpoint_url
+from taskstream.brokers.zeromq_device import DeviceConfig, DeviceThread, Forwarder, ZmqDevice, endpoint_url
 from taskstream.errors import BrokerConnectionError, ConfigurationError, QueueNotFound
 from tests.brokers.contract.conftest import receive, receive_none
 
@@ -179,6 +180,45 @@ async def test_no_silent_drop_when_high_water_marks_are_reached() -> None:
             assert sorted(seen, key=int) == [str(i) for i in range(total)]
         assert device.stats.backlogged > 0, "the high-water mark was never reached: the test proved nothing"
         assert device.stats.acked == total
+
+
+async def test_sustained_load_with_competing_producers_and_consumers_loses_and_duplicates_nothing() -> None:
+    # The device on its own thread (its own loop), three producer and three consumer connections; heartbeats,
+    # replies, deliveries and acks interleave for a while. Every message must be acked exactly once.
+    # (The liveness window stays at 1 s: two busy event loops sharing one GIL lag each other by 0.1-0.2 s.)
+    device = DeviceThread(["tcp://127.0.0.1:*"]).start()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            url = device.url + "?heartbeat=0.2"
+            producers = [await stack.enter_async_context(broker_from_url(url)) for _ in range(3)]
+            consumers = [await stack.enter_async_context(broker_from_url(url)) for _ in range(3)]
+            await producers[0].declare("load")
+            per_producer, seen = 10_000, collections.Counter[str]()
+
+            async def produce(broker: Broker, p: int) -> None:
+                for start in range(0, per_producer, 500):
+                    batch = [OutgoingMessage(b"x" * 64, message_id=f"{p}-{i}") for i in range(start, start + 500)]
+                    await broker.publish_batch("load", batch)
+
+            async def consume(broker: Broker) -> None:
+                async with broker.consume("load", prefetch=300) as sub:
+                    while sum(seen.values()) < 3 * per_producer:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.5):
+                                delivery = await sub.__anext__()
+                                seen[delivery.message_id] += 1
+                                await delivery.ack()
+
+            async with asyncio.timeout(120):
+                await asyncio.gather(*(produce(b, p) for p, b in enumerate(producers)), *map(consume, consumers))
+            assert len(seen) == 3 * per_producer
+            assert set(seen.values()) == {1}, f"{sum(seen.values()) - len(seen)} duplicates"
+            assert await producers[0].depth("load") == 0
+            snapshot = device.call(lambda: device.device.snapshot() if device.device else {})
+            assert snapshot["acked"] == 3 * per_producer and snapshot["in_flight"] == 0
+            assert snapshot["clients_expired"] == 0
+    finally:
+        device.stop()
 
 
 async def test_publish_to_an_undeclared_queue_and_a_missing_device_fail_clearly() -> None:

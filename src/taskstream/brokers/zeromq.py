@@ -20,6 +20,7 @@ nack(no requeue)  ``st`` frame: dropped (the runtime dead-letters it first)
 extend            no-op: the device holds a message until ack, nack, unsubscribe or the connection dies
 visibility        none (``visibility_timeout=None``): unacked messages return when the consumer closes,
                   says bye, stops heartbeating for ``heartbeat * liveness`` s, or its connection drops
+                  (so an event loop blocked that long counts as dead: run blocking work off the loop)
 dead-letter       done by the consumer runtime (``<queue>.dlq``, reason in headers)
 size limit        ``max_message_bytes`` checked here and by the device; over it ``MessageTooLarge``
 topics            ``declare(q, topics=[...])`` + ``publish_topic``: the device copies to bound queues
@@ -164,6 +165,11 @@ def _device_error(kind: str, text: str) -> BrokerError:
     return PublishError(f"zmq device refused the request: {kind}: {text}")
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _TooLargeAtDevice(BrokerError):
     def __init__(self, size: int, limit: int) -> None:
         self.size = size
@@ -293,6 +299,8 @@ class ZeroMQBroker(Broker):
         self._sock: zmq.asyncio.Socket | None = None
         self._closing = False
         self._rids = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._id_prefix = new_id()[:20] + "-"
         self._sids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._cmds: list[tuple[dict[str, Any], list[bytes]]] = []
@@ -428,7 +436,11 @@ class ZeroMQBroker(Broker):
     async def _wait(self, future: asyncio.Future[Any], what: str) -> Any:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.config.request_timeout)
-        except TimeoutError:
+        except BaseException as exc:
+            if not future.done() or isinstance(exc, asyncio.CancelledError):
+                future.add_done_callback(_retrieve)  # nobody will read a late answer
+            if not isinstance(exc, TimeoutError):
+                raise
             raise BrokerConnectionError(
                 f"the zmq device at {self.endpoint} did not answer {what} within {self.config.request_timeout} s "
                 "(is 'taskstream zmq-device' running there?)"
@@ -453,7 +465,10 @@ class ZeroMQBroker(Broker):
             batch.append([orjson.dumps({"t": "st", "a": self._acks, "n": self._nacks})])
             self._acks, self._nacks = [], []
         for header, payload in self._cmds:
-            batch.append([orjson.dumps(header), *payload])
+            if payload:  # messages travel back to back in one frame
+                batch.append([orjson.dumps(header), payload[0] if len(payload) == 1 else b"".join(payload)])
+            else:
+                batch.append([orjson.dumps(header)])
         self._cmds.clear()
         if self._outq:
             self._outq.extend(batch)
@@ -534,11 +549,18 @@ class ZeroMQBroker(Broker):
         epoch = self._epoch
         tags: list[int] = header["g"]
         attempts: list[int] = header["a"]
+        lengths: list[int] = header["l"]
+        blob = frames[1]
         loads = orjson.loads
-        deliveries = [
-            _ZmqDelivery(sub, tag, attempt, loads(frames[1 + 2 * i]), frames[2 + 2 * i], epoch)
-            for i, (tag, attempt) in enumerate(zip(tags, attempts, strict=True))
-        ]
+        deliveries = []
+        offset = 0
+        for i, tag in enumerate(tags):
+            meta_end = offset + lengths[2 * i]
+            end = meta_end + lengths[2 * i + 1]
+            deliveries.append(
+                _ZmqDelivery(sub, tag, attempts[i], loads(blob[offset:meta_end]), blob[meta_end:end], epoch)
+            )
+            offset = end
         sub._deliver(deliveries)
 
     def _on_reset(self) -> None:
@@ -572,13 +594,19 @@ class ZeroMQBroker(Broker):
         if len(body) > self.config.max_message_bytes:
             raise MessageTooLarge(len(body), self.config.max_message_bytes, "zmq")
 
-    @staticmethod
-    def _meta(message_id: str | None, headers: Mapping[str, Any] | None, key: str | None) -> bytes:
-        return orjson.dumps([message_id or new_id(), dict(headers) if headers else {}, key])
+    def _meta(self, message_id: str | None, headers: Mapping[str, Any] | None, key: str | None) -> bytes:
+        if not message_id:  # unique without a uuid4 per message: connection prefix + counter
+            message_id = f"{self._id_prefix}{next(self._ids):x}"
+        try:
+            return orjson.dumps([message_id, headers if isinstance(headers, dict) else dict(headers or {}), key])
+        except TypeError as exc:  # orjson.JSONEncodeError
+            raise PublishError(f"message headers must have string keys and JSON values: {exc}") from exc
 
-    async def _publish_frames(self, queue: str, payload: list[bytes], delays: list[float | None]) -> None:
+    async def _publish_frames(
+        self, queue: str, payload: list[bytes], lengths: list[int], delays: list[float | None]
+    ) -> None:
         self._check_open()
-        header: dict[str, Any] = {"t": "pub", "q": queue}
+        header: dict[str, Any] = {"t": "pub", "q": queue, "l": lengths}
         if any(d is not None for d in delays):
             header["d"] = delays
         # consecutive publishes to one queue in one loop tick share a frame and a reply
@@ -590,8 +618,9 @@ class ZeroMQBroker(Broker):
             rids = merged_header["r"]
             merged_header["r"] = [*(rids if isinstance(rids, list) else [rids]), header["r"]]
             if "d" in merged_header or "d" in header:
-                before = merged_header.get("d") or [None] * (len(merged_payload) // 2)
+                before = merged_header.get("d") or [None] * (len(merged_header["l"]) // 2)
                 merged_header["d"] = [*before, *delays]
+            merged_header["l"].extend(lengths)
             merged_payload.extend(payload)
         try:
             await self._wait(future, f"publish to {queue!r}")
@@ -609,19 +638,26 @@ class ZeroMQBroker(Broker):
         delay: float | None = None,
     ) -> None:
         self._check_size(body)
-        await self._publish_frames(queue, [self._meta(message_id, headers, key), bytes(body)], [delay])
+        meta = self._meta(message_id, headers, key)
+        await self._publish_frames(queue, [meta, body], [len(meta), len(body)], [delay])
 
     async def publish_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         if not messages:
             return
         payload: list[bytes] = []
+        lengths: list[int] = []
         delays: list[float | None] = []
+        meta_of = self._meta
         for message in messages:
-            self._check_size(message.body)
-            payload.append(self._meta(message.message_id, message.headers, message.key))
-            payload.append(bytes(message.body))
+            body = message.body
+            self._check_size(body)
+            meta = meta_of(message.message_id, message.headers, message.key)
+            payload.append(meta)
+            payload.append(body)
+            lengths.append(len(meta))
+            lengths.append(len(body))
             delays.append(message.delay)
-        await self._publish_frames(queue, payload, delays)
+        await self._publish_frames(queue, payload, lengths, delays)
 
     async def publish_topic(
         self,
@@ -634,8 +670,9 @@ class ZeroMQBroker(Broker):
         self._check_open()
         self._check_size(body)
         meta = self._meta(message_id, {**(headers or {}), "topic": topic}, None)
+        request = self._request({"t": "topic", "k": topic, "l": [len(meta), len(body)]}, [meta, body])
         try:
-            await self._wait(self._request({"t": "topic", "k": topic}, [meta, bytes(body)]), f"publish to {topic!r}")
+            await self._wait(request, f"publish to {topic!r}")
         except _TooLargeAtDevice as exc:
             raise MessageTooLarge(exc.size, exc.limit, "zmq device") from None
 

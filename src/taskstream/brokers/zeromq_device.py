@@ -18,18 +18,20 @@ Queue device
 ============
 
 One ROUTER socket; every :class:`~taskstream.brokers.zeromq.ZeroMQBroker` connection is one DEALER with a
-random routing id. Messages are multipart: frame 0 is a small orjson header ``{"t": op, ...}``, then payload
-frames. A message travels as two frames, ``meta`` (orjson ``[message_id, headers, key]``, never parsed by the
-device) and ``body``, so the device stores and forwards bytes without decoding them.
+random routing id. Messages are multipart: frame 0 is a small orjson header ``{"t": op, ...}``; commands that
+carry messages add one payload frame holding them back to back, each a *record* ``meta + body`` (``meta`` is
+orjson ``[message_id, headers, key]``, never parsed by the device), with ``l: [meta_len, body_len, ...]`` in
+the header. The device stores and forwards records without decoding them, and one frame carries many
+messages (per-frame costs in ZeroMQ and pyzmq dominate small messages).
 
 =========  ===================================================  =========================================
 Op         Client -> device                                     Device does
 =========  ===================================================  =========================================
 hello      ``{r, hb, lv}``                                      registers the client and its heartbeat
 decl       ``{r, q, topics}``                                   creates the queue, binds topic patterns
-pub        ``{r: [rids], q, d: [delays]?}`` + meta/body pairs   queues them, then replies ok (the
+pub        ``{r: [rids], q, l, d: [delays]?}`` + records        queues them, then replies ok (the
                                                                 producer's acknowledgement)
-topic      ``{r, k}`` + meta/body                               copies it to every bound queue
+topic      ``{r, k, l}`` + one record                           copies it to every bound queue
 sub        ``{r, s, q, p}``                                     consumer ``s`` with prefetch ``p``
 unsub      ``{r, s}``                                           requeues the consumer's unacked messages
 st         ``{a: [tags], n: [[tag, requeue, delay]]}``          acks and nacks, many per frame
@@ -40,7 +42,7 @@ bye        ``{r}``                                              requeues all its
 =========  ===================================================  =========================================
 
 Device -> client: ``rep {ok: [[rid, value]], err: [[rid, kind, text]]}`` (all replies of one cycle in one
-frame), ``d {s, g: [tags], a: [attempts]}`` + meta/body pairs (many deliveries per frame), ``hb``, ``reset``
+frame), ``d {s, g: [tags], a: [attempts], l}`` + records (many deliveries per frame), ``hb``, ``reset``
 (sent to a client the device does not know, e.g. after a device restart: the client replays its
 declarations and subscriptions).
 
@@ -113,6 +115,7 @@ __all__ = [
     "recv_nowait",
     "run_device",
     "send_nowait",
+    "split_records",
 ]
 
 log = logging.getLogger("taskstream.zmq.device")
@@ -125,6 +128,7 @@ DEFAULT_PUBSUB_HWM = 100_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _DRAIN = 2000  # frames read without yielding before replies and deliveries go out
 _TICK = 0.1  # seconds between heartbeat / liveness checks
+_BATCH_BYTES = 1 << 20  # a delivery frame stops growing past this many bytes
 
 
 def require_zmq() -> None:
@@ -191,9 +195,31 @@ class _CommandError(Exception):
 
 @dataclass(slots=True, eq=False)
 class _Msg:
-    meta: bytes
-    body: bytes
+    record: bytes  # meta + body, as they came
+    meta_len: int
     deliveries: int = 0
+
+
+def split_records(header: dict[str, Any], frames: list[bytes]) -> list[tuple[bytes, int]]:
+    """The ``(record, meta_len)`` pairs packed in a frame set: ``header["l"]`` holds ``[meta_len, body_len]``
+    per message, ``frames[-1]`` the records back to back.
+
+    Raises:
+        ValueError: the lengths do not add up to the blob.
+    """
+    lengths: list[int] = header["l"]
+    blob = frames[-1] if len(frames) > 1 else b""
+    if len(lengths) % 2 or sum(lengths) != len(blob):
+        raise ValueError(f"record lengths {sum(lengths)} do not match the {len(blob)}-byte payload")
+    if len(lengths) == 2:
+        return [(blob, lengths[0])]
+    records = []
+    offset = 0
+    for i in range(0, len(lengths), 2):
+        end = offset + lengths[i] + lengths[i + 1]
+        records.append((blob[offset:end], lengths[i]))
+        offset = end
+    return records
 
 
 @dataclass(slots=True, eq=False)
@@ -591,8 +617,11 @@ class ZmqDevice:
                 take = min(credit, len(q.ready), batch)
                 tags: list[int] = []
                 attempts: list[int] = []
-                parts: list[bytes] = []
-                for _ in range(take):
+                lengths: list[int] = []
+                records: list[bytes] = []
+                size = 0
+                while take and size < _BATCH_BYTES:
+                    take -= 1
                     msg = q.ready.popleft()
                     msg.deliveries += 1
                     if msg.deliveries > 1:
@@ -602,11 +631,14 @@ class ZmqDevice:
                     self._inflight[tag] = sub
                     tags.append(tag)
                     attempts.append(msg.deliveries)
-                    parts.append(msg.meta)
-                    parts.append(msg.body)
-                self.stats.delivered += take
-                header = orjson.dumps({"t": "d", "s": sub.sid, "g": tags, "a": attempts})
-                self._send(sub.client, [header, *parts])
+                    record = msg.record
+                    lengths.append(msg.meta_len)
+                    lengths.append(len(record) - msg.meta_len)
+                    records.append(record)
+                    size += len(record)
+                self.stats.delivered += len(tags)
+                header = orjson.dumps({"t": "d", "s": sub.sid, "g": tags, "a": attempts, "l": lengths})
+                self._send(sub.client, [header, records[0] if len(records) == 1 else b"".join(records)])
                 progressed = True
             if not progressed:
                 return
@@ -664,37 +696,36 @@ class ZmqDevice:
                 q.topics.append(pattern)
         return None
 
-    def _check_payload(self, payload: list[bytes]) -> None:
-        if len(payload) % 2:
-            raise _CommandError("BadRequest", "publish payload must be meta/body frame pairs")
+    def _records(self, header: dict[str, Any], frames: list[bytes]) -> list[tuple[bytes, int]]:
+        if len(frames) != 3:
+            raise _CommandError("BadRequest", "a publish carries exactly one payload frame")
         limit = self.config.max_message_bytes
-        for body in payload[1::2]:
-            if len(body) > limit:
-                raise _CommandError("MessageTooLarge", orjson.dumps([len(body), limit]).decode())
+        for body_len in header["l"][1::2]:
+            if body_len > limit:
+                raise _CommandError("MessageTooLarge", orjson.dumps([body_len, limit]).decode())
+        return split_records(header, frames)
 
     def _op_publish(self, client: _Client, header: dict[str, Any], frames: list[bytes]) -> Any:
         q = self._queue(header["q"])
-        payload = frames[2:]
-        self._check_payload(payload)
+        records = self._records(header, frames)
         delays = header.get("d")
-        if delays is not None and len(delays) != len(payload) // 2:
+        if delays is not None and len(delays) != len(records):
             raise _CommandError("BadRequest", "one delay per message expected")
-        for i in range(0, len(payload), 2):
-            delay = delays[i // 2] if delays is not None else None
-            self._enqueue(q, _Msg(payload[i], payload[i + 1]), delay)
-        self.stats.published += len(payload) // 2
+        for i, (record, meta_len) in enumerate(records):
+            self._enqueue(q, _Msg(record, meta_len), delays[i] if delays is not None else None)
+        self.stats.published += len(records)
         return None
 
     def _op_topic(self, client: _Client, header: dict[str, Any], frames: list[bytes]) -> Any:
         topic = header["k"]
-        payload = frames[2:4]
-        if len(payload) != 2:
-            raise _CommandError("BadRequest", "topic publish carries one meta/body pair")
-        self._check_payload(payload)
+        records = self._records(header, frames)
+        if len(records) != 1:
+            raise _CommandError("BadRequest", "a topic publish carries one message")
+        record, meta_len = records[0]
         matched = 0
         for q in self._queues.values():
             if any(topic_matches(pattern, topic) for pattern in q.topics):
-                self._enqueue(q, _Msg(payload[0], payload[1]), None)
+                self._enqueue(q, _Msg(record, meta_len), None)
                 matched += 1
         self.stats.published += matched
         return matched
