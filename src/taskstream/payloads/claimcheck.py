@@ -302,6 +302,20 @@ class ClaimCheck:
             MalformedMessage: the blob's bytes do not decode.
             PayloadStoreError: the store failed (transient).
         """
+        data = await self.fetch(ref)
+        if len(data) >= _HASH_IN_THREAD:
+            return await asyncio.to_thread(decode_blob, data, message_id=ref.id)
+        return decode_blob(data, message_id=ref.id)
+
+    async def fetch(self, ref: PayloadRef) -> bytes:
+        """The verified blob bytes ``ref`` points at (for ``format="json"``: the message bytes as encoded).
+
+        Raises:
+            PayloadError: the store is not one this claim-check knows.
+            PayloadMissing: the blob is gone.
+            PayloadCorrupt: size or checksum mismatch.
+            PayloadStoreError: the store failed (transient).
+        """
         store = self._store_for(ref)
         data = await store.get(check_key(ref.key))
         if len(data) != ref.size:
@@ -314,9 +328,7 @@ class ClaimCheck:
                 f"payload {ref.key!r} in {ref.store} fails its checksum (sha256 {digest[:16]}..., "
                 f"reference says {ref.sha256[:16]}...)"
             )
-        if len(data) >= _HASH_IN_THREAD:
-            return await asyncio.to_thread(decode_blob, data, message_id=ref.id)
-        return decode_blob(data, message_id=ref.id)
+        return data
 
     async def release(self, ref: PayloadRef, *, force: bool = False) -> bool:
         """Delete the blob after its message was acked for the last time (not for ``shared`` references).
