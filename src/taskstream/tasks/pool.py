@@ -274,6 +274,8 @@ class ProcessPool:
             call = self._waiting.popleft()
             if not call.started.done():
                 call.started.set_exception(WorkerLost("the process pool was closed before the call started"))
+        if self._reaping:  # let processes that are being started finish starting
+            await asyncio.gather(*list(self._reaping), return_exceptions=True)
         procs = [p for p in self._procs if p.state != "gone"]
         for p in procs:
             if p.state != "busy":
@@ -287,6 +289,7 @@ class ProcessPool:
                 self._kill(p, WorkerLost("the worker process was stopped with the pool"))
             else:
                 self._detach(p)
+        procs = [p for p in procs if p.pid is not None]
         await asyncio.gather(*(asyncio.to_thread(p.process.join, grace) for p in procs))
         for p in procs:
             if p.process.is_alive():
@@ -332,6 +335,8 @@ class ProcessPool:
         except asyncio.CancelledError:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(call)
+            if call.started.done() and not call.started.cancelled() and call.started.exception() is None:
+                self._kill(call.started.result(), None)  # it had just been handed to a process
             raise
         try:
             if timeout is None:
@@ -345,7 +350,8 @@ class ProcessPool:
                 f"ran longer than its timeout of {timeout} s; its worker process (pid {proc.pid}) was killed"
             ) from None
         except asyncio.CancelledError:
-            if not call.done.done():
+            # (cancelling the caller cancels the future it awaited: call.done is cancelled, not answered)
+            if call.done.cancelled() or not call.done.done():
                 self._kill(proc, None)  # nobody wants the answer: free the core
             raise
 

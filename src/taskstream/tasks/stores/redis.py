@@ -26,6 +26,7 @@ __all__ = ["RedisResultStore"]
 T = TypeVar("T")
 
 _PREFIX = "taskstream:task:"
+MAX_CONNECTIONS = 32
 
 _PENDING_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -108,7 +109,9 @@ class RedisResultStore(ResultStore):
 
     def _client(self) -> aioredis.Redis:
         if self._async is None:
-            self._async = aioredis.Redis.from_url(self.url)
+            # A blocking pool: many concurrent writes wait for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=MAX_CONNECTIONS, timeout=30)
+            self._async = aioredis.Redis(connection_pool=pool)
             self._scripts = {
                 "pending": self._async.register_script(_PENDING_LUA),
                 "claim": self._async.register_script(_CLAIM_LUA),
@@ -194,6 +197,6 @@ class RedisResultStore(ResultStore):
 
     async def close(self) -> None:
         if self._async is not None:
-            await self._async.aclose()
+            await self._async.aclose(close_connection_pool=True)
             self._async = None
         self._sync.close()

@@ -1,0 +1,157 @@
+"""Result stores (memory, SQLite, Redis): claim/cancel atomicity, add_pending never overwrites, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from taskstream.errors import ConfigurationError
+from taskstream.tasks.stores.base import ResultStore, TaskInfo, store_from_url
+from taskstream.tasks.stores.memory import MemoryResultStore
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[type]:
+    made: list[ResultStore] = []
+
+    def make(ttl: float = 3600.0) -> ResultStore:
+        if request.param == "memory":
+            store: ResultStore = MemoryResultStore(ttl=ttl)
+        elif request.param == "sqlite":
+            store = store_from_url(f"sqlite:///{tmp_path / 'r.sqlite3'}", ttl=ttl)
+        else:
+            store = store_from_url(REDIS_URL, ttl=ttl)
+        made.append(store)
+        return store
+
+    yield make  # type: ignore[misc]
+    for store in made:
+        await store.close()
+
+
+def _id() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_lifecycle_pending_running_success(make_store: type) -> None:
+    store: ResultStore = make_store()
+    task_id = _id()
+    await store.add_pending([TaskInfo(task_id, name="pi", queue="q", submitted_at=1.0)])
+    assert store.get(task_id).status == "pending"  # type: ignore[union-attr]
+    assert await store.claim(task_id, name="pi", queue="q", worker="w:1", started_at=2.0) is None
+    running = store.get(task_id)
+    assert running is not None and running.status == "running" and running.attempts == 1
+    assert running.started_at == 2.0 and running.worker == "w:1" and running.name == "pi"
+    # A redelivery after a crash may claim a running task again.
+    assert await store.claim(task_id, name="pi", queue="q", worker="w:2", started_at=3.0) is None
+    assert store.get(task_id).attempts == 2  # type: ignore[union-attr]
+    done = TaskInfo(
+        task_id,
+        name="pi",
+        queue="q",
+        status="success",
+        submitted_at=1.0,
+        started_at=3.0,
+        finished_at=4.0,
+        attempts=2,
+        worker="w:2",
+        result={"pi": [3.14, b"raw"]},
+    )
+    await store.finish(done)
+    got = store.get(task_id)
+    assert got is not None and got.status == "success" and got.outcome() == {"pi": [3.14, b"raw"]}
+    # Finished: a duplicate delivery is not run again, and it cannot be cancelled.
+    blocker = await store.claim(task_id, name="pi", queue="q", worker="w:3", started_at=5.0)
+    assert blocker is not None and blocker.status == "success" and blocker.result == {"pi": [3.14, b"raw"]}
+    assert not store.try_cancel(task_id)
+
+
+async def test_cancel_wins_over_a_later_claim_and_pending_never_overwrites(make_store: type) -> None:
+    store: ResultStore = make_store()
+    queued, unknown, started = _id(), _id(), _id()
+    await store.add_pending([TaskInfo(queued, name="a"), TaskInfo(started, name="b")])
+    assert store.try_cancel(queued)
+    assert store.try_cancel(unknown)  # cancelled before its pending record arrived
+    await store.add_pending([TaskInfo(unknown, name="late")])
+    assert store.get(unknown).status == "cancelled"  # type: ignore[union-attr]
+    blocker = await store.claim(queued, name="a", queue="q", worker="w", started_at=1.0)
+    assert blocker is not None and blocker.status == "cancelled"
+    assert await store.claim(started, name="b", queue="q", worker="w", started_at=1.0) is None
+    assert not store.try_cancel(started)
+    await store.add_pending([TaskInfo(started, name="b")])
+    assert store.get(started).status == "running"  # type: ignore[union-attr]
+
+
+async def test_failed_record_keeps_the_error(make_store: type) -> None:
+    store: ResultStore = make_store()
+    task_id = _id()
+    error = {"type": "KeyError", "message": "'x'", "traceback": "Traceback ..."}
+    await store.finish(TaskInfo(task_id, name="f", status="failed", finished_at=2.0, error=error))
+    info = store.get(task_id)
+    assert info is not None and info.error == error
+    with pytest.raises(KeyError):
+        info.outcome()
+
+
+async def test_records_expire_after_the_ttl(make_store: type) -> None:
+    store: ResultStore = make_store(ttl=0.3)
+    task_id = _id()
+    await store.finish(TaskInfo(task_id, name="f", status="success", result=1))
+    assert store.get(task_id) is not None
+    await asyncio.sleep(0.6)
+    assert store.get(task_id) is None
+    assert store.try_cancel(task_id)  # an expired record is as good as unknown
+
+
+async def test_many_concurrent_writes_batch_correctly(make_store: type) -> None:
+    store: ResultStore = make_store()
+    ids = [_id() for _ in range(300)]
+    await store.add_pending([TaskInfo(i, name="n") for i in ids])
+    claims = await asyncio.gather(*(store.claim(i, name="n", queue="q", worker="w", started_at=1.0) for i in ids))
+    assert claims == [None] * len(ids)
+    await asyncio.gather(*(store.finish(TaskInfo(i, name="n", status="success", result=n)) for n, i in enumerate(ids)))
+    assert [store.get(i).result for i in ids] == list(range(300))  # type: ignore[union-attr]
+
+
+def test_sqlite_store_is_shared_by_processes(tmp_path: Path) -> None:
+    """Another process (another client) sees records and its cancel is seen here."""
+    url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    store = store_from_url(url)
+    mine, theirs = _id(), _id()
+    asyncio.run(store.add_pending([TaskInfo(mine, name="mine"), TaskInfo(theirs, name="theirs")]))
+    script = (
+        "import sys; from taskstream.tasks.stores.base import store_from_url\n"
+        "s = store_from_url(sys.argv[1]); print(s.get(sys.argv[2]).name, s.try_cancel(sys.argv[3]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, url, mine, theirs], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["mine", "True"]
+    assert store.get(theirs).status == "cancelled"  # type: ignore[union-attr]
+    asyncio.run(store.close())
+
+
+def test_store_urls_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="known: memory, sqlite, redis"):
+        store_from_url("mongodb://x")
+    with pytest.raises(ConfigurationError, match="names no file"):
+        store_from_url("sqlite:///")
+    with pytest.raises(ConfigurationError, match="positive"):
+        store_from_url("memory://", ttl=0)
+    assert "secret" not in repr(store_from_url("redis://:secret@127.0.0.1:6379/0"))
+
+
+def test_memory_stores_are_shared_by_name() -> None:
+    a = store_from_url("memory://hub-a")
+    assert store_from_url("memory://hub-a") is a
+    assert store_from_url("memory://") is not store_from_url("memory://")
+    assert time.time() > 0 and a.get("x") is None
