@@ -38,6 +38,18 @@ from taskstream.stream_ops import (
     TumblingWindow,
 )
 from taskstream.stream_ops.service import Service, ServiceClient
+from taskstream.tasks import (
+    DependencyFailed,
+    Task,
+    TaskFuture,
+    TaskInfo,
+    TaskNotFound,
+    TaskRefused,
+    TaskTimeout,
+    WorkerLost,
+    as_completed,
+    gather,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +62,7 @@ __all__ = [
     "ConsumerConfig",
     "Count",
     "Delivery",
+    "DependencyFailed",
     "Envelope",
     "EventClock",
     "MalformedMessage",
@@ -73,9 +86,18 @@ __all__ = [
     "Stream",
     "Sum",
     "SystemClock",
+    "Task",
     "TaskError",
+    "TaskFuture",
+    "TaskInfo",
+    "TaskNotFound",
+    "TaskRefused",
+    "TaskTimeout",
     "TaskstreamError",
     "TumblingWindow",
+    "WorkerLost",
     "__version__",
+    "as_completed",
     "broker_from_url",
+    "gather",
 ]
