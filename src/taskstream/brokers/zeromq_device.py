@@ -105,14 +105,19 @@ __all__ = [
     "DEFAULT_HWM",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_PUBSUB_HWM",
-    "PROTOCOL_VERSION",
     "DeviceConfig",
+    "DeviceStats",
     "DeviceThread",
     "Forwarder",
     "ForwarderStats",
+    "PROTOCOL_VERSION",
     "ZmqDevice",
-    "register",
+    "check_endpoint",
+    "endpoint_url",
+    "new_routing_id",
     "recv_nowait",
+    "register",
+    "require_zmq",
     "run_device",
     "send_nowait",
     "split_records",
@@ -516,16 +521,16 @@ class ZmqDevice:
         self._flush_scheduled = False
         if self._sock is None:
             return
+        while self._dirty:  # deliveries first: consumers waiting on them are the latency that matters
+            dirty, self._dirty = self._dirty, set()
+            for q in dirty:
+                self._dispatch(q)
         touched, self._touched = self._touched, set()
         for client in touched:
             if client.ok or client.err:
                 frame = orjson.dumps({"t": "rep", "ok": client.ok, "err": client.err})
                 client.ok, client.err = [], []
                 self._send(client, [frame])
-        while self._dirty:
-            dirty, self._dirty = self._dirty, set()
-            for q in dirty:
-                self._dispatch(q)
 
     def _send(self, client: _Client, frames: list[bytes]) -> None:
         if client.gone:
