@@ -15,6 +15,7 @@ the same pipeline run fused in one process on the embedded broker. SIGTERM stops
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -42,8 +43,7 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 IMAGE_PATHS = {"/opt/taskstream/venv": str(VENV_BIN.parent), "/app": str(ROOT)}
 MIN_WINDOW_ROWS = 16
-WORKER_CALL: tuple[str, ...] = ()
-WORKER_RESULT = ""
+SAMPLES, SEED = 20_000, 7
 
 
 def free_port() -> int:
@@ -222,9 +222,17 @@ def wait_for(condition: Any, stack_: NativeStack, timeout: float, what: str) -> 
 
 
 def submit_task(env: dict[str, str], cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`taskstream submit NAME ARGS --wait` from a client with the worker's environment."""
     program = shutil.which("taskstream", path=env["PATH"])
     assert program is not None
-    return subprocess.run([program, "submit", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [program, "submit", *argv, "--wait", "--timeout", "60"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_every_taskstream_service_runs_natively(tmp_path: Path, vhost: str) -> None:
@@ -242,11 +250,14 @@ def test_every_taskstream_service_runs_natively(tmp_path: Path, vhost: str) -> N
         for name in [n for n in native.services if "healthcheck" in native.services[n]]:
             wait_for(lambda n=name: native.healthcheck(n), native, 60, f"{name}'s health check")
 
-        # The worker serves the example tasks.
-        if WORKER_CALL:
-            result = submit_task(native.env("worker"), tmp_path, *WORKER_CALL)
-            assert result.returncode == 0, result.stderr
-            assert result.stdout.strip().splitlines()[-1] == WORKER_RESULT, result.stdout
+        # The worker serves the example tasks: a CPU-bound one (worker processes) and a plain one.
+        client = native.env("worker")
+        result = submit_task(client, tmp_path, "estimate_pi", str(SAMPLES), str(SEED), "--queue", stack.TASK_QUEUE)
+        assert result.returncode == 0, result.stderr
+        assert float(result.stdout.split()[-1]) == stack.estimate_pi.func(SAMPLES, SEED)
+        result = submit_task(client, tmp_path, "window_stats", "[1.0, 2.0, 4.5]", "--queue", stack.TASK_QUEUE)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.splitlines()[-1]) == {"count": 3, "mean": 2.5, "min": 1.0, "max": 4.5}
 
         # The pipeline produces window results.
         db = native.workdir / "sensor-store" / stack.RESULTS_DB
