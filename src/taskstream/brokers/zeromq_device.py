@@ -1085,10 +1085,10 @@ def register(cli: typer.Typer) -> None:
             str | None, typer.Option(help="Forwarder endpoint subscribers connect to (XPUB).")
         ] = None,
         heartbeat: Annotated[
-            float, typer.Option(help="Seconds between heartbeats to each client.")
+            float, typer.Option(help="Heartbeat interval (s) for clients that announce none; brokers announce theirs.")
         ] = DEFAULT_HEARTBEAT_INTERVAL,
         liveness: Annotated[
-            int, typer.Option(help="Missed heartbeats before a client's unacked messages are requeued.")
+            int, typer.Option(help="Missed heartbeats before a silent client's unacked messages are requeued (default).")
         ] = DEFAULT_HEARTBEAT_LIVENESS,
         max_message_bytes: Annotated[int, typer.Option(help="Largest message body accepted.")] = (
             DEFAULT_MAX_MESSAGE_BYTES
