@@ -1088,7 +1088,7 @@ def register(cli: typer.Typer) -> None:
             float, typer.Option(help="Heartbeat interval (s) for clients that announce none; brokers announce theirs.")
         ] = DEFAULT_HEARTBEAT_INTERVAL,
         liveness: Annotated[
-            int, typer.Option(help="Missed heartbeats before a silent client's unacked messages are requeued (default).")
+            int, typer.Option(help="Default missed heartbeats before a silent client's unacked messages are requeued.")
         ] = DEFAULT_HEARTBEAT_LIVENESS,
         max_message_bytes: Annotated[int, typer.Option(help="Largest message body accepted.")] = (
             DEFAULT_MAX_MESSAGE_BYTES
