@@ -78,10 +78,12 @@ async def test_threshold_inline_then_by_reference_then_cleaned(spec: BackendSpec
         async with asyncio.timeout(60):
             while consumer.stats.acked < 2:
                 await asyncio.sleep(0.05)
+        await consumer.stop(grace=10)  # lets the second message's release (after its ack) finish
+        stats, consumer = consumer.stats, None
         assert got == {at_limit.id: at_limit.body, over.id: over.body}
         assert not is_reference(raw[at_limit.id]) and is_reference(raw[over.id])
         assert [b async for b in store.list()] == []  # released after the ack
-        assert consumer.stats.dead_lettered == 0
+        assert stats.dead_lettered == 0
     finally:
         if consumer is not None:
             await consumer.stop(grace=5)
