@@ -30,6 +30,7 @@ EXTENSIONS = (
     "taskstream.stream_ops.cli",
     "taskstream.brokers.zeromq_device",
     "taskstream.deploy",
+    "taskstream.payloads.cli",
 )
 
 

@@ -199,7 +199,7 @@ def store_from_url(url: str, **options: Any) -> BlobStore | None:
         try:
             import aiobotocore  # noqa: F401
         except ImportError as exc:
-            raise MissingExtraError("S3 payload store", "sqs", "aiobotocore") from exc
+            raise MissingExtraError("S3 payload store", "s3", "aiobotocore") from exc
         from taskstream.payloads.s3 import S3Store
 
         if not parts.netloc:
