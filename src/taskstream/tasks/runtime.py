@@ -5,9 +5,10 @@ worker, and it decides which event loop all of that lives on:
 
 * ``async with app:`` (or ``app.serve()``): the caller's loop. ``submit`` from other threads is handed over
   with ``call_soon_threadsafe``.
-* Sync code (a script, a notebook cell) that submits to an App nobody started: the App starts itself on a
-  background :class:`~taskstream.tasks.loop.LoopThread` and stops at interpreter exit (or ``app.close()``,
-  or leaving ``with app:``).
+* Sync code (a script, a notebook cell) that submits to an App nobody started: the App starts itself on the
+  process's background :class:`~taskstream.tasks.loop.LoopThread` and stops at interpreter exit (or
+  ``app.close()``, or leaving ``with app:``). All such Apps share that one loop, so several Apps on one
+  memory hub (whose state belongs to one loop) work together from sync code.
 
 Who runs tasks: on the memory broker the App itself (in-process workers: async on the loop, sync on
 threads, ``cpu_bound`` on a process pool sized to the cores); on a real broker only ``taskstream worker``
@@ -47,12 +48,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_GRACE = 2.0
 
 _OWNED: weakref.WeakSet[TaskRuntime] = weakref.WeakSet()
+_SHARED: LoopThread | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def background_loop() -> LoopThread:
+    """The process's loop thread for Apps used from sync code (started on first use)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None or not _SHARED.thread.is_alive():
+            _SHARED = LoopThread(name="taskstream-background")
+        return _SHARED
 
 
 @atexit.register
 def _close_background_apps() -> None:
     for runtime in list(_OWNED):
         runtime.close(grace=EXIT_GRACE)
+    if _SHARED is not None:
+        _SHARED.stop()
 
 
 class TaskRuntime:
@@ -244,13 +258,13 @@ class TaskRuntime:
             return loop
         with self._start_lock:
             if self._loop is None:
-                owned = LoopThread(name="taskstream-app")
-                try:
-                    owned.run(self.app.start())
-                except BaseException:
-                    owned.stop()
-                    raise
-                self._owned = owned
+                shared = background_loop()
+                if threading.current_thread() is shared.thread:
+                    raise RuntimeError(
+                        "an App used from a done-callback of another App must be started first ('async with app')"
+                    )
+                shared.run(self.app.start())
+                self._owned = shared
                 _OWNED.add(self)
             assert self._loop is not None
             return self._loop
@@ -264,18 +278,17 @@ class TaskRuntime:
             loop.call_soon_threadsafe(callback, *args)
 
     def close(self, grace: float | None = None) -> None:
-        """Stop an App that started itself on a background thread (no-op otherwise)."""
+        """Stop an App that started itself on the background loop (no-op otherwise)."""
         owned = self._owned
         if owned is None:
             return
         self._stop_grace = grace
         try:
-            if self._loop is not None:
+            if self._loop is not None and owned.thread.is_alive():
                 owned.run(self.app.stop(), timeout=(grace or 0) + 60.0)
         finally:
             self._owned = None
             _OWNED.discard(self)
-            owned.stop()
             self._stop_grace = None
 
     # -- Component -----------------------------------------------------------------------------------
