@@ -31,9 +31,9 @@ from taskstream.brokers.azure_queues import (
     AzureQueueSubscription,
     azure_queue_name,
 )
-from taskstream.brokers.base import OutgoingMessage
+from taskstream.brokers.base import OutgoingMessage, broker_from_url
 from taskstream.consumer import Consumer, ConsumerConfig, Message
-from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageTooLarge
+from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageTooLarge, QueueNotFound
 from taskstream.messages import Envelope
 from taskstream.producer import Producer, broker_headers
 from tests.brokers.contract.backends.azure import setup as azurite_up
@@ -204,6 +204,34 @@ async def test_extend_keeps_the_newest_pop_receipt(az: Azure, caplog: pytest.Log
         assert not [r for r in caplog.records if "failed" in r.getMessage()], caplog.text
         await receive_none(sub, 3.0)  # gone for good, even after the visibility timeout
     assert await broker.depth(queue) == 0
+
+
+async def test_buffered_messages_stay_invisible_until_handed_out(az: Azure) -> None:
+    broker = await az.broker(visibility_timeout=2)
+    rival = await az.broker(visibility_timeout=2)
+    queue = await az.queue(broker)
+    await broker.publish_batch(queue, [OutgoingMessage(b"first"), OutgoingMessage(b"second")])
+    async with broker.consume(queue, prefetch=2) as sub:
+        assert isinstance(sub, AzureQueueSubscription)
+        [first] = await receive(sub, 1)
+        await first.ack()
+        await wait_for(lambda: sub.buffered == 1, what="the second message in the buffer")
+        async with rival.consume(queue, prefetch=2) as other:
+            await receive_none(other, 5.0)  # 2.5 visibility timeouts: the buffer kept it hidden
+        [second] = await receive(sub, 1)
+        assert second.body == b"second"
+        assert second.attempt == 1
+        await second.ack()
+
+
+async def test_a_queue_deleted_under_a_consumer_fails_it_clearly(az: Azure) -> None:
+    broker = await az.broker()
+    queue = await az.queue(broker)
+    async with broker.consume(queue, prefetch=2) as sub:
+        await receive_none(sub, 0.5)
+        await az.raw_client(queue).delete_queue()
+        with pytest.raises(QueueNotFound, match=queue):
+            await receive(sub, 1)
 
 
 # -- poison queue ---------------------------------------------------------------------------------------------
@@ -407,6 +435,8 @@ async def test_every_url_form_reaches_azurite(az: Azure, monkeypatch: pytest.Mon
         await broker.publish(queue, f"via {i}".encode())
     assert az.brokers[1].capabilities.visibility_timeout == 7.0
     assert await az.brokers[0].depth(queue) == len(urls)
+    registered = broker_from_url("azurequeue://devstorage?poll_interval=0.5")
+    assert isinstance(registered, AzureQueueBroker) and registered.poll_interval == 0.5
 
 
 async def test_secrets_stay_out_of_reprs_errors_and_logs(az: Azure, caplog: pytest.LogCaptureFixture) -> None:

@@ -398,6 +398,9 @@ class AzureQueueSubscription(Subscription):
     :meth:`close` makes it visible again at once. Cancelling ``__anext__`` only cancels a wait: no message is
     ever in the middle of being handed over.
 
+    Buffered messages are kept invisible (``Update Message``) while they wait; handed-out ones are the
+    runtime's to extend (its heartbeat).
+
     Attributes:
         polls: receive calls made.
         empty_polls: receive calls that found no message.
@@ -441,6 +444,11 @@ class AzureQueueSubscription(Subscription):
             self._changed.set()
             self._wakeup.set()
 
+    @property
+    def buffered(self) -> int:
+        """Messages received from Azure and not yet handed out (kept invisible by this subscription)."""
+        return len(self._buffer)
+
     def wake(self) -> None:
         """Poll now and restart the idle back-off (work was announced on this queue)."""
         self.idle_delay = MIN_POLL_DELAY
@@ -457,10 +465,10 @@ class AzureQueueSubscription(Subscription):
         failing_since: float | None = None
         last_report = 0.0
         while not self._closed:
-            self._refresh_buffered()
+            refresh_in = self._refresh_buffered()
             room = self.prefetch - len(self._unsettled) - len(self._buffer)
             if room <= 0:
-                await self._sleep(broker.visibility_timeout / 3)
+                await self._sleep(min(refresh_in, broker.visibility_timeout / 3))
                 continue
             try:
                 messages = await broker._receive(self.client, min(MAX_PAGE, room))
@@ -478,7 +486,7 @@ class AzureQueueSubscription(Subscription):
                     last_report = now
                 failing_since = failing_since or now
                 self.idle_delay = min(max(broker.poll_interval, 5.0), max(self.idle_delay * 2, 0.5))
-                await self._sleep(self.idle_delay)
+                await self._sleep(min(refresh_in, self.idle_delay))
                 continue
             if failing_since is not None:
                 log.info("receive from %r works again", self.queue)
@@ -492,19 +500,27 @@ class AzureQueueSubscription(Subscription):
             self.empty_polls += 1
             delay = self.idle_delay
             self.idle_delay = min(broker.poll_interval, self.idle_delay * 2)
-            await self._sleep(delay)
+            await self._sleep(min(refresh_in, delay))
 
-    def _refresh_buffered(self) -> None:
-        """Keep buffered (received, not yet handed out) messages invisible while they wait."""
+    def _refresh_buffered(self) -> float:
+        """Keep buffered (received, not yet handed out) messages invisible while they wait.
+
+        Returns:
+            seconds until the next refresh is due (``inf`` with an empty buffer); the poller sleeps no longer.
+        """
         if not self._buffer:
-            return
+            return math.inf
         timeout = self.broker.visibility_timeout
-        soon = time.monotonic() + timeout / 3
+        margin = timeout / 2
+        now = time.monotonic()
+        next_due = math.inf
         for delivery in self._buffer:
-            if delivery.visible_until < soon:
-                delivery.visible_until = time.monotonic() + timeout  # one refresh at a time
+            if delivery.visible_until - margin <= now:
+                delivery.visible_until = now + timeout  # one refresh at a time
                 task = asyncio.ensure_future(delivery.extend(timeout))
                 task.add_done_callback(_quiet)
+            next_due = min(next_due, delivery.visible_until - margin - now)
+        return max(0.05, next_due)
 
     async def close(self) -> None:
         if self._closed:
