@@ -7,6 +7,7 @@ functions in ``SECTIONS``; features add theirs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,7 @@ SECTIONS: list[tuple[str, Callable[[str], Awaitable[None]]]] = [
 
 async def run_demo(broker_url: str = "memory://") -> None:
     """Run every demo section in order."""
+    logging.basicConfig(level=logging.WARNING, format="  [log] %(levelname)s %(name)s: %(message)s")
     for title, section in SECTIONS:
         print(f"\n=== {title} ===")
         started = time.perf_counter()
