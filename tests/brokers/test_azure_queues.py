@@ -234,6 +234,17 @@ async def test_a_queue_deleted_under_a_consumer_fails_it_clearly(az: Azure) -> N
             await receive(sub, 1)
 
 
+async def test_publish_with_delay_is_invisible_until_the_delay_passes(az: Azure) -> None:
+    broker = await az.broker()
+    queue = await az.queue(broker)
+    await broker.publish(queue, b"later", delay=3)
+    async with broker.consume(queue, prefetch=1) as sub:
+        await receive_none(sub, 1.5)
+        [d] = await receive(sub, 1)
+        assert d.body == b"later" and d.attempt == 1
+        await d.ack()
+
+
 # -- poison queue ---------------------------------------------------------------------------------------------
 
 
@@ -433,6 +444,8 @@ async def test_every_url_form_reaches_azurite(az: Azure, monkeypatch: pytest.Mon
         broker = await az.broker(url)
         await broker.declare(queue)
         await broker.publish(queue, f"via {i}".encode())
+    with pytest.raises(ConfigurationError, match="7 days"):
+        await az.brokers[0].publish(queue, b"too late", delay=8 * 24 * 3600)
     assert az.brokers[1].capabilities.visibility_timeout == 7.0
     assert await az.brokers[0].depth(queue) == len(urls)
     registered = broker_from_url("azurequeue://devstorage?poll_interval=0.5")

@@ -268,6 +268,11 @@ def _map_error(exc: BaseException, what: str, queue: str | None = None) -> Broke
     return BrokerError(f"{what}: {detail}")
 
 
+def _check_delay(delay: float | None) -> None:
+    if delay is not None and delay > MAX_VISIBILITY:
+        raise ConfigurationError(f"a delay of {delay} s is over Azure's limit of 7 days ({MAX_VISIBILITY} s)")
+
+
 def _seconds(value: float | None) -> int:
     """Whole seconds for Azure visibility values, never shorter than asked, within Azure's 7 days."""
     if value is None or value <= 0:
@@ -906,12 +911,15 @@ class AzureQueueBroker(Broker):
         key: str | None = None,
         delay: float | None = None,
     ) -> None:
+        _check_delay(delay)
         text = self.encode(body, headers=headers, message_id=message_id, key=key)
         await self._send(queue, text, delay)
         self._wake(queue, after=_seconds(delay))
 
     async def publish_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         """Azure has no batch send: the messages go as concurrent sends (at most ``max_in_flight`` at once)."""
+        for message in messages:
+            _check_delay(message.delay)
         texts = [
             (self.encode(m.body, headers=m.headers, message_id=m.message_id, key=m.key), m.delay) for m in messages
         ]
