@@ -422,7 +422,7 @@ async def test_publish_through_the_same_broker_wakes_a_sleeping_poller(az: Azure
         polls = sub.polls
         await broker.publish(queue, b"wake up")
         [d] = await receive(sub, 1, timeout=2.5)
-        assert sub.polls == polls + 1  # one poll, made at once, found it
+        assert polls < sub.polls <= polls + 2  # polled at once (the poll after it may have finished too)
         await d.ack()
 
 

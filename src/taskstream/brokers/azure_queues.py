@@ -427,7 +427,8 @@ class AzureQueueSubscription(Subscription):
         self._closed = False
         self._error: BrokerError | None = None
         self._changed = asyncio.Event()  # for __anext__: buffer filled, slot freed, closed, failed
-        self._wakeup = asyncio.Event()  # for the poller: slot freed, new work announced, closing
+        self._wakeup = asyncio.Event()  # for the poller: slot freed (when full), work announced, closing
+        self._full = False
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name=f"azure-poll:{queue}")
 
     async def __anext__(self) -> Delivery:
@@ -447,7 +448,8 @@ class AzureQueueSubscription(Subscription):
         if delivery in self._unsettled:
             self._unsettled.discard(delivery)
             self._changed.set()
-            self._wakeup.set()
+            if self._full:  # the poller waits for room: let it poll now
+                self._wakeup.set()
 
     @property
     def buffered(self) -> int:
@@ -460,7 +462,7 @@ class AzureQueueSubscription(Subscription):
         self._wakeup.set()
 
     async def _sleep(self, seconds: float) -> None:
-        self._wakeup.clear()
+        # Not cleared here: a wake-up that came during the last receive must cut this sleep short.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wakeup.wait()
@@ -473,8 +475,12 @@ class AzureQueueSubscription(Subscription):
             refresh_in = self._refresh_buffered()
             room = self.prefetch - len(self._unsettled) - len(self._buffer)
             if room <= 0:
+                self._full = True
+                self._wakeup.clear()
                 await self._sleep(min(refresh_in, broker.visibility_timeout / 3))
                 continue
+            self._full = False
+            self._wakeup.clear()  # wake-ups from here on are kept for the sleep that follows an empty poll
             try:
                 messages = await broker._receive(self.client, min(MAX_PAGE, room))
             except asyncio.CancelledError:
