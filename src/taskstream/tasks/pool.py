@@ -3,8 +3,9 @@
 Each worker process runs one call at a time, so a pool of N processes keeps N cores busy. The parent talks to
 each process over its own pipe, watched by the event loop (``add_reader``), so no thread waits on results.
 
-* Startup: every process imports the ``@app.on_startup`` hooks by name and runs them once before it takes
-  work (load a model once per process, not per call). A hook that fails stops the pool with that error.
+* Startup: every process takes the parent's environment as it is when the process starts, imports the
+  ``@app.on_startup`` hooks by name and runs them once before it takes work (load a model once per
+  process, not per call). A hook that fails stops the pool with that error.
 * Functions travel by reference (``module`` + ``qualname``; a task object at that name is unwrapped), or
   as verified shipped source. Arguments and results cross the pipe pickled: both ends are this program.
 * Timeout: the call's process is killed and replaced; the caller gets :class:`TaskTimeout`. A caller that
@@ -110,9 +111,12 @@ def run_items(
     return outcomes
 
 
-def _child_main(conn: multiprocessing.connection.Connection, hooks: list[tuple[str, str]]) -> None:
+def _child_main(
+    conn: multiprocessing.connection.Connection, hooks: list[tuple[str, str]], environ: dict[str, str]
+) -> None:
     """The loop of one worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    os.environ.update(environ)  # the parent's environment now, not the fork server's from when it started
     os.environ["TASKSTREAM_WORKER_PROCESS"] = "1"
     try:
         for module, qualname in hooks:
@@ -369,7 +373,10 @@ class ProcessPool:
         assert self._loop is not None, "ProcessPool.start() was not awaited"
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_child_main, args=(child, self.hooks), daemon=True, name="taskstream-worker-process"
+            target=_child_main,
+            args=(child, self.hooks, dict(os.environ)),
+            daemon=True,
+            name="taskstream-worker-process",
         )
         proc = _Proc(process, parent)
         self._procs.append(proc)
@@ -409,6 +416,7 @@ class ProcessPool:
         if kind == "ready":
             proc.state = "idle"
             proc.idle_since = time.monotonic()
+            log.info("worker process %s ready (%d running, %d..%d)", proc.pid, self.size, self.min_size, self.max_size)
         elif kind == "fatal":
             error = error_from_data(message[1])
             self._broken = TaskRefused(f"a worker process failed in its startup hooks: {error}")
@@ -477,6 +485,7 @@ class ProcessPool:
         self._detach(proc)
         proc.process.join(0.5)
         self.stats.lost += 1
+        log.warning("worker process %s died (exit code %s)", proc.pid, proc.process.exitcode)
         if call is not None and not call.done.done():
             code = proc.process.exitcode
             call.done.set_exception(
@@ -485,6 +494,7 @@ class ProcessPool:
         self._keep_minimum()
 
     def _kill(self, proc: _Proc, error: BaseException | None) -> None:
+        log.info("killing worker process %s", proc.pid)
         call = proc.call
         self._detach(proc)
         with contextlib.suppress(Exception):
@@ -513,6 +523,7 @@ class ProcessPool:
                 if self.size <= self.min_size:
                     break
                 if proc.state == "idle" and now - proc.idle_since >= self.idle_timeout:
+                    log.info("stopping worker process %s: idle for %.1f s", proc.pid, now - proc.idle_since)
                     with contextlib.suppress(OSError, ValueError):
                         proc.conn.send(("stop",))
                     self._detach(proc)
