@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from taskstream.app import App
 from taskstream.stream_ops.demo_section import stream_section
+from taskstream.tasks.demo_section import tasks_section
 
 __all__ = ["SECTIONS", "run_demo"]
 
@@ -60,6 +61,7 @@ async def consumers_section(broker_url: str) -> None:
 
 SECTIONS: list[tuple[str, Callable[[str], Awaitable[None]]]] = [
     ("Consumers", consumers_section),
+    ("Task futures", tasks_section),
     ("Stream pipeline", stream_section),
 ]
 
