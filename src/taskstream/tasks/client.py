@@ -19,13 +19,14 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from taskstream.brokers.base import OutgoingMessage, Subscription
+from taskstream.brokers.base import Delivery, OutgoingMessage, Subscription
 from taskstream.errors import BrokerConnectionError
 from taskstream.messages import Envelope, decode, new_id
 from taskstream.producer import broker_headers
 from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
 from taskstream.tasks.errors import error_from_data, error_to_data
 from taskstream.tasks.future import FutureOwner, TaskFuture
+from taskstream.tasks.protocol import new_task_id
 from taskstream.tasks.registry import Task, chunked
 from taskstream.tasks.stores.base import TaskInfo
 
@@ -37,6 +38,7 @@ __all__ = ["TaskClient"]
 log = logging.getLogger("taskstream.tasks.client")
 
 REPLY_PREFETCH = 1000
+PENDING_DELAY = 0.05  # seconds pending records wait, to be written in fewer, larger batches
 
 Call = tuple[Sequence[Any], dict[str, Any]]
 
@@ -66,11 +68,13 @@ class TaskClient(FutureOwner):
         self._outbox: dict[str, list[tuple[OutgoingMessage, _Pending]]] = {}
         self._records: list[TaskInfo] = []
         self._flush_scheduled = False
+        self._records_scheduled = False
         self._declared: set[str] = set()
         self._ready: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._to_ack: list[Delivery] = []
 
     # -- FutureOwner ---------------------------------------------------------------------------------
 
@@ -111,7 +115,7 @@ class TaskClient(FutureOwner):
         entries: list[_Pending] = []
         now = time.time()
         for group in chunked(calls, chunksize) if chunksize > 1 else ([c] for c in calls):
-            task_id = new_id()
+            task_id = new_task_id()
             info = TaskInfo(task_id, name=task.name, queue=task.options.queue, status="pending", submitted_at=now)
             is_chunk = chunksize > 1
             futures: list[TaskFuture[Any]] = [
@@ -133,7 +137,7 @@ class TaskClient(FutureOwner):
 
     async def send_without_reply(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         """Publish one call with no reply queue (fire and forget); returns its task id for ``get_task``."""
-        info = TaskInfo(new_id(), name=task.name, queue=task.options.queue, submitted_at=time.time())
+        info = TaskInfo(new_task_id(), name=task.name, queue=task.options.queue, submitted_at=time.time())
         entry = _Pending(task, info, [], False, [(args, kwargs)])
         message = self._encode(entry, entry.calls, reply=False)
         await self._ensure_queue(task.options.queue)
@@ -195,9 +199,17 @@ class TaskClient(FutureOwner):
     def _flush(self) -> None:
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, {}
-        records, self._records = self._records, []
         for queue, batch in outbox.items():
             self._spawn(self._send(queue, batch))
+        if self._records and not self._records_scheduled:
+            # Pending records follow a moment later, off the latency path: a worker that claims the task
+            # first wins (the pending write never overwrites), and this client answers get_task meanwhile.
+            self._records_scheduled = True
+            asyncio.get_running_loop().call_later(PENDING_DELAY, self._flush_records)
+
+    def _flush_records(self) -> None:
+        self._records_scheduled = False
+        records, self._records = self._records, []
         if records:
             self._spawn(self._record_pending(records))
 
@@ -235,20 +247,21 @@ class TaskClient(FutureOwner):
         self._declared.add(queue)
 
     def _fail(self, entry: _Pending, error: BaseException) -> None:
+        """Fail a task that never reached a worker: record it, then fail its futures (read-your-writes)."""
         if self._waiting.pop(entry.task_id, None) is None:
             return
         entry.info.status = "failed"
         entry.info.finished_at = time.time()
         entry.info.error = error_to_data(error)
+        self._spawn(self._record_failure(entry, error))
+
+    async def _record_failure(self, entry: _Pending, error: BaseException) -> None:
+        try:
+            await self.runtime.store.finish(entry.info)
+        except Exception as exc:
+            log.warning("could not record task %s in the result store: %s", entry.task_id, exc)
         for future in entry.futures:
             future._settle(error=error)
-        self._spawn(self._record_final(entry.info))
-
-    async def _record_final(self, info: TaskInfo) -> None:
-        try:
-            await self.runtime.store.finish(info)
-        except Exception as exc:
-            log.warning("could not record task %s in the result store: %s", info.task_id, exc)
 
     # -- dataflow ------------------------------------------------------------------------------------
 
@@ -300,12 +313,25 @@ class TaskClient(FutureOwner):
                     self._on_reply(decode(delivery.body, message_id=delivery.message_id))
                 except Exception as exc:
                     log.warning("dropping an unreadable reply on %s: %s", self.reply_queue, exc)
-                await delivery.ack()
+                if not self._to_ack:
+                    asyncio.get_running_loop().call_soon(self._ack_replies)
+                self._to_ack.append(delivery)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error("reply listener on %s stopped: %s", self.reply_queue, exc)
             self._fail_all(BrokerConnectionError(f"the reply listener stopped: {exc}"))
+
+    def _ack_replies(self) -> None:
+        """Ack every reply handled during this loop turn together (brokers merge same-turn acks)."""
+        deliveries, self._to_ack = self._to_ack, []
+        self._spawn(self._ack_all(deliveries))
+
+    async def _ack_all(self, deliveries: list[Delivery]) -> None:
+        results = await asyncio.gather(*(d.ack() for d in deliveries), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:  # the broker redelivers them; the futures are already resolved, duplicates are ignored
+            log.warning("could not ack %d reply(ies) on %s: %s", len(errors), self.reply_queue, errors[0])
 
     def _on_reply(self, envelope: Envelope) -> None:
         body = envelope.body if isinstance(envelope.body, dict) else {}
@@ -351,6 +377,9 @@ class TaskClient(FutureOwner):
 
     async def stop(self) -> None:
         """Stop listening, fail futures still waiting, delete the reply queue."""
+        self._flush_records()
+        if self._to_ack:
+            self._ack_replies()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -76,6 +76,9 @@ class AwaitableFuture(concurrent.futures.Future[T]):
             waiter: asyncio.Future[None] = loop.create_future()
 
             def wake(_: concurrent.futures.Future[T]) -> None:
+                if asyncio._get_running_loop() is loop:  # completed on the awaiting loop's own thread
+                    _set_none(waiter)
+                    return
                 with contextlib.suppress(RuntimeError):  # the awaiting loop is closed
                     loop.call_soon_threadsafe(_set_none, waiter)
 

@@ -30,6 +30,9 @@ import builtins
 import hashlib
 import hmac
 import inspect
+import itertools
+import os
+import secrets
 import textwrap
 import threading
 from collections.abc import Callable
@@ -42,6 +45,7 @@ from taskstream.tasks.errors import TaskRefused
 
 __all__ = [
     "ShippedCode",
+    "new_task_id",
     "TaskRequest",
     "function_source",
     "load_shipped",
@@ -50,6 +54,21 @@ __all__ = [
 ]
 
 _SIGNING_DOMAIN = b"taskstream-code-v1\x00"
+
+_ID_PREFIX: tuple[int, str] = (0, "")
+_ID_COUNTER = itertools.count()
+
+
+def new_task_id() -> str:
+    """A new task id: 32 hex characters, 80 random bits per process plus a counter.
+
+    As unique as a UUID4 in practice, without a ``getrandom`` system call per task.
+    """
+    global _ID_PREFIX
+    pid = os.getpid()
+    if _ID_PREFIX[0] != pid:  # first use, or a forked child
+        _ID_PREFIX = (pid, secrets.token_hex(10))
+    return f"{_ID_PREFIX[1]}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
 
 class ShippedCode(BaseModel):

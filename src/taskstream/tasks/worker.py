@@ -50,7 +50,7 @@ from taskstream.messages import Envelope
 from taskstream.producer import broker_headers
 from taskstream.tasks.errors import TaskRefused, TaskTimeout, error_to_data
 from taskstream.tasks.pool import DEFAULT_IDLE_TIMEOUT, ProcessPool, Target, run_items
-from taskstream.tasks.protocol import TaskRequest, load_shipped, verify_code
+from taskstream.tasks.protocol import TaskRequest, load_shipped, new_task_id, verify_code
 from taskstream.tasks.registry import MAX_RETRIES, TaskOptions, function_ref
 from taskstream.tasks.stores.base import TaskInfo
 
@@ -351,7 +351,7 @@ class TaskWorker:
 
     async def _finish(self, envelope: Envelope, info: TaskInfo) -> None:
         """Store the outcome and publish it to the reply queue (a result that cannot travel becomes a failure)."""
-        reply: tuple[bytes, dict[str, Any]] | None = None
+        reply: tuple[str, bytes, dict[str, Any]] | None = None
         if envelope.reply_to:
             try:
                 reply = self._encode_reply(envelope, info)
@@ -368,18 +368,20 @@ class TaskWorker:
             except TypeError as exc:
                 info.status, info.result = "failed", None
                 info.error = error_to_data(TypeError(f"the result of task {info.name} cannot travel: {exc}"))
-        await asyncio.gather(self.runtime.store.finish(info), self._publish_reply(envelope, reply))
+        # Stored first, so a client that sees the result can also read it by id (read-your-writes).
+        await self.runtime.store.finish(info)
+        await self._publish_reply(envelope, reply)
 
-    def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[bytes, dict[str, Any]]:
-        reply = Envelope(kind="result", correlation_id=envelope.id, body=self._reply_body(info))
-        return self.runtime.producer.encode(reply), broker_headers(reply)
+    def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
+        reply = Envelope(id=new_task_id(), kind="result", correlation_id=envelope.id, body=self._reply_body(info))
+        return reply.id, self.runtime.producer.encode(reply), broker_headers(reply)
 
-    async def _publish_reply(self, envelope: Envelope, reply: tuple[bytes, dict[str, Any]] | None) -> None:
+    async def _publish_reply(self, envelope: Envelope, reply: tuple[str, bytes, dict[str, Any]] | None) -> None:
         if reply is None or not envelope.reply_to:
             return
-        data, headers = reply
+        message_id, data, headers = reply
         try:
-            await self.runtime.app.broker.publish(envelope.reply_to, data, headers=headers)
+            await self.runtime.app.broker.publish(envelope.reply_to, data, headers=headers, message_id=message_id)
         except Exception as exc:  # the client is gone; the store still has the outcome
             log.warning("could not reply to %s for task %s: %s", envelope.reply_to, envelope.id, exc)
 
