@@ -116,14 +116,11 @@ def _default(obj: Any) -> Any:
 def _encode_ndarray(array: Any) -> dict[str, Any]:
     if array.dtype.hasobject:
         raise TypeError("numpy arrays of dtype=object cannot travel (they would need pickle)")
-    import numpy as np
-
-    contiguous = np.ascontiguousarray(array)
     return {
         TAG: "ndarray",
-        "dtype": contiguous.dtype.str,
-        "shape": list(contiguous.shape),
-        "b64": base64.b64encode(contiguous.tobytes()).decode("ascii"),
+        "dtype": array.dtype.str,
+        "shape": list(array.shape),  # 0-d arrays keep shape []
+        "b64": base64.b64encode(array.tobytes(order="C")).decode("ascii"),
     }
 
 

@@ -40,6 +40,12 @@ def test_numpy_array_roundtrip_keeps_dtype_and_shape() -> None:
     assert np.array_equal(back, array)
 
 
+def test_zero_dimensional_array_keeps_its_shape() -> None:
+    back = loads(dumps(np.array(3.5)))
+    assert back.shape == ()
+    assert back == 3.5
+
+
 def test_numpy_object_arrays_are_refused() -> None:
     with pytest.raises(TypeError, match="dtype=object"):
         dumps(np.array([object()], dtype=object))
