@@ -13,11 +13,23 @@ The tree::
     ├── MessageError                a message that cannot be handled as it is
     │   ├── MalformedMessage        bytes that do not decode (never crashes a consumer)
     │   ├── MessageTooLarge         over the broker's size limit; says which limit
-    │   └── ValidationFailed        the body does not match the handler's annotation
+    │   ├── ValidationFailed        the body does not match the handler's annotation
+    │   └── PayloadError            (taskstream.payloads) a claim-check payload cannot be used
+    │       ├── PayloadMissing      the referenced blob is gone
+    │       └── PayloadCorrupt      size or checksum does not match the reference
+    ├── PayloadStoreError           (taskstream.payloads) the blob store cannot be reached; retried
     ├── HandlerControl              raised by handlers to steer acknowledgement
     │   ├── Reject                  dead-letter now, with this reason, no retries
     │   └── Retry                   requeue, optionally after a delay
-    └── TaskError                   (task futures) a remote task failed; carries the remote traceback
+    ├── TaskError                   (taskstream.tasks) a remote task failed; carries the remote traceback
+    │   ├── TaskTimeout             the task ran past its timeout
+    │   ├── DependencyFailed        an input future failed; the cause chain leads to the original error
+    │   ├── TaskRefused             the worker refused it (unknown name, unsigned code)
+    │   └── WorkerLost              the worker died while running it
+    ├── TaskNotFound                (taskstream.tasks) no task with that id in the result store
+    └── ResultStoreError            (taskstream.tasks) the result store failed
+
+Errors marked with a module live there, next to the feature that raises them; they still derive from this root.
 
 Driver exceptions are always chained (``raise BrokerError(...) from exc``) so the original is kept,
 and messages never include credentials.
