@@ -160,9 +160,7 @@ class TaskClient(FutureOwner):
             body=body,
         )
         data = self.runtime.producer.encode(envelope)
-        headers = broker_headers(envelope)
-        headers["task"] = task.name
-        return OutgoingMessage(data, headers, message_id=entry.task_id)
+        return OutgoingMessage(data, broker_headers(envelope), message_id=entry.task_id)
 
     # -- on the loop ---------------------------------------------------------------------------------
 
@@ -194,13 +192,20 @@ class TaskClient(FutureOwner):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._spawn(self._flush())
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
+        """Send what was submitted during the last loop turn: one batch per queue."""
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, {}
-        for queue, batch in outbox.items():
-            self._spawn(self._send(queue, batch))
+        self._schedule_records()
+        if len(outbox) == 1:
+            ((queue, batch),) = outbox.items()
+            await self._send(queue, batch)
+        elif outbox:
+            await asyncio.gather(*(self._send(queue, batch) for queue, batch in outbox.items()))
+
+    def _schedule_records(self) -> None:
         if self._records and not self._records_scheduled:
             # Pending records follow a moment later, off the latency path: a worker that claims the task
             # first wins (the pending write never overwrites), and this client answers get_task meanwhile.
