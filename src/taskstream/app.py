@@ -332,7 +332,14 @@ class App:
         for component in self.components:
             await component.start(self)
         self._started = True
-        log.info("app started on %s with %d consumer(s)", self.broker_url, len(self.consumers))
+        worker = self.tasks.worker
+        log.info(
+            "app started on %s with %d consumer(s), %d task(s)%s",
+            self.broker_url,
+            len(self.consumers),
+            len(self.tasks.registry),
+            f", serving task queue(s) {', '.join(worker.queues)}" if worker is not None and worker.queues else "",
+        )
 
     async def stop(self) -> None:
         """Stop components and consumers (finishing in-flight work), run shutdown hooks, close."""

@@ -155,3 +155,21 @@ def test_memory_stores_are_shared_by_name() -> None:
     assert store_from_url("memory://hub-a") is a
     assert store_from_url("memory://") is not store_from_url("memory://")
     assert time.time() > 0 and a.get("x") is None
+
+
+@pytest.mark.redis
+async def test_apps_share_task_status_through_redis() -> None:
+    """Two clients on (potentially) different hosts: one submits, the other reads status and result by id."""
+    from taskstream import App
+    from tests.tasks import library
+    from tests.tasks.conftest import quick_settings
+
+    app = App(settings=quick_settings(), result_store=REDIS_URL)
+    add = app.task(library.add)
+    async with app:
+        fut = add.submit(19, 23)
+        assert await fut == 42
+    other = App(settings=quick_settings(), result_store=REDIS_URL)
+    info = other.get_task(fut.task_id)
+    assert info.status == "success" and info.result == 42 and info.started_at is not None
+    await other.tasks.store.close()
