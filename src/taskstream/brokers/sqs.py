@@ -13,14 +13,16 @@ Parameter               Default    Meaning
 ``visibility_timeout``  ``30``     seconds a received message stays hidden (sent with every receive, so
                                    ``Capabilities.visibility_timeout`` holds on queues made elsewhere too)
 ``wait_time``           ``20``     long-poll seconds per receive (0-20; 0 polls every 0.1 s when empty)
-``max_receives``        ``10``     most receives in flight per subscription (prefetch / 10, rounded up, below)
+``max_receives``        ``10``     most receives in flight per subscription (prefetch / 10, rounded up, below);
+                                   a receive starts when at least half a batch of prefetch slots is free
 ``max_receive_count``   settings   RedrivePolicy ``maxReceiveCount`` of created queues: deliveries before SQS
                                    itself moves a message to the dead-letter queue. Default
                                    ``TASKSTREAM_MAX_ATTEMPTS`` (5), the runtime's ``max_attempts``
 ``max_message_bytes``   1048576    ``MaximumMessageSize`` of created queues (the SQS maximum, 1 MiB)
 ``create_queues``       ``true``   ``declare`` creates missing queues; ``false``: look up only
 ``max_connections``     ``50``     HTTP connection pool size
-``close_grace``         ``0.5``    seconds ``close()`` lets a receive in flight finish before cancelling it
+``close_grace``         ``0.5``    seconds the broker's ``close()`` lets receives in flight finish before
+                                   cancelling them
 ======================  =========  ===========================================================================
 
 How the broker contract maps onto SQS:
@@ -63,8 +65,10 @@ queues             names: ``.`` becomes ``-`` (``orders.dlq`` is ``orders-dlq`` 
 topics             not supported (``Capabilities.fanout`` is False)
 =================  ==========================================================================================
 
-Known limits: a receive cancelled by ``close()`` after ``close_grace`` may already have been answered by the
-server; its messages then come back after the visibility timeout (nothing is lost). SQS purges at most once
+Closing: a subscription's ``close()`` returns what it holds at once and does not cancel a receive in flight;
+that receive ends by itself and gives its messages back. Only the broker's ``close()`` cancels receives still
+running after ``close_grace``; one the server was answering at that moment leaves its messages hidden until
+their visibility timeout (nothing is lost). SQS purges at most once
 per 60 s; a second ``purge`` within that window drains the queue by receive and delete instead.
 """
 
@@ -200,7 +204,7 @@ class _QueueInfo:
 
 
 class _SQSDelivery(Delivery):
-    __slots__ = ("_subscription", "deadline", "receipt", "sqs_id")
+    __slots__ = ("_subscription", "deadline", "deleting", "receipt", "sqs_id")
 
     def __init__(
         self,
@@ -221,6 +225,7 @@ class _SQSDelivery(Delivery):
         self.sqs_id = sqs_id
         self.receipt = receipt
         self.deadline = deadline  # monotonic time the message turns visible again (our conservative estimate)
+        self.deleting = False  # an ack (delete) is under way
 
     async def _ack(self) -> None:
         await self._subscription._settle(self, None)
@@ -325,6 +330,7 @@ class _SQSSubscription(Subscription):
         self._unsettled: set[_SQSDelivery] = set()
         self._by_id: dict[str, _SQSDelivery] = {}
         self._reserved = 0
+        self._low_water = max(1, min(SQS_MAX_BATCH, prefetch) // 2)  # receive when this many slots are free
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -391,7 +397,7 @@ class _SQSSubscription(Subscription):
         while not self._closed:
             now = time.monotonic()
             wanted = min(SQS_MAX_BATCH, self._free(now))
-            if wanted <= 0:
+            if wanted < self._low_water:  # fuller receives: fewer calls for the same messages
                 await self._wait_for_space(now)
                 continue
             self._reserved += wanted
@@ -426,14 +432,31 @@ class _SQSSubscription(Subscription):
             arrived = time.monotonic()
             deadline = max(started, arrived - 0.5) + options.visibility_timeout
             messages = response.get("Messages", ())
+            if self._closed:  # closed while this receive was in flight: give its messages straight back
+                await self._give_back(info, messages)
+                return
             for raw in messages:
                 self._accept(info, raw, deadline)
             if not messages and options.wait_time == 0:
                 await asyncio.sleep(SHORT_POLL_PAUSE)  # short polling: do not spin on an empty queue
 
+    async def _give_back(self, info: _QueueInfo, messages: Sequence[Mapping[str, Any]]) -> None:
+        batcher = self._broker._batcher(info, "visibility")
+        futures = [batcher.submit({"ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}) for m in messages]
+        for result in await asyncio.gather(*futures, return_exceptions=True):
+            if isinstance(result, BaseException) and not _is_gone(result):
+                log.warning("could not return a message to %r after close: %s", self._queue, result)
+
     def _accept(self, info: _QueueInfo, raw: Mapping[str, Any], deadline: float) -> None:
         sqs_id = str(raw["MessageId"])
         held = self._by_id.get(sqs_id)
+        if held is not None and held.deleting:
+            # A copy of a message whose delete is under way (moto's concurrent receives): drop it, and delete
+            # this copy's receipt too in case the server only honours the newest one.
+            self.duplicates += 1
+            future = self._broker._batcher(info, "delete").submit({"ReceiptHandle": str(raw["ReceiptHandle"])})
+            future.add_done_callback(_ignore_outcome)
+            return
         if held is not None and not held.settled and held.deadline > time.monotonic():
             # A second copy while ours is still hidden: impossible on SQS, seen on moto with concurrent
             # receives. Keep one delivery; the newest receipt handle is the one that settles the message.
@@ -489,20 +512,32 @@ class _SQSSubscription(Subscription):
 
     def _release(self, delivery: _SQSDelivery) -> None:
         self._unsettled.discard(delivery)
-        if self._by_id.get(delivery.sqs_id) is delivery:
+        if not delivery.deleting and self._by_id.get(delivery.sqs_id) is delivery:
             del self._by_id[delivery.sqs_id]
         self._space.set()
 
     async def _settle(self, delivery: _SQSDelivery, visibility: int | None) -> None:
         info = self._info
         assert info is not None  # a delivery exists only after the queue was looked up
-        try:
-            if visibility is None:
-                await self._broker._batcher(info, "delete").submit({"ReceiptHandle": delivery.receipt})
-            else:
-                await self._change(delivery, visibility)
-        finally:
+        # Settled from now on (as on every backend): its prefetch slot is free while the call is under way.
+        if visibility is not None:
             self._release(delivery)
+            await self._change(delivery, visibility)
+            return
+        delivery.deleting = True  # until the delete is done, copies of this message are duplicates
+        self._release(delivery)
+        try:
+            await self._broker._batcher(info, "delete").submit({"ReceiptHandle": delivery.receipt})
+        except _SQSError as exc:
+            if exc.code != "ReceiptHandleIsInvalid":
+                raise
+            # Already deleted (a duplicate's ack), or received again elsewhere, which then owns it: AWS itself
+            # answers such deletes with success.
+            log.info("ack of message %s on %r: %s", delivery.sqs_id, self._queue, exc)
+        finally:
+            delivery.deleting = False
+            if self._by_id.get(delivery.sqs_id) is delivery:
+                del self._by_id[delivery.sqs_id]
 
     async def _change(self, delivery: _SQSDelivery, visibility: int) -> None:
         info = self._info
@@ -526,10 +561,14 @@ class _SQSSubscription(Subscription):
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
         if self._tasks:
-            _, running = await asyncio.wait(self._tasks, timeout=self._broker.options.close_grace)
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # pollers waiting for space see the close and end
+            # A receive in flight is not cancelled (the server may be answering it, and cancelling would
+            # strand its messages until their visibility timeout): it ends by itself and gives back what it
+            # got at once. The broker's close() waits for such receives, then cancels what is left.
+            for task in self._tasks:
+                if not task.done():
+                    self._broker._stragglers.add(task)
+                    task.add_done_callback(self._broker._stragglers.discard)
         leftovers = [d for d in self._unsettled if not d.settled]
         self._buffer.clear()
         for delivery in leftovers:
@@ -547,6 +586,11 @@ class _SQSSubscription(Subscription):
         self._unsettled.clear()
         self._by_id.clear()
         self._broker._subscriptions.discard(self)
+
+
+def _ignore_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not report it
 
 
 def _is_gone(exc: BaseException) -> bool:
@@ -592,6 +636,7 @@ class SQSBroker(Broker):
         self._batchers: dict[tuple[str, str], _Batcher] = {}
         self._fifo_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._subscriptions: set[_SQSSubscription] = set()
+        self._stragglers: set[asyncio.Task[None]] = set()  # receives still running for closed subscriptions
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQSBroker:
@@ -666,6 +711,11 @@ class SQSBroker(Broker):
 
     async def close(self) -> None:
         await asyncio.gather(*(subscription.close() for subscription in list(self._subscriptions)))
+        if self._stragglers:
+            _, running = await asyncio.wait(set(self._stragglers), timeout=self.options.close_grace)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         for batcher in list(self._batchers.values()):
             await batcher.drain()
         self._batchers.clear()
