@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict
 
 from taskstream.brokers.base import Broker, Delivery, Subscription
 from taskstream.errors import MessageError, Reject, Retry
-from taskstream.messages import Envelope, decode
-from taskstream.payloads.base import PayloadError, PayloadStoreError
-from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, is_reference
+from taskstream.messages import Envelope
+from taskstream.payloads.base import PayloadStoreError
+from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, open_failure_reason
 from taskstream.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFETCH
 
 __all__ = ["Consumer", "ConsumerConfig", "ConsumerStats", "Handler", "Message"]
@@ -204,14 +204,9 @@ class Consumer:
     async def _open(self, delivery: Delivery) -> tuple[Envelope, PayloadRef | None] | None:
         """Decode (resolving a payload reference); ``None`` when the delivery had to be settled instead."""
         try:
-            if is_reference(delivery.body):
-                ref = PayloadRef.from_bytes(delivery.body)
-                return await self.claim_check.load(ref), ref
-            return decode(delivery.body, message_id=delivery.message_id), None
-        except PayloadError as exc:
-            await self._dead_letter(delivery, f"payload unavailable: {exc}")
-        except MessageError as exc:
-            await self._dead_letter(delivery, f"malformed message: {exc}")
+            return await self.claim_check.open(delivery.body, message_id=delivery.message_id)
+        except MessageError as exc:  # a payload that cannot be resolved, or bytes that do not decode
+            await self._dead_letter(delivery, open_failure_reason(exc))
         except PayloadStoreError as exc:
             self.stats.last_error = str(exc)
             await self._retry_or_dead_letter(delivery, str(exc), None)

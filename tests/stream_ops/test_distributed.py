@@ -16,6 +16,7 @@ from taskstream import App
 from taskstream.brokers.memory import MemoryBroker
 from taskstream.errors import MessageTooLarge
 from taskstream.messages import Envelope, encode
+from taskstream.payloads import ClaimCheck
 from taskstream.stream_ops import (
     CallbackSink,
     Count,
@@ -105,9 +106,10 @@ async def test_a_record_is_acked_only_after_its_outputs_are_published() -> None:
     queue = plan.stages["work"].queue(0)
     await broker.declare(queue)
     await broker.publish(queue, encode(Envelope(body=2, headers={"to": "to-work-2", "src": "src/0"})))
-    # the output is too large for the broker: the publish fails, so the input must not be acked
+    # the output is too large for the broker and no payload store takes it: the publish fails, so the input
+    # must not be acked
     with pytest.raises(MessageTooLarge):
-        await p.run_stage("work", broker=broker, store=MemoryStateStore())
+        await p.run_stage("work", broker=broker, store=MemoryStateStore(), claim_check=ClaimCheck.disabled())
     assert await broker.depth(queue) == 1
     await broker.close()
 

@@ -42,7 +42,7 @@ from taskstream.payloads.base import (
     redact_store_url,
     store_from_url,
 )
-from taskstream.payloads.claimcheck import DEFAULT_HEADROOM, ClaimCheck, PayloadRef, is_reference
+from taskstream.payloads.claimcheck import DEFAULT_HEADROOM, ClaimCheck, PayloadRef, is_reference, open_failure_reason
 from taskstream.payloads.codec import decode_blob, encode_blob
 from taskstream.payloads.local import LocalStore, default_directory
 
@@ -63,6 +63,7 @@ __all__ = [
     "default_directory",
     "encode_blob",
     "is_reference",
+    "open_failure_reason",
     "redact_store_url",
     "store_from_url",
 ]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import orjson
 
 from taskstream.brokers.base import OutgoingMessage
-from taskstream.errors import ConfigurationError, MalformedMessage, MessageTooLarge
+from taskstream.errors import ConfigurationError, MalformedMessage, MessageError, MessageTooLarge
 from taskstream.messages import Envelope, decode
 from taskstream.payloads.base import BlobStore, PayloadCorrupt, PayloadError, check_key, store_from_url
 from taskstream.payloads.codec import decode_blob, encode_blob
@@ -49,6 +49,7 @@ __all__ = [
     "PayloadRef",
     "REF_MARK",
     "is_reference",
+    "open_failure_reason",
 ]
 
 log = logging.getLogger("taskstream.payloads")
@@ -67,6 +68,18 @@ _SAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
 def is_reference(body: bytes) -> bool:
     """True when ``body`` is a payload reference rather than an envelope."""
     return body[: len(REF_MARK)] == REF_MARK
+
+
+def open_failure_reason(exc: MessageError) -> str:
+    """The dead-letter reason (``x-death-reason``) for a message :meth:`ClaimCheck.open` refused.
+
+    Every reader of raw deliveries (the consumer runtime, stream stages and queue sources, services) words it
+    this way: ``payload unavailable: ...`` for a missing, corrupt or unreachable-by-design payload,
+    ``malformed message: ...`` for bytes that do not decode.
+    """
+    if isinstance(exc, PayloadError):
+        return f"payload unavailable: {exc}"
+    return f"malformed message: {exc}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from taskstream.brokers.base import Broker, broker_from_url
 from taskstream.errors import ConfigurationError
+from taskstream.payloads.claimcheck import ClaimCheck
 from taskstream.settings import Settings
 from taskstream.stream_ops.core import Graph, SourceNode, check_name
 from taskstream.stream_ops.plan import Plan, compile_plan
@@ -117,6 +118,7 @@ class Pipeline:
         *,
         now: Callable[[], float] = time.time,
         config: RunConfig | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> RunResult:
         """Run every step in this process, fused (no queues between steps), until the sources end.
 
@@ -124,12 +126,14 @@ class Pipeline:
             broker: for queue sources and sinks, services and dead letters (memory by default).
             now: the time source (inject a :class:`ManualTime` in tests).
             config: batching settings.
+            claim_check: where records too large for the broker go (default: from settings,
+                :mod:`taskstream.payloads`).
         """
         plan = self.plan()
         b, own = _broker(broker)
         await b.connect()
         try:
-            return await Runner(plan, broker=b, now=now, config=config).run()
+            return await Runner(plan, broker=b, now=now, config=config, claim_check=claim_check).run()
         finally:
             if own:
                 await b.close()
@@ -147,6 +151,7 @@ class Pipeline:
         store: StateStore | str | None = None,
         now: Callable[[], float] = time.time,
         config: RunConfig | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> RunResult:
         """Run one replica of one stage: consume its queue, publish to the next stages' queues.
 
@@ -159,7 +164,10 @@ class Pipeline:
         st, own_store = (store, False) if isinstance(store, StateStore) else (state_store_from_url(store), True)
         await b.connect()
         try:
-            return await Runner(plan, broker=b, stage=stage, replica=replica, store=st, now=now, config=config).run()
+            runner = Runner(
+                plan, broker=b, stage=stage, replica=replica, store=st, now=now, config=config, claim_check=claim_check
+            )
+            return await runner.run()
         finally:
             if own_store:
                 await st.close()
@@ -173,6 +181,7 @@ class Pipeline:
         store: StateStore | str | None = None,
         now: Callable[[], float] = time.time,
         config: RunConfig | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> dict[str, list[RunResult]]:
         """Run every replica of every stage as tasks of this process, talking over the broker's queues.
 
@@ -180,6 +189,7 @@ class Pipeline:
         """
         plan = self.plan()
         b, own = _broker(broker)
+        check = claim_check if claim_check is not None else ClaimCheck.from_settings()
         if store is None:
             st: StateStore = MemoryStateStore()
             own_store = False
@@ -191,7 +201,9 @@ class Pipeline:
         try:
             jobs = {
                 (name, i): asyncio.create_task(
-                    Runner(plan, broker=b, stage=name, replica=i, store=st, now=now, config=config).run(),
+                    Runner(
+                        plan, broker=b, stage=name, replica=i, store=st, now=now, config=config, claim_check=check
+                    ).run(),
                     name=f"stage:{name}/{i}",
                 )
                 for name, sp in plan.stages.items()
@@ -223,9 +235,12 @@ class Pipeline:
         replica: int = 0,
         store: StateStore | str | None = None,
         config: RunConfig | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> PipelineComponent:
         """This pipeline as an App component: ``app.add_component(pipeline.component())``."""
-        return PipelineComponent(self, stage=stage, replica=replica, store=store, config=config)
+        return PipelineComponent(
+            self, stage=stage, replica=replica, store=store, config=config, claim_check=claim_check
+        )
 
     def draw(self, path: str) -> None:
         """Draw stages, steps and queues to an SVG or PNG file."""
@@ -249,8 +264,10 @@ class PipelineComponent:
         replica: int,
         store: StateStore | str | None,
         config: RunConfig | None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.claim_check = claim_check
         self.stage = stage
         self.replica = replica
         self.store = store
@@ -268,14 +285,22 @@ class PipelineComponent:
             own_store = False
             try:
                 if self.stage is None:
-                    self.result = await Runner(plan, broker=app.broker, config=self.config).run()
+                    self.result = await Runner(
+                        plan, broker=app.broker, config=self.config, claim_check=self.claim_check
+                    ).run()
                 else:
                     if isinstance(self.store, StateStore):
                         store = self.store
                     else:
                         store, own_store = state_store_from_url(self.store), True
                     runner = Runner(
-                        plan, broker=app.broker, stage=self.stage, replica=self.replica, store=store, config=self.config
+                        plan,
+                        broker=app.broker,
+                        stage=self.stage,
+                        replica=self.replica,
+                        store=store,
+                        config=self.config,
+                        claim_check=self.claim_check,
                     )
                     self.result = await runner.run()
             except asyncio.CancelledError:

@@ -16,6 +16,12 @@ End-of-stream: a finite source ending, or every upstream replica's ``eos`` (each
 sent here, so a record still in flight after a restart is waited for), or a ``Stop``, or the stage's bounds
 (``max_messages``, ``idle_timeout``) end the runtime: windows are flushed, outputs published, and ``eos`` sent
 to every replica of every downstream stage.
+
+Large records (claim-check, :mod:`taskstream.payloads`): what is published goes through
+``Producer.offload_outgoing`` (bodies over the broker's threshold go to the payload store, a reference travels);
+a reference read from the stage queue is resolved before the batch is fed, and its blob is deleted after the
+delivery is acked. A missing or corrupt payload dead-letters the message (keeping its reference) with the
+reason; a store that cannot be reached requeues it with a growing pause.
 """
 
 from __future__ import annotations
@@ -30,15 +36,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, Subscription
-from taskstream.errors import BrokerConnectionError, ConfigurationError, MalformedMessage
+from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageError
 from taskstream.messages import WIRE_VERSION, loads
+from taskstream.payloads.base import PayloadStoreError
+from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, is_reference, open_failure_reason
+from taskstream.producer import Producer
 from taskstream.stream_ops.core import SourceNode
 from taskstream.stream_ops.executor import Executor, Outbox
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import NodeStats, RuntimeContext
 from taskstream.stream_ops.sources.base import Source, SourceBatch
 from taskstream.stream_ops.state import StateStore
-from taskstream.stream_ops.wire import control_message
+from taskstream.stream_ops.wire import control_message, open_record, retry_later
 
 __all__ = ["RunConfig", "RunResult", "Runner"]
 
@@ -93,7 +102,11 @@ class RunResult:
 
 
 class Runner:
-    """Runs a whole pipeline fused (``stage=None``) or one replica of one stage."""
+    """Runs a whole pipeline fused (``stage=None``) or one replica of one stage.
+
+    ``claim_check`` says where records too large for the broker go (default: from settings, see
+    :mod:`taskstream.payloads`); ``ClaimCheck.disabled()`` makes them fail with ``MessageTooLarge``.
+    """
 
     def __init__(
         self,
@@ -105,9 +118,12 @@ class Runner:
         store: StateStore | None = None,
         now: Callable[[], float] = time.time,
         config: RunConfig | None = None,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         self.plan = plan
         self.broker = broker
+        self.claim_check = claim_check if claim_check is not None else ClaimCheck.from_settings()
+        self.producer = Producer(broker, claim_check=self.claim_check)
         self.config = config or RunConfig()
         self.stage: StagePlan | None = plan.stage(stage) if stage is not None else None
         if self.stage is not None and not 0 <= replica < self.stage.parallelism:
@@ -116,7 +132,7 @@ class Runner:
             )
         self.replica = replica
         self.store = store
-        self.ctx = RuntimeContext(plan.pipeline, stage, replica, broker, now)
+        self.ctx = RuntimeContext(plan.pipeline, stage, replica, broker, now, claim_check=self.claim_check)
         self.outbox = Outbox(plan, self.stage, replica, now) if self.stage is not None else None
         self.executor = Executor(plan, self.ctx, stage=self.stage, outbox=self.outbox)
         self.namespace = f"{plan.pipeline}/{stage}/{replica}"
@@ -287,10 +303,12 @@ class Runner:
                     await batch.ack()
             elif kind == "deliveries":
                 deliveries: list[Delivery] = message[1]
-                settle, ids = await self._apply(deliveries, max_messages)
+                settle, ids, refs = await self._apply(deliveries, max_messages)
                 await self._after_batch(ids)
                 for delivery in settle:
                     await delivery.ack()
+                for ref in refs:  # acked for good: the payloads can go
+                    await self.claim_check.release(ref)
             elif kind == "queue-end":
                 raise BrokerConnectionError(f"the subscription to {stage.queue(self.replica)!r} ended")  # type: ignore[union-attr]
 
@@ -300,25 +318,40 @@ class Runner:
         await self._flush()
         await self._commit(ids)
 
-    async def _apply(self, deliveries: list[Delivery], max_messages: int | None) -> tuple[list[Delivery], list[str]]:
-        """Decode and feed a batch of deliveries; returns those to ack and the ids applied."""
+    async def _apply(
+        self, deliveries: list[Delivery], max_messages: int | None
+    ) -> tuple[list[Delivery], list[str], list[PayloadRef]]:
+        """Decode and feed a batch of deliveries; returns those to ack, the ids applied and the payload
+        references to release after the ack (not those of dead-lettered messages: they keep their payload)."""
         assert self.stage is not None
         entries = self.stage.entries
         settle: list[Delivery] = []
         ids: list[str] = []
+        refs: list[PayloadRef] = []
         groups: list[tuple[str | tuple[str, ...], list[Any]]] = []
         for index, delivery in enumerate(deliveries):
             if self.stop_requested or (max_messages is not None and self.received >= max_messages):
                 for rest in deliveries[index:]:
                     await rest.nack(requeue=True)  # behind a Stop or over the bound: not ours to take
                 break
-            settle.append(delivery)
             entry: str | tuple[str, ...]
+            ref: PayloadRef | None = None
             try:
-                doc = loads(delivery.body)
-            except MalformedMessage as exc:
-                self._dead_letter_raw(delivery, f"malformed message: {exc}")
+                if is_reference(delivery.body):
+                    doc, ref = await open_record(self.claim_check, delivery.body, delivery.message_id)
+                else:
+                    doc = loads(delivery.body)
+            except MessageError as exc:
+                settle.append(delivery)
+                self._dead_letter_raw(delivery, open_failure_reason(exc))
                 continue
+            except PayloadStoreError as exc:
+                reason = await retry_later(delivery, str(exc))
+                if reason is not None:
+                    settle.append(delivery)
+                    self._dead_letter_raw(delivery, reason)
+                continue
+            settle.append(delivery)
             if not (isinstance(doc, dict) and doc.get("ts") == WIRE_VERSION and "kind" in doc):
                 if len(entries) != 1:
                     self._dead_letter_raw(delivery, "raw message on a stage queue with several entry steps")
@@ -328,6 +361,8 @@ class Runner:
                 mid = str(doc.get("id") or delivery.message_id)
                 if mid in self.recent_ids:
                     self.duplicates += 1
+                    if ref is not None:
+                        refs.append(ref)
                     continue
                 ids.append(mid)
                 if doc["kind"] == "control":
@@ -345,6 +380,8 @@ class Runner:
                     self.counts[src] = self.counts.get(src, 0) + 1
                 key = doc.get("key")
                 item = (key, doc.get("body")) if key is not None else doc.get("body")
+            if ref is not None:
+                refs.append(ref)
             self.received += 1
             if groups and groups[-1][0] == entry:
                 groups[-1][1].append(item)
@@ -356,7 +393,7 @@ class Runner:
                     await self.executor.feed(node_id, items)
             else:
                 await self.executor.feed(group_entry, items)
-        return settle, ids
+        return settle, ids, refs
 
     def _control(self, body: Any) -> None:
         control = body.get("control") if isinstance(body, dict) else None
@@ -387,6 +424,7 @@ class Runner:
     # -- publishing, snapshots, end-of-stream ---------------------------------------------------------
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
+        messages = await self.producer.offload_outgoing(messages)  # large records travel by reference
         step = max(1, self.broker.capabilities.max_batch)
         for i in range(0, len(messages), step):
             await self.broker.publish_batch(queue, messages[i : i + step])

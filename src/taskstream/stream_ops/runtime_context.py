@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from taskstream.payloads.claimcheck import ClaimCheck
+
 if TYPE_CHECKING:
     from taskstream.brokers.base import Broker
 
@@ -34,6 +36,7 @@ class RuntimeContext:
         broker: the connected broker (queue sources and sinks, services, dead letters).
         now: the time source, seconds since the epoch; tests inject a fake one.
         stats: counters per step id.
+        claim_check: where records too large for a broker go (queue sources and sinks); ``None``: from settings.
     """
 
     pipeline: str
@@ -42,6 +45,13 @@ class RuntimeContext:
     broker: Broker | None = None
     now: Callable[[], float] = time.time
     stats: dict[str, NodeStats] = field(default_factory=dict)
+    claim_check: ClaimCheck | None = None
+
+    def payloads(self) -> ClaimCheck:
+        """The claim-check for this runtime (built from settings on first use when none was given)."""
+        if self.claim_check is None:
+            self.claim_check = ClaimCheck.from_settings()
+        return self.claim_check
 
     def node_stats(self, node_id: str) -> NodeStats:
         stats = self.stats.get(node_id)

@@ -16,6 +16,10 @@ request                   envelope ``kind="task"``, ``reply_to``, ``deadline``, 
 reply                     envelope ``kind="result"``, ``correlation_id`` = request id,
                           body ``{"ok": true, "result": ...}`` or ``{"ok": false, "error", "type"}``
 ========================  =========================================================================
+
+Requests and replies too large for the broker (a camera frame on Azure Queues) travel by reference
+(claim-check, :mod:`taskstream.payloads`): the producer offloads them, the reader resolves the reference and
+deletes the blob after the ack.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from taskstream.brokers.base import Broker, Subscription, dead_letter_name
-from taskstream.errors import BrokerConnectionError, ConfigurationError, MalformedMessage, TaskError
-from taskstream.messages import Envelope, decode, new_id
+from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageError, TaskError
+from taskstream.messages import Envelope, new_id
+from taskstream.payloads.base import PayloadStoreError
+from taskstream.payloads.claimcheck import ClaimCheck, open_failure_reason
 from taskstream.producer import Producer
 from taskstream.stream_ops.core import BatchOp, is_async_callable
 from taskstream.stream_ops.runtime_context import RuntimeContext
@@ -64,6 +70,7 @@ class Service:
         handler: sync or async; its return value is the reply; an exception becomes an error reply.
         lock_path: the ownership lock file (default: ``<tmp>/taskstream-service-<name>.lock``); ``False`` for none.
         quit_command: a request ``{"command": <this>}`` replies and stops the service; ``None`` disables it.
+        claim_check: where requests and replies too large for the broker go (default: from settings).
 
     Use as an App component (``app.add_component(service)``) or ``await service.run(broker)``.
     """
@@ -75,10 +82,12 @@ class Service:
         *,
         lock_path: str | os.PathLike[str] | bool | None = None,
         quit_command: str | None = QUIT,
+        claim_check: ClaimCheck | None = None,
     ) -> None:
         if not name:
             raise ConfigurationError("a Service needs a name")
         self.name = name
+        self.claim_check = claim_check
         self.queue = service_queue(name)
         self.handler = handler
         self.is_async = is_async_callable(handler)
@@ -153,18 +162,25 @@ class Service:
             await self.stop()
 
     async def _serve(self, broker: Broker, subscription: Subscription) -> None:
-        producer = Producer(broker)
+        producer = Producer(broker, claim_check=self.claim_check)
+        check = producer.claim_check
         try:
             async for delivery in subscription:
                 try:
-                    request = decode(delivery.body, message_id=delivery.message_id)
-                except MalformedMessage as exc:
-                    await self._dead_letter(broker, delivery.body, dict(delivery.headers), str(exc))
+                    request, ref = await check.open(delivery.body, message_id=delivery.message_id)
+                except MessageError as exc:  # the dead letter keeps a payload reference
+                    await self._dead_letter(broker, delivery.body, dict(delivery.headers), open_failure_reason(exc))
                     await delivery.ack()
+                    continue
+                except PayloadStoreError as exc:
+                    log.warning("service %r: payload store failed, request requeued: %s", self.name, exc)
+                    await delivery.nack(requeue=True, delay=1.0)
                     continue
                 if request.deadline is not None and request.deadline < time.time():
                     self.skipped_expired += 1
                     await delivery.ack()
+                    if ref is not None:
+                        await check.release(ref)
                     continue
                 body = request.body
                 quitting = (
@@ -182,6 +198,8 @@ class Service:
                         Envelope(kind="result", correlation_id=request.id, body=reply),
                     )
                 await delivery.ack()
+                if ref is not None:
+                    await check.release(ref)
                 if quitting:
                     log.info("service %r: quit after %d requests", self.name, self.handled)
                     break
@@ -227,10 +245,12 @@ class ServiceClient:
         ...         frame = await client.call("camera", {"command": "take_picture"}, timeout=5)
     """
 
-    def __init__(self, broker: Broker, *, reply_queue: str | None = None) -> None:
+    def __init__(
+        self, broker: Broker, *, reply_queue: str | None = None, claim_check: ClaimCheck | None = None
+    ) -> None:
         self.broker = broker
         self.reply_queue = reply_queue or f"reply-{new_id()[:16]}"
-        self.producer = Producer(broker)
+        self.producer = Producer(broker, claim_check=claim_check)
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._subscription: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -245,17 +265,24 @@ class ServiceClient:
 
     async def _receive(self, subscription: Subscription) -> None:
         try:
+            check = self.producer.claim_check
             async for delivery in subscription:
                 try:
-                    reply = decode(delivery.body, message_id=delivery.message_id)
-                except MalformedMessage as exc:
-                    log.warning("ignoring a malformed reply on %r: %s", self.reply_queue, exc)
+                    reply, ref = await check.open(delivery.body, message_id=delivery.message_id)
+                except MessageError as exc:
+                    log.warning("ignoring a reply on %r: %s", self.reply_queue, open_failure_reason(exc))
                     await delivery.ack()
+                    continue
+                except PayloadStoreError as exc:
+                    log.warning("payload store failed for a reply on %r, requeued: %s", self.reply_queue, exc)
+                    await delivery.nack(requeue=True, delay=1.0)
                     continue
                 future = self._pending.get(reply.correlation_id or "")
                 if future is not None and not future.done():
                     future.set_result(reply.body)
                 await delivery.ack()  # a reply nobody waits for any more (timed out) is dropped here
+                if ref is not None:
+                    await check.release(ref)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -337,7 +364,7 @@ def request_op(service: str, timeout: float) -> Callable[[RuntimeContext], Batch
             if not holder:
                 if ctx.broker is None:
                     raise ConfigurationError(f"request({service!r}) needs the pipeline to run on a broker")
-                holder.append(ServiceClient(ctx.broker))
+                holder.append(ServiceClient(ctx.broker, claim_check=ctx.payloads()))
             return holder[0]
 
         async def call(items: list[Any]) -> list[Any]:

@@ -6,7 +6,7 @@ its own :class:`SinkWriter`, whose ``write(items)`` is awaited before the items'
 ==================  ==========================================================================================
 Sink                Writes
 ==================  ==========================================================================================
-``QueueSink``       taskstream envelopes to a queue (keyed items carry their key)
+``QueueSink``       taskstream envelopes to a queue (keyed items carry their key; large ones by reference)
 ``JsonLinesSink``   one JSON line per item, appended (replicas of one machine may share the file)
 ``SQLiteSink``      one row per item: columns from dict fields, or ``key``/``value`` JSON; upserts on ``primary_key``
 ``CallbackSink``    calls a function (sync or async) per item, or per batch
@@ -35,6 +35,7 @@ import orjson
 from taskstream.brokers.base import Broker, OutgoingMessage, broker_from_url
 from taskstream.errors import ConfigurationError
 from taskstream.messages import CONTENT_TYPE, WIRE_VERSION, dumps, new_id
+from taskstream.producer import Producer
 from taskstream.stream_ops.core import is_async_callable, is_keyed
 from taskstream.stream_ops.runtime_context import RuntimeContext
 
@@ -215,13 +216,26 @@ def _ident(what: str, name: str) -> str:
     return f'"{name}"'
 
 
+def _enable_wal(conn: sqlite3.Connection, attempts: int = 100) -> None:
+    # Switching a new database to WAL reads it, then needs it exclusively: two writers opening it at once
+    # (replicas sharing the file) can get SQLITE_BUSY at once, without the busy timeout. Try again.
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.01 * (1 + attempt % 10))
+
+
 class _SQLiteWriter(SinkWriter):
     def __init__(self, sink: SQLiteSink) -> None:
         self.sink = sink
         self.lock = threading.Lock()
         sink.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(sink.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(self.conn)
         self.conn.execute("PRAGMA synchronous=NORMAL")
         cols = ", ".join(f"{_ident('column', c)}" for c in sink.columns)
         pk = f", PRIMARY KEY ({', '.join(_ident('column', c) for c in sink.primary_key)})" if sink.primary_key else ""
@@ -308,10 +322,11 @@ class SQLiteSink(Sink):
 
 
 class _QueueWriter(SinkWriter):
-    def __init__(self, broker: Broker, queue: str, own: bool) -> None:
+    def __init__(self, broker: Broker, queue: str, own: bool, producer: Producer) -> None:
         self.broker = broker
         self.queue = queue
         self.own = own
+        self.producer = producer
 
     async def write(self, items: list[Any]) -> None:
         now = time.time()
@@ -327,6 +342,7 @@ class _QueueWriter(SinkWriter):
                     dumps(doc), {"content_type": CONTENT_TYPE, "ts_kind": "record"}, message_id=mid, key=key
                 )
             )
+        batch = await self.producer.offload_outgoing(batch)  # large items travel by reference
         step = max(1, self.broker.capabilities.max_batch)
         for i in range(0, len(batch), step):
             await self.broker.publish_batch(self.queue, batch[i : i + step])
@@ -337,7 +353,11 @@ class _QueueWriter(SinkWriter):
 
 
 class QueueSink(Sink):
-    """Publishes each item as a taskstream record envelope to ``queue`` (on the pipeline's broker by default)."""
+    """Publishes each item as a taskstream record envelope to ``queue`` (on the pipeline's broker by default).
+
+    Items too large for the broker go to the runtime's payload store and travel as references (claim-check,
+    :mod:`taskstream.payloads`); consumers, queue sources and stages resolve them.
+    """
 
     label = "queue"
 
@@ -358,4 +378,4 @@ class QueueSink(Sink):
         else:
             raise ConfigurationError(f"QueueSink({self.queue!r}) has no broker: pass broker= or run on one")
         await broker.declare(self.queue, fifo=self.queue.endswith(".fifo"))
-        return _QueueWriter(broker, self.queue, own)
+        return _QueueWriter(broker, self.queue, own, Producer(broker, claim_check=ctx.payloads()))

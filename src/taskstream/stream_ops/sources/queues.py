@@ -5,6 +5,10 @@ published (the runtime calls the batch's ``ack``). Taskstream envelopes yield th
 a foreign producer yields the JSON value. A control envelope ``Stop`` (or a raw ``{"control": "stop"}``) ends
 the source; messages behind it stay in the queue. Bytes that do not decode go to ``<queue>.dlq`` with the
 reason and the source keeps going.
+
+Payload references (claim-check, :mod:`taskstream.payloads`) are resolved before the items are emitted, and the
+blob is deleted once the delivery is acked; a missing or corrupt payload is dead-lettered with the reason (the
+dead letter keeps the reference), a store that cannot be reached requeues the message with a growing pause.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, Subscription, broker_from_url, dead_letter_name
-from taskstream.errors import ConfigurationError, MalformedMessage
+from taskstream.errors import ConfigurationError, MessageError
 from taskstream.messages import WIRE_VERSION, loads
+from taskstream.payloads.base import PayloadStoreError
+from taskstream.payloads.claimcheck import PayloadRef, is_reference, open_failure_reason
 from taskstream.stream_ops.runtime_context import RuntimeContext
 from taskstream.stream_ops.sources.base import Source, SourceBatch, is_stop
+from taskstream.stream_ops.wire import open_record, retry_later
 
 __all__ = ["QueueSource"]
 
@@ -74,6 +81,7 @@ class QueueSource(Source):
         else:
             raise ConfigurationError(f"QueueSource({self.queue!r}) has no broker: pass broker= or run on one")
         await broker.declare(self.queue, fifo=self.queue.endswith(".fifo"))
+        check = ctx.payloads()
         subscription = broker.consume(self.queue, prefetch=max(self.prefetch, batch_size))
         emitted = 0
         acked: list[asyncio.Event] = []
@@ -88,17 +96,32 @@ class QueueSource(Source):
                     break
                 items: list[Any] = []
                 settle: list[Delivery] = []
+                refs: list[PayloadRef] = []
                 stop = False
                 for delivery in deliveries:
                     if stop:
                         await delivery.nack(requeue=True)  # behind a Stop: leave it for the next consumer
                         continue
-                    settle.append(delivery)
+                    ref: PayloadRef | None = None
                     try:
-                        value, control = self._decode(delivery)
-                    except MalformedMessage as exc:
-                        await self._dead_letter(broker, delivery, str(exc))
+                        if is_reference(delivery.body):
+                            doc, ref = await open_record(check, delivery.body, delivery.message_id)
+                        else:
+                            doc = loads(delivery.body)
+                    except MessageError as exc:
+                        settle.append(delivery)
+                        await self._dead_letter(broker, delivery, open_failure_reason(exc))
                         continue
+                    except PayloadStoreError as exc:
+                        reason = await retry_later(delivery, str(exc))
+                        if reason is not None:
+                            settle.append(delivery)
+                            await self._dead_letter(broker, delivery, reason)
+                        continue
+                    settle.append(delivery)
+                    if ref is not None:
+                        refs.append(ref)
+                    value, control = self._interpret(doc)
                     if control is not None:
                         stop = stop or control == "stop"
                         continue
@@ -107,9 +130,13 @@ class QueueSource(Source):
                 done = asyncio.Event()
                 acked.append(done)
 
-                async def ack(batch: list[Delivery] = settle, done: asyncio.Event = done) -> None:
+                async def ack(
+                    batch: list[Delivery] = settle, refs: list[PayloadRef] = refs, done: asyncio.Event = done
+                ) -> None:
                     for d in batch:
                         await d.ack()
+                    for ref in refs:  # acked for good: the payloads can go
+                        await check.release(ref)
                     done.set()
 
                 emitted += len(items)
@@ -149,8 +176,8 @@ class QueueSource(Source):
                 break
         return got
 
-    def _decode(self, delivery: Delivery) -> tuple[Any, str | None]:
-        doc = loads(delivery.body)
+    def _interpret(self, doc: Any) -> tuple[Any, str | None]:
+        """The item a decoded message carries, or the control word it is (``stop``)."""
         if isinstance(doc, dict) and doc.get("ts") == WIRE_VERSION and "kind" in doc:
             body = doc.get("body")
             if doc["kind"] == "control":
