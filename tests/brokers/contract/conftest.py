@@ -46,6 +46,13 @@ class Ctx:
         return name
 
     async def close(self) -> None:
+        if self.brokers:  # delete what the test declared, so servers do not fill up with test queues
+            broker = self.brokers[0]
+            for queue in self.queues:
+                for name in (queue, broker.dead_letter_name(queue)):
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(10):
+                            await broker.delete_queue(name)
         for broker in self.brokers:
             with contextlib.suppress(Exception):
                 await broker.close()
