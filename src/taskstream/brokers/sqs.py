@@ -574,6 +574,8 @@ class _SQSSubscription(Subscription):
         for delivery in leftovers:
             delivery.settled = True
         if leftovers and self._info is not None:
+            # Extensions of buffered messages still under way must not land after the returns below.
+            await self._broker._batcher(self._info, "visibility").drain()
             results = await asyncio.gather(*(self._change(d, 0) for d in leftovers), return_exceptions=True)
             for delivery, result in zip(leftovers, results, strict=True):
                 if isinstance(result, BaseException) and not _is_gone(result):
@@ -690,7 +692,11 @@ class SQSBroker(Broker):
                     "sqs",
                     region_name=self.options.region,
                     endpoint_url=self.options.endpoint_url,
-                    config=AioConfig(max_pool_connections=self.options.max_connections, read_timeout=60),
+                    config=AioConfig(
+                        max_pool_connections=self.options.max_connections,
+                        read_timeout=60,
+                        retries={"mode": "standard"},
+                    ),
                 )
             )
         except BotoCoreError as exc:
