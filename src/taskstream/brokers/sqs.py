@@ -68,8 +68,14 @@ topics             not supported (``Capabilities.fanout`` is False)
 Closing: a subscription's ``close()`` returns what it holds at once and does not cancel a receive in flight;
 that receive ends by itself and gives its messages back. Only the broker's ``close()`` cancels receives still
 running after ``close_grace``; one the server was answering at that moment leaves its messages hidden until
-their visibility timeout (nothing is lost). SQS purges at most once
-per 60 s; a second ``purge`` within that window drains the queue by receive and delete instead.
+their visibility timeout (nothing is lost).
+
+Duplicates: a second copy of a message this subscription still holds, or is deleting, is dropped (the newest
+receipt handle is kept). SQS does not hand out such copies; moto does under concurrent receives. Copies across
+consumers are ordinary at-least-once redeliveries and are not hidden.
+
+Purging: SQS allows one ``PurgeQueue`` per 60 s; a second ``purge`` within that window drains the queue by
+receive and delete instead.
 """
 
 from __future__ import annotations
