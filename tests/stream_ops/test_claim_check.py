@@ -1,7 +1,7 @@
 """Large stream records travel by reference (claim-check): between stages, through QueueSink to QueueSource and
 to and from a service, on the memory broker with a small limit and on RabbitMQ; a missing or corrupt payload
-dead-letters with the reason (keeping its reference) while the other records flow; payloads are deleted once
-their delivery is acked."""
+dead-letters with the reason (keeping its reference) while the other records flow, an unreachable store
+requeues; payloads are deleted once their delivery is acked."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 from taskstream.brokers.base import Broker, broker_from_url
 from taskstream.brokers.memory import MemoryBroker
-from taskstream.payloads import ClaimCheck, LocalStore, PayloadRef, is_reference
+from taskstream.payloads import ClaimCheck, LocalStore, PayloadRef, PayloadStoreError, is_reference
 from taskstream.producer import Producer
 from taskstream.stream_ops import ListSink, MemoryStateStore, Pipeline, QueueSink, QueueSource
 from taskstream.stream_ops.service import Service, ServiceClient
@@ -222,3 +222,39 @@ async def test_service_requests_and_replies_over_the_broker_limit_travel_by_refe
             await service.stop()
     assert isinstance(image, np.ndarray) and image.shape == (64, 64) and float(image[0, 0]) == 5000.0
     assert store.puts == 2 and store.deletes == 2  # request and reply both went by reference
+
+
+class FlakyStore(CountingStore):
+    """A local store whose first read fails as an unreachable cloud store would."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.failures = 1
+
+    async def get(self, key: str) -> bytes:
+        if self.failures:
+            self.failures -= 1
+            raise PayloadStoreError("store unreachable (injected)")
+        return await super().get(key)
+
+
+async def test_unreachable_store_requeues_the_record_which_then_goes_through(tmp_path: Path) -> None:
+    store = FlakyStore(tmp_path / "payloads")
+    check = ClaimCheck(store)
+    broker = MemoryBroker(f"cc-{uuid.uuid4().hex[:6]}", max_message_bytes=LIMIT)
+    await broker.connect()
+    p = Pipeline("cc-flaky")
+    got = p.source("src", []).stage("work").map(lambda f: f["seq"], name="seq").collect()
+    p.stage("work").bounded(max_messages=3)
+    plan = p.plan()
+    queue, entry = plan.stages["work"].queue(0), plan.stages["work"].entries[0]
+    await broker.declare(queue)
+    messages = [record_message(f, entry, "feed/0", time.time()) for f in frames(12)[9:]]
+    await broker.publish_batch(queue, await Producer(broker, claim_check=check).offload_outgoing(messages))
+    assert store.puts == 3
+
+    result = await asyncio.wait_for(p.run_stage("work", broker=broker, store=MemoryStateStore(), claim_check=check), 30)
+
+    assert sorted(got) == [9, 10, 11] and result.dead_lettered == 0 and store.failures == 0
+    assert await stored_keys(store) == []
+    await broker.close()
