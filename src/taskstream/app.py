@@ -41,6 +41,7 @@ from taskstream.brokers.base import Broker, broker_from_url
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import ConfigurationError, ValidationFailed
 from taskstream.messages import Envelope
+from taskstream.payloads import ClaimCheck
 from taskstream.producer import Producer
 from taskstream.settings import Settings, redact_url
 from taskstream.tasks.registry import DEFAULT_TASK_QUEUE
@@ -108,7 +109,11 @@ class App:
             url = broker or self.settings.broker_url.get_secret_value()
             self.broker = broker_from_url(url)
             self.broker_url = redact_url(url)
-        self.producer = Producer(self.broker, max_message_bytes=self.settings.max_message_bytes)
+        self.producer = Producer(
+            self.broker,
+            max_message_bytes=self.settings.max_message_bytes,
+            claim_check=ClaimCheck.from_settings(self.settings),
+        )
         self.specs: list[ConsumerSpec] = []
         self.consumers: list[Consumer] = []
         self.components: list[Component] = []
@@ -326,7 +331,9 @@ class App:
         for spec in self.specs:
             if spec.publish_to:
                 await self.broker.declare(spec.publish_to)
-            consumer = Consumer(self.broker, spec.queue, self._make_handler(spec), spec.config)
+            consumer = Consumer(
+                self.broker, spec.queue, self._make_handler(spec), spec.config, claim_check=self.producer.claim_check
+            )
             await consumer.start()
             self.consumers.append(consumer)
         for component in self.components:

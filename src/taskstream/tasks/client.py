@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from taskstream.brokers.base import Delivery, OutgoingMessage, Subscription
 from taskstream.errors import BrokerConnectionError
-from taskstream.messages import Envelope, decode, new_id
+from taskstream.messages import Envelope, decode, encode, new_id
+from taskstream.payloads import PayloadRef, is_reference
 from taskstream.producer import broker_headers
 from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
 from taskstream.tasks.errors import error_from_data, error_to_data
@@ -75,6 +76,7 @@ class TaskClient(FutureOwner):
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._to_ack: list[Delivery] = []
+        self._to_release: list[PayloadRef] = []  # payloads of large results, deleted once their reply is acked
 
     # -- FutureOwner ---------------------------------------------------------------------------------
 
@@ -142,7 +144,7 @@ class TaskClient(FutureOwner):
         message = self._encode(entry, entry.calls, reply=False)
         await self._ensure_queue(task.options.queue)
         await self.runtime.store.add_pending([info])
-        await self.runtime.app.broker.publish_batch(task.options.queue, [message])
+        await self._publish(task.options.queue, [message])
         return info.task_id
 
     def _encode(self, entry: _Pending, calls: Sequence[Call], reply: bool = True) -> OutgoingMessage:
@@ -159,7 +161,7 @@ class TaskClient(FutureOwner):
             correlation_id=entry.task_id,
             body=body,
         )
-        data = self.runtime.producer.encode(envelope)
+        data = encode(envelope)  # sized (and, when large, offloaded to the payload store) in _publish
         return OutgoingMessage(data, broker_headers(envelope), message_id=entry.task_id)
 
     # -- on the loop ---------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class TaskClient(FutureOwner):
             await self._ensure_queue(queue)
             parts = list(chunked(batch, size))
             results = await asyncio.gather(
-                *(broker.publish_batch(queue, [m for m, _ in part]) for part in parts), return_exceptions=True
+                *(self._publish(queue, [m for m, _ in part]) for part in parts), return_exceptions=True
             )
         except Exception as exc:
             results = [exc]
@@ -241,6 +243,10 @@ class TaskClient(FutureOwner):
             if isinstance(result, BaseException):
                 for _, entry in part:
                     self._fail(entry, result)
+
+    async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
+        """Publish a batch; arguments over the broker's threshold travel by reference (taskstream.payloads)."""
+        await self.runtime.app.broker.publish_batch(queue, await self.runtime.producer.offload_outgoing(messages))
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue in self._declared:
@@ -313,9 +319,16 @@ class TaskClient(FutureOwner):
 
     async def _listen(self, subscription: Subscription) -> None:
         try:
+            claim_check = self.runtime.producer.claim_check
             async for delivery in subscription:
                 try:
-                    self._on_reply(decode(delivery.body, message_id=delivery.message_id))
+                    if is_reference(delivery.body):  # a large result, by reference
+                        envelope, ref = await claim_check.open(delivery.body, message_id=delivery.message_id)
+                        if ref is not None:
+                            self._to_release.append(ref)
+                    else:
+                        envelope = decode(delivery.body, message_id=delivery.message_id)
+                    self._on_reply(envelope)
                 except Exception as exc:
                     log.warning("dropping an unreadable reply on %s: %s", self.reply_queue, exc)
                 if not self._to_ack:
@@ -330,10 +343,13 @@ class TaskClient(FutureOwner):
     def _ack_replies(self) -> None:
         """Ack every reply handled during this loop turn together (brokers merge same-turn acks)."""
         deliveries, self._to_ack = self._to_ack, []
-        self._spawn(self._ack_all(deliveries))
+        refs, self._to_release = self._to_release, []
+        self._spawn(self._ack_all(deliveries, refs))
 
-    async def _ack_all(self, deliveries: list[Delivery]) -> None:
+    async def _ack_all(self, deliveries: list[Delivery], refs: list[PayloadRef]) -> None:
         results = await asyncio.gather(*(d.ack() for d in deliveries), return_exceptions=True)
+        for ref in refs:  # the results were read: their payloads go
+            await self.runtime.producer.claim_check.release(ref)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:  # the broker redelivers them; the futures are already resolved, duplicates are ignored
             log.warning("could not ack %d reply(ies) on %s: %s", len(errors), self.reply_queue, errors[0])

@@ -153,6 +153,7 @@ class TaskWorker:
                 max_attempts=MAX_RETRIES + settings.max_attempts + 1,
                 shutdown_grace=self.config.shutdown_grace,
             ),
+            claim_check=self.runtime.producer.claim_check,
         )
         self.consumers[queue] = consumer
         await consumer.start()
@@ -354,12 +355,12 @@ class TaskWorker:
         reply: tuple[str, bytes, dict[str, Any]] | None = None
         if envelope.reply_to:
             try:
-                reply = self._encode_reply(envelope, info)
+                reply = await self._encode_reply(envelope, info)
             except (TypeError, MessageTooLarge) as exc:
                 info.status = "failed"
                 info.result = None
                 info.error = error_to_data(TypeError(f"the result of task {info.name} cannot travel: {exc}"))
-                reply = self._encode_reply(envelope, info)
+                reply = await self._encode_reply(envelope, info)
         else:
             from taskstream.messages import dumps
 
@@ -372,9 +373,10 @@ class TaskWorker:
         await self.runtime.store.finish(info)
         await self._publish_reply(envelope, reply)
 
-    def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
+    async def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
         reply = Envelope(id=new_task_id(), kind="result", correlation_id=envelope.id, body=self._reply_body(info))
-        return reply.id, self.runtime.producer.encode(reply), broker_headers(reply)
+        data, _ = await self.runtime.producer.prepare(reply)  # a large result travels by reference
+        return reply.id, data, broker_headers(reply)
 
     async def _publish_reply(self, envelope: Envelope, reply: tuple[str, bytes, dict[str, Any]] | None) -> None:
         if reply is None or not envelope.reply_to:
@@ -388,7 +390,7 @@ class TaskWorker:
     async def _replay(self, envelope: Envelope, record: TaskInfo) -> None:
         """Answer a task that is cancelled or already finished without running it again."""
         if envelope.reply_to:
-            await self._publish_reply(envelope, self._encode_reply(envelope, record))
+            await self._publish_reply(envelope, await self._encode_reply(envelope, record))
 
     async def _refuse(self, envelope: Envelope, name: str, error: TaskRefused) -> None:
         now = time.time()
