@@ -122,6 +122,8 @@ class App:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._started = False
         self._stop_requested: asyncio.Event | None = None
+        self.failure: str | None = None
+        """Why :meth:`serve` stopped by itself (a consumer's broker failed for good), or ``None``."""
         self.tasks = TaskRuntime(self, result_store=result_store, workers=workers)
         self.components.append(self.tasks)
 
@@ -381,10 +383,12 @@ class App:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop_requested.set)
         await self.start()
+        watchdog = asyncio.create_task(self._watch_consumers(), name="taskstream:watchdog")
         try:
             await self._stop_requested.wait()
             log.info("stopping: finishing in-flight work")
         finally:
+            watchdog.cancel()
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -396,8 +400,38 @@ class App:
             self._stop_requested.set()
 
     def run(self) -> None:
-        """Run until SIGTERM or SIGINT; exits cleanly after in-flight work is finished or requeued."""
+        """Run until SIGTERM or SIGINT; exits cleanly after in-flight work is finished or requeued.
+
+        Raises:
+            SystemExit: with code 1 when a consumer stopped by itself (its broker failed for good), so a
+                supervisor (systemd, Kubernetes, compose ``restart: on-failure``) starts the process again.
+        """
         asyncio.run(self.serve())
+        if self.failure is not None:
+            raise SystemExit(1)
+
+    def all_consumers(self) -> list[Consumer]:
+        """Every consumer this app runs: its own and those of its components (task workers, pipelines)."""
+        found: list[Consumer] = list(self.consumers)
+        for component in self.components:
+            owned = getattr(component, "consumers", None)
+            if owned is None:
+                owned = getattr(getattr(component, "worker", None), "consumers", None)
+            if isinstance(owned, dict):
+                owned = list(owned.values())
+            found.extend(c for c in owned or () if isinstance(c, Consumer))
+        return found
+
+    async def _watch_consumers(self, interval: float = 1.0) -> None:
+        """Stop the app when a consumer stopped by itself, instead of idling with nothing consumed."""
+        while True:
+            await asyncio.sleep(interval)
+            failed = [c for c in self.all_consumers() if c.failure is not None]
+            if failed:
+                self.failure = "; ".join(f"consumer on {c.queue!r}: {c.failure}" for c in failed)
+                log.error("stopping the app: %s", self.failure)
+                self.request_stop()
+                return
 
     # -- internals ------------------------------------------------------------------------------------
 

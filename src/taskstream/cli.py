@@ -116,6 +116,8 @@ def run(
         from taskstream.health import serve_with_health
 
         asyncio.run(serve_with_health(app, health_port, health_host))
+        if app.failure is not None:
+            raise SystemExit(1)
 
 
 def _register_extensions() -> None:

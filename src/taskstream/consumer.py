@@ -131,6 +131,9 @@ class Consumer:
         self._subscription: Subscription | None = None
         self._pull_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._stopping = False
+        self.failure: str | None = None
+        """Why the consumer stopped by itself (the broker failed for good), or ``None``."""
 
     @property
     def running(self) -> bool:
@@ -171,13 +174,17 @@ class Consumer:
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
         except StopAsyncIteration:
-            return
+            if not self._stopping:
+                self._fail("the broker ended the subscription")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the broker failed for good: stop loudly, not silently
-            log.error("consumer on %r stopped: %s: %s", self.queue, type(exc).__name__, exc)
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"
-            self._stopped.set()
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        log.error("consumer on %r stopped by itself: %s", self.queue, reason)
+        self.stats.last_error = self.failure = reason
+        self._stopped.set()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -187,6 +194,7 @@ class Consumer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop pulling, let in-flight work finish for ``grace`` seconds, requeue the rest, close."""
         grace = self.config.shutdown_grace if grace is None else grace
+        self._stopping = True
         if self._pull_task is not None:
             self._pull_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -14,8 +14,9 @@ import pytest
 from pydantic import BaseModel
 
 from taskstream import App, Message, Reject
-from taskstream.brokers.base import dead_letter_name
+from taskstream.brokers.base import Delivery, Subscription, dead_letter_name
 from taskstream.brokers.memory import MemoryBroker
+from taskstream.errors import BrokerConnectionError
 from taskstream.messages import decode
 
 
@@ -191,3 +192,63 @@ def test_run_with_a_bad_target_gives_a_clear_error(bad: str) -> None:
     )
     assert result.returncode == 2
     assert "taskstream: error:" in result.stderr
+
+
+class _BrokenSubscription(Subscription):
+    """Delivers what the memory broker has, then fails as a broker whose connection is gone for good."""
+
+    def __init__(self, inner: Subscription) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    async def __anext__(self) -> Delivery:
+        self.calls += 1
+        if self.calls > 1:
+            raise BrokerConnectionError("connection lost for good")
+        return await self.inner.__anext__()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class _FailingBroker(MemoryBroker):
+    def consume(self, queue: str, *, prefetch: int = 64) -> Subscription:
+        return _BrokenSubscription(super().consume(queue, prefetch=prefetch))
+
+
+async def test_serve_stops_with_a_failure_when_a_consumer_gives_up() -> None:
+    app = App(_FailingBroker())
+    handled: list[int] = []
+
+    @app.consumer("fragile")
+    async def take(n: int) -> None:
+        handled.append(n)
+
+    async def feed() -> None:
+        while not app.consumers:
+            await asyncio.sleep(0.01)
+        await app.publish("fragile", 1)
+
+    feeder = asyncio.create_task(feed())
+    async with asyncio.timeout(30):
+        await app.serve()  # returns by itself: nothing requested the stop
+    await feeder
+    assert handled == [1]
+    assert app.failure is not None and "connection lost for good" in app.failure
+
+
+def test_run_exits_non_zero_when_a_consumer_gives_up() -> None:
+    app = App(_FailingBroker())
+
+    @app.consumer("fragile")
+    async def take(n: int) -> None:
+        pass
+
+    @app.on_startup
+    async def feed() -> None:
+        await app.broker.declare("fragile")
+        await app.publish("fragile", 1)
+
+    with pytest.raises(SystemExit) as exited:
+        app.run()
+    assert exited.value.code == 1

@@ -124,6 +124,8 @@ def worker(
         from taskstream.health import serve_with_health
 
         asyncio.run(serve_with_health(app, health_port, health_host))
+        if app.failure is not None:
+            raise SystemExit(1)
 
 
 def _parse_value(text: str) -> Any:
