@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Azurite (Azure Storage emulator): queue service on 127.0.0.1:10001 and blob service on 127.0.0.1:10000.
+# Started with setsid so the servers outlive the shell (and process group) that started them.
 # Idempotent: installs azurite@3.35.0 into .services/azurite only when missing (3.36+ needs a newer Node),
 # starts each service only when its port does not answer, then waits until both answer.
 # Data lives in .services/azurite-data, logs in .services/azurite-{queue,blob}.log.
@@ -31,13 +32,13 @@ fi
 common=(--location "$data" --skipApiVersionCheck --silent --disableTelemetry)
 if ! up 10001; then
   echo "azurite: starting the queue service on 127.0.0.1:10001"
-  nohup "$bin/azurite-queue" --queueHost 127.0.0.1 --queuePort 10001 "${common[@]}" \
+  setsid nohup "$bin/azurite-queue" --queueHost 127.0.0.1 --queuePort 10001 "${common[@]}" \
     >"$services/azurite-queue.log" 2>&1 </dev/null &
   echo $! >"$services/azurite-queue.pid"
 fi
 if ! up 10000; then
   echo "azurite: starting the blob service on 127.0.0.1:10000"
-  nohup "$bin/azurite-blob" --blobHost 127.0.0.1 --blobPort 10000 "${common[@]}" \
+  setsid nohup "$bin/azurite-blob" --blobHost 127.0.0.1 --blobPort 10000 "${common[@]}" \
     >"$services/azurite-blob.log" 2>&1 </dev/null &
   echo $! >"$services/azurite-blob.pid"
 fi

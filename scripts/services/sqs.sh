@@ -36,7 +36,7 @@ fi
 
 mkdir -p "$logdir"
 echo "sqs: starting moto on $host:$port (log $logdir/moto-sqs.log)"
-nohup "$venv/bin/moto_server" -H "$host" -p "$port" >>"$logdir/moto-sqs.log" 2>&1 </dev/null &
+setsid nohup "$venv/bin/moto_server" -H "$host" -p "$port" >>"$logdir/moto-sqs.log" 2>&1 </dev/null &
 echo $! >"$logdir/moto-sqs.pid"
 for _ in $(seq 1 100); do
   if answers; then
