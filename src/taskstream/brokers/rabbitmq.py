@@ -224,20 +224,24 @@ _RETRYABLE = (
 
 
 class _ChannelGuard:
-    """Interrupts the tasks waiting on an AMQP channel when that channel closes.
+    """Interrupts the tasks waiting on an AMQP channel when that channel closes or their deadline passes.
 
     A connection that dies never drains its write queue, so a publish or ack blocked on it (or awaiting a
-    confirm the broker will never send) would wait forever; the guard cancels such waits and
-    :meth:`wait` turns them into ``ChannelInvalidStateError``, which the callers retry or report.
+    confirm the broker will never send) would wait forever; the guard cancels such waits and :meth:`wait`
+    turns them into ``ChannelInvalidStateError`` (retried or reported by the caller) or ``TimeoutError``.
+    One sweeper timer checks deadlines about once a second, so a wait costs no timer of its own.
     """
 
-    def __init__(self) -> None:
-        self._waiting: dict[asyncio.Task[Any], aiormq.abc.AbstractChannel] = {}
-        self._interrupted: set[asyncio.Task[Any]] = set()
-        self._watched: set[int] = set()
+    SWEEP_INTERVAL = 0.5
 
-    async def wait(self, channel: aiormq.abc.AbstractChannel, operation: Any) -> Any:
-        """Await ``operation`` (a coroutine using ``channel``) unless the channel closes first."""
+    def __init__(self) -> None:
+        self._waiting: dict[asyncio.Task[Any], tuple[aiormq.abc.AbstractChannel, float | None]] = {}
+        self._interrupted: dict[asyncio.Task[Any], type[Exception]] = {}
+        self._watched: set[int] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def wait(self, channel: aiormq.abc.AbstractChannel, operation: Any, deadline: float | None = None) -> Any:
+        """Await ``operation`` (a coroutine using ``channel``) unless the channel closes or ``deadline`` passes."""
         task = asyncio.current_task()
         assert task is not None
         if id(channel) not in self._watched:
@@ -246,24 +250,51 @@ class _ChannelGuard:
         if channel.is_closed:
             operation.close()
             raise amqp_errors.ChannelInvalidStateError("channel closed")
-        self._waiting[task] = channel
+        self._waiting[task] = (channel, deadline)
+        if deadline is not None and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.SWEEP_INTERVAL, self._sweep)
         try:
             return await operation
         except asyncio.CancelledError:
-            if task in self._interrupted:
-                self._interrupted.discard(task)
+            reason = self._interrupted.pop(task, None)
+            if reason is not None:
                 task.uncancel()
-                raise amqp_errors.ChannelInvalidStateError("channel closed while waiting on it") from None
+                raise reason("channel closed while waiting on it") from None
             raise
         finally:
             self._waiting.pop(task, None)
 
+    def _interrupt(self, task: asyncio.Task[Any], reason: type[Exception]) -> None:
+        if not task.done() and task not in self._interrupted:
+            self._interrupted[task] = reason
+            task.cancel()
+
     def _closed(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._watched.discard(id(channel))
-        for task, waiting_on in list(self._waiting.items()):
-            if waiting_on is channel and not task.done():
-                self._interrupted.add(task)
-                task.cancel()
+        for task, (waiting_on, _) in list(self._waiting.items()):
+            if waiting_on is channel:
+                self._interrupt(task, amqp_errors.ChannelInvalidStateError)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = False
+        for task, (_, deadline) in list(self._waiting.items()):
+            if deadline is None:
+                continue
+            if now >= deadline:
+                self._interrupt(task, TimeoutError)
+            else:
+                pending = True
+        if pending:
+            self._sweeper = loop.call_later(self.SWEEP_INTERVAL, self._sweep)
+
+    def cancel(self) -> None:
+        """Stop the sweeper (the broker is closing)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
 
 @dataclass(slots=True)
@@ -687,6 +718,7 @@ class RabbitMQBroker(Broker):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._guard.cancel()
         connection, self._connection = self._connection, None
         self._publisher = self._pub_underlay = self._admin = None
         if connection is not None:
@@ -953,19 +985,22 @@ class RabbitMQBroker(Broker):
         deadline = loop.time() + self.config.publish_timeout
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
-                    channel = cast(aiormq.Channel, await self._publish_channel())
-                    result = await self._guard.wait(
-                        channel,
-                        channel.basic_publish(
-                            body,
-                            exchange=exchange,
-                            routing_key=routing_key,
-                            properties=properties,
-                            mandatory=mandatory,
-                            wait=False,
-                        ),
-                    )
+                channel = self._pub_underlay
+                if channel is None or channel.is_closed:
+                    async with asyncio.timeout_at(deadline):
+                        channel = await self._publish_channel()
+                result = await self._guard.wait(
+                    channel,
+                    cast(aiormq.Channel, channel).basic_publish(
+                        body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=mandatory,
+                        wait=False,
+                    ),
+                    deadline,
+                )
             except TimeoutError as exc:
                 raise PublishError(
                     f"RabbitMQ did not confirm a message for {routing_key!r} within "
@@ -975,7 +1010,7 @@ class RabbitMQBroker(Broker):
                 raise
             except amqp_errors.ChannelPreconditionFailed as exc:
                 refused = _SIZE_REFUSED.search(str(exc))
-                if refused and int(refused.group(1)) >= len(body):
+                if refused and int(refused.group(1)) == len(body):
                     raise MessageTooLarge(len(body), int(refused.group(2)), "rabbitmq server") from exc
                 if loop.time() >= deadline:
                     raise _map_error(exc, f"RabbitMQ refused a publish to {routing_key!r}") from exc
