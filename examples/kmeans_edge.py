@@ -1,6 +1,6 @@
 """Scenario S3, KMeans on the edge device: big inputs by reference.
 
-400,000 random 2-D points (6.4 MB of float64) go to a remote ``cluster(points, k=7)`` function, and the codes
+400,000 random 2-D points (6.4 MB of float64) go to a remote ``cluster(points, k=7)`` task, and the codes
 (one label per point) and the 7 centers come back. That is far more than Azure Queues (64 KiB) or SQS (1 MiB)
 carry: the producer stores the payload in a blob store and sends a reference; the consumer fetches and checks
 it before the function runs; each payload is deleted once its message is acked. Nothing in the code below
@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from taskstream import App
-from taskstream.consumer import Message
 from taskstream.messages import encode
 from taskstream.payloads import BlobStore, store_from_url
 
@@ -85,12 +84,6 @@ def cluster(points: np.ndarray, k: int = K, iterations: int = 30, seed: int = 0)
     return codes, centers
 
 
-def cluster_request(request: dict[str, Any]) -> dict[str, Any]:
-    """The remote function: a request ``{"points": array, "k": 7}`` in, ``{"codes", "centers"}`` out."""
-    codes, centers = cluster(request["points"], k=int(request["k"]))
-    return {"codes": codes, "centers": centers}
-
-
 @dataclass
 class Outcome:
     """What one run measured and checked."""
@@ -110,59 +103,46 @@ async def count_blobs(store: BlobStore) -> int:
 
 
 async def run(name: str, broker_url: str, store_url: str, *, prefix: str = "kmeans") -> Outcome:
-    """Send the points through ``broker_url`` with payloads in ``store_url``; return what was measured.
+    """Call ``cluster(points, k=7)`` on an edge worker through ``broker_url``; return what was measured.
 
-    The edge device (``worker``) and the client are two Apps with their own connections, as they would be on
-    two machines; both read the payload store from ``TASKSTREAM_PAYLOAD_STORE_URL``.
+    The edge device (``edge``, serving the task) and the client (submitting it) are two Apps with their own
+    connections, as they would be on two machines; both read the payload store from
+    ``TASKSTREAM_PAYLOAD_STORE_URL``. The client only knows the task's name and queue.
     """
     os.environ["TASKSTREAM_PAYLOAD_STORE_URL"] = store_url
     store = store_from_url(store_url)
     assert store is not None
-    requests, results = f"{prefix}-points", f"{prefix}-clusters"
+    queue = f"{prefix}-points"
 
-    worker = App(broker=broker_url)
-    worker.consumer(requests, publish_to=results, concurrency=1, handler_timeout=300)(cluster_request)
-
-    client = App(broker=broker_url)
-    loop = asyncio.get_running_loop()
-    answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
-
-    @client.consumer(results, concurrency=1)
-    async def collect(result: dict[str, Any], message: Message) -> None:
-        future = answers.get(message.envelope.correlation_id or "")
-        if future is not None and not future.done():
-            future.set_result(result)
+    edge = App(broker=broker_url, workers=True)
+    edge.task(queue=queue, timeout=300)(cluster)
+    client = App(broker=broker_url, workers=False)
+    remote_cluster = client.remote("cluster", queue=queue)
 
     points = make_points()
-    request = {"points": points, "k": K}
     started = time.perf_counter()
-    async with worker, client:
-        request_id = await client.publish(requests, request, kind="task")
-        answers[request_id] = loop.create_future()
-        result = await asyncio.wait_for(answers[request_id], timeout=300)
+    async with edge, client:
+        codes, centers = await asyncio.wait_for(remote_cluster.submit(points, k=K), timeout=300)
         seconds = time.perf_counter() - started
-        # The client acks after `collect` returns, then deletes the result's payload: wait for that.
+        # The client deletes the result's payload once it has read and acked the reply: wait for that.
         async with asyncio.timeout(30):
-            while client.consumers[0].stats.acked < 1 or await count_blobs(store):
+            while await count_blobs(store):
                 await asyncio.sleep(0.1)
+        await edge.stop()  # the edge device goes away before its queue does
         messages_left = 0
-        for queue in (requests, results):
-            messages_left += await client.broker.depth(queue)
-            messages_left += await client.broker.depth(client.broker.dead_letter_name(queue))
-        for queue in (requests, results):
-            for name_ in (queue, client.broker.dead_letter_name(queue)):
-                with contextlib.suppress(Exception):
-                    await client.broker.delete_queue(name_)
+        for name_ in (queue, client.broker.dead_letter_name(queue)):
+            messages_left += await client.broker.depth(name_)
+        for name_ in (queue, client.broker.dead_letter_name(queue)):
+            with contextlib.suppress(Exception):
+                await client.broker.delete_queue(name_)
     local_codes, local_centers = cluster(points, k=K)
     return Outcome(
         broker=name,
         seconds=seconds,
-        request_bytes=len(encode_request(request)),
-        result_bytes=len(encode_request(result)),
-        centers=result["centers"],
-        matches_local=bool(
-            np.array_equal(result["codes"], local_codes) and np.allclose(result["centers"], local_centers)
-        ),
+        request_bytes=len(encode_request({"points": points, "k": K})),
+        result_bytes=len(encode_request([codes, centers])),
+        centers=centers,
+        matches_local=bool(np.array_equal(codes, local_codes) and np.allclose(centers, local_centers)),
         blobs_left=await count_blobs(store),
         messages_left=messages_left,
     )
