@@ -655,6 +655,7 @@ class RabbitMQBroker(Broker):
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
         self._guard = _ChannelGuard()
+        self._batch_slots = asyncio.Semaphore(2)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
@@ -1069,6 +1070,10 @@ class RabbitMQBroker(Broker):
             return
         for message in messages:
             self._check_size(message.body)
+        async with self._batch_slots:
+            await self._publish_batch(queue, messages)
+
+    async def _publish_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
         sends = []
         for message in messages:
             properties = self._properties(message.headers, message.message_id, message.key)
