@@ -320,26 +320,40 @@ class App:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, run startup hooks, start consumers and components."""
+        """Connect, run startup hooks, start consumers and components.
+
+        If any step fails, what already started is stopped and the broker is closed before the error is
+        raised: a failed start leaves no consumer pulling messages and no connection open.
+        """
         if self._started:
             return
         await self.broker.connect()
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max([s.config.concurrency for s in self.specs if not s.is_async] or [1]),
-            thread_name_prefix="taskstream-handler",
-        )
-        for hook in self._startup:
-            await _call_hook(hook)
-        for spec in self.specs:
-            if spec.publish_to:
-                await self.broker.declare(spec.publish_to)
-            consumer = Consumer(
-                self.broker, spec.queue, self._make_handler(spec), spec.config, claim_check=self.producer.claim_check
+        started: list[Component] = []
+        try:
+            self._threads = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max([s.config.concurrency for s in self.specs if not s.is_async] or [1]),
+                thread_name_prefix="taskstream-handler",
             )
-            await consumer.start()
-            self.consumers.append(consumer)
-        for component in self.components:
-            await component.start(self)
+            for hook in self._startup:
+                await _call_hook(hook)
+            for spec in self.specs:
+                if spec.publish_to:
+                    await self.broker.declare(spec.publish_to)
+                consumer = Consumer(
+                    self.broker,
+                    spec.queue,
+                    self._make_handler(spec),
+                    spec.config,
+                    claim_check=self.producer.claim_check,
+                )
+                await consumer.start()
+                self.consumers.append(consumer)
+            for component in self.components:
+                await component.start(self)
+                started.append(component)
+        except BaseException:
+            await self._undo_start(started)
+            raise
         self._started = True
         worker = self.tasks.worker
         log.info(
@@ -365,6 +379,25 @@ class App:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
         await self.broker.close()
+
+    async def _undo_start(self, started: list[Component]) -> None:
+        """Stop what a failed :meth:`start` had started and close the broker; cleanup errors are only logged."""
+        for component in reversed(started):
+            try:
+                await component.stop()
+            except Exception as exc:
+                log.warning("while undoing a failed start: stopping %r failed: %s", component, exc)
+        consumers, self.consumers = list(self.consumers), []
+        for result in await asyncio.gather(*(c.stop(grace=0) for c in consumers), return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("while undoing a failed start: stopping a consumer failed: %s", result)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+        try:
+            await self.broker.close()
+        except Exception as exc:
+            log.warning("while undoing a failed start: closing the broker failed: %s", exc)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -59,11 +59,28 @@ def load_object(target: str) -> Any:
     return obj
 
 
+#: Driver loggers kept quiet unless ``--verbose``: per-request HTTP logs (Azure's SDK logs every request and
+#: response at INFO) and reconnect chatter (several lines per attempt while a broker is down). taskstream logs
+#: the events that matter itself: connection lost, restored, given up; receive failing and working again.
+QUIET_LOGGERS: dict[str, int] = {
+    "azure": logging.WARNING,
+    "azure.core.pipeline.policies.http_logging_policy": logging.WARNING,
+    "aiobotocore": logging.WARNING,
+    "botocore": logging.WARNING,
+    "aio_pika": logging.CRITICAL,
+    "aiormq": logging.CRITICAL,
+}
+
+
 def _setup_logging(verbose: bool) -> None:
+    """Log to stderr: taskstream at INFO (DEBUG with ``verbose``), the brokers' client libraries quieter."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @cli.command()

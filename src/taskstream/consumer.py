@@ -265,7 +265,20 @@ class Consumer:
             )
             await self._retry_or_dead_letter(delivery, f"{type(exc).__name__}: {exc}", None)
         else:
-            await delivery.ack()
+            try:
+                await delivery.ack()
+            except Exception as exc:
+                # The broker is unreachable or the queue is gone: the message comes back (at-least-once) and
+                # its payload must stay for that redelivery. Never let this escape the task unhandled.
+                self.stats.last_error = f"ack failed: {type(exc).__name__}: {exc}"
+                log.warning(
+                    "could not ack message %s on %r (%s: %s); the broker will deliver it again",
+                    delivery.message_id,
+                    self.queue,
+                    type(exc).__name__,
+                    exc,
+                )
+                return
             self.stats.acked += 1
             if ref is not None:
                 await self.claim_check.release(ref)

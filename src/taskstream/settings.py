@@ -88,4 +88,6 @@ def redact_url(url: str) -> str:
             name = piece.split("=", 1)[0]
             pieces.append(f"{name}=***" if name.lower() in secret_keys else piece)
         query = "&".join(pieces)
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing secret; urlunsplit would also turn "sqlite:////abs.db" into "sqlite://abs.db"
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

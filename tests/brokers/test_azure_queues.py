@@ -278,8 +278,9 @@ def test_queue_names_are_checked_and_converted() -> None:
     assert azure_queue_name("Sensors.Readings_v2") == "sensors-readings-v2"
     assert azure_queue_name("x") == "xqq"
     assert len(broker.dead_letter_name(azure_queue_name("a" * 100))) == 63
-    with pytest.raises(ConfigurationError, match=r"invalid Azure queue name 'readings\.v2'.*no dots"):
-        broker.dead_letter_name("readings.v2")
+    assert broker.dead_letter_name("Readings.v2") == "readings-v2-poison"  # mapped like the queue itself
+    with pytest.raises(ConfigurationError, match=r"invalid Azure queue name 'x\.' \(as 'x'\)"):
+        broker.dead_letter_name("x.")
     with pytest.raises(ConfigurationError, match="no room for its poison queue"):
         broker.dead_letter_name("q" * 60)
 

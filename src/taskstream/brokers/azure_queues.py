@@ -18,6 +18,8 @@ depth / purge     ``approximate_message_count`` (includes invisible messages) / 
 size limit        65,536 bytes of message text AFTER encoding (measured before sending); bodies up to
                   ``max_message_bytes`` (44 KiB) always fit with up to ~5 KiB of id, key and headers
 ordering, topics  none (``Capabilities.ordered`` and ``fanout`` are False)
+queue names       a valid Azure name as it is; others lower-cased, other characters turned into hyphens
+                  (:func:`native_queue_name`: ``orders.in`` is the Azure queue ``orders-in``)
 ================  ==========================================================================================
 
 Message encoding. Azure messages carry text only, with no headers. taskstream sends one compact JSON object::
@@ -116,6 +118,7 @@ __all__ = [
     "azure_queue_name",
     "decode_frame",
     "encode_frame",
+    "native_queue_name",
 ]
 
 log = logging.getLogger("taskstream.brokers.azure")
@@ -163,13 +166,31 @@ def azure_queue_name(name: str) -> str:
     return cleaned
 
 
-def _check_queue_name(name: str) -> None:
-    if not _QUEUE_NAME.fullmatch(name):
+def native_queue_name(name: str) -> str:
+    """The Azure queue that stands for the taskstream queue ``name`` (what a plain Azure SDK client addresses).
+
+    A valid Azure name is used as it is; any other is lower-cased and every run of other characters becomes one
+    hyphen, the way the SQS backend maps dots, so the same App runs on every broker (``orders.in`` is the Azure
+    queue ``orders-in``, its dead-letter queue ``orders-in-poison``). Nothing is cut: a name that is still not
+    valid (3-63 characters) is refused.
+
+    Example:
+        >>> native_queue_name("Orders.In")
+        'orders-in'
+
+    Raises:
+        ConfigurationError: the name does not map to a valid Azure queue name.
+    """
+    if _QUEUE_NAME.fullmatch(name):
+        return name
+    native = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not _QUEUE_NAME.fullmatch(native):
         raise ConfigurationError(
-            f"invalid Azure queue name {name!r}: use 3-63 lowercase letters, digits and single hyphens, "
-            "starting and ending with a letter or digit (no dots or underscores); "
-            "taskstream.brokers.azure_queues.azure_queue_name() converts a name"
+            f"invalid Azure queue name {name!r} (as {native!r}): Azure queue names are 3-63 lowercase letters, "
+            "digits and single hyphens (taskstream lower-cases names and turns other characters into hyphens); "
+            "taskstream.brokers.azure_queues.azure_queue_name() shortens a long name"
         )
+    return native
 
 
 # -- the message frame ----------------------------------------------------------------------------------------
@@ -819,18 +840,17 @@ class AzureQueueBroker(Broker):
         if client is None:
             if self._service is None:
                 raise BrokerConnectionError("Azure queue broker is not connected (use 'async with' or connect())")
-            _check_queue_name(queue)
-            client = self._clients[queue] = self._service.get_queue_client(queue)
+            client = self._clients[queue] = self._service.get_queue_client(native_queue_name(queue))
         return client
 
     def dead_letter_name(self, queue: str) -> str:
         """The platform's poison-queue convention: ``<queue>-poison`` (a valid Azure queue name)."""
-        _check_queue_name(queue)
-        name = f"{queue}{POISON_SUFFIX}"
+        native = native_queue_name(queue)
+        name = f"{native}{POISON_SUFFIX}"
         if len(name) > 63:
             raise ConfigurationError(
-                f"Azure queue name {queue!r} leaves no room for its poison queue {name!r} (63 characters at most): "
-                f"use at most {63 - len(POISON_SUFFIX)} characters"
+                f"Azure queue name {native!r} leaves no room for its poison queue {name!r} (63 characters at "
+                f"most): use at most {63 - len(POISON_SUFFIX)} characters"
             )
         return name
 

@@ -850,6 +850,10 @@ class TopicSubscriber:
     Iterate it (``async for message in subscriber``) or call :meth:`recv`. :attr:`missed` counts messages lost
     on the way, found as gaps in each publisher's sequence numbers.
 
+    Plain ZeroMQ publishers feed it too: a two-frame ``[topic, body]`` message, or a one-frame message whose
+    topic is its first word (``b"5 21.5"``: topic ``"5"``, body the whole frame). They carry no headers and
+    no sequence numbers (``publisher`` is ``""``, ``seq`` 0), so their losses cannot be counted.
+
     Args:
         endpoint: the forwarder's backend.
         topics: prefix filters (ZeroMQ semantics: ``"3"`` also matches ``"30"``); ``""`` for everything.
@@ -914,6 +918,12 @@ class TopicSubscriber:
             raise BrokerConnectionError("topic subscriber is not connected (use 'async with' or connect())")
         while True:
             frames = await self._sock.recv_multipart()
+            if len(frames) < 3:  # from a plain ZeroMQ PUB: [topic, body] or one "topic payload" frame
+                plain = self._plain(frames)
+                if plain is None:
+                    continue
+                self.received += 1
+                return plain
             if len(frames) != 3:
                 log.warning("topic subscriber: ignoring a message of %d frames (not from TopicPublisher)", len(frames))
                 continue
@@ -932,3 +942,14 @@ class TopicSubscriber:
                 continue
             self.received += 1
             return TopicMessage(topic, frames[2], headers, publisher, seq)
+
+    def _plain(self, frames: list[bytes]) -> TopicMessage | None:
+        """A message from a plain PUB socket: ``[topic, body]``, or one frame whose topic is its first word."""
+        if len(frames) == 2:
+            topic, body = frames[0].decode(errors="replace"), frames[1]
+        else:
+            body = frames[0]
+            topic = body.split(b" ", 1)[0].decode(errors="replace")
+        if self.exact and topic not in self.topics:
+            return None
+        return TopicMessage(topic, body, {}, "", 0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 from typing import Annotated, Any
@@ -75,11 +74,10 @@ def run_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a pipeline fused in this process, or one replica of one stage."""
+    from taskstream.cli import _setup_logging
     from taskstream.stream_ops.runner import RunConfig
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _setup_logging(verbose)
     if broker:
         os.environ["TASKSTREAM_BROKER_URL"] = broker
     pipeline = load_pipeline(target)

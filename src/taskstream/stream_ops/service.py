@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from taskstream.brokers.base import Broker, Subscription, dead_letter_name
+from taskstream.brokers.base import Broker, Subscription
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageError, TaskError
 from taskstream.messages import Envelope, new_id
 from taskstream.payloads.base import PayloadStoreError
@@ -230,7 +230,7 @@ class Service:
             self.in_handler -= 1
 
     async def _dead_letter(self, broker: Broker, body: bytes, headers: dict[str, Any], reason: str) -> None:
-        dlq = dead_letter_name(self.queue)
+        dlq = broker.dead_letter_name(self.queue)
         headers.update({"x-death-reason": reason[:4000], "x-original-queue": self.queue})
         await broker.declare(dlq)
         await broker.publish(dlq, body, headers=headers)

@@ -3,8 +3,8 @@
 Deliveries are acked only after the items they carried went through the stage and its outputs were
 published (the runtime calls the batch's ``ack``). Taskstream envelopes yield their body; plain JSON from
 a foreign producer yields the JSON value. A control envelope ``Stop`` (or a raw ``{"control": "stop"}``) ends
-the source; messages behind it stay in the queue. Bytes that do not decode go to ``<queue>.dlq`` with the
-reason and the source keeps going.
+the source; messages behind it stay in the queue. Bytes that do not decode go to the broker's dead-letter queue
+of the queue (``<queue>.dlq``; ``<queue>-poison`` on Azure) with the reason and the source keeps going.
 
 Payload references (claim-check, :mod:`taskstream.payloads`) are resolved before the items are emitted, and the
 blob is deleted once the delivery is acked; a missing or corrupt payload is dead-lettered with the reason (the
@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from taskstream.brokers.base import Broker, Delivery, Subscription, broker_from_url, dead_letter_name
+from taskstream.brokers.base import Broker, Delivery, Subscription, broker_from_url
 from taskstream.errors import ConfigurationError, MessageError
 from taskstream.messages import WIRE_VERSION, loads
 from taskstream.payloads.base import PayloadStoreError
@@ -193,7 +193,7 @@ class QueueSource(Source):
 
     async def _dead_letter(self, broker: Broker, delivery: Delivery, reason: str) -> None:
         self.dead_lettered += 1
-        dlq = dead_letter_name(self.queue)
+        dlq = broker.dead_letter_name(self.queue)
         log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
         headers = dict(delivery.headers)
         headers.update(
