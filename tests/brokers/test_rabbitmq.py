@@ -479,6 +479,10 @@ async def test_publish_to_an_undeclared_queue_raises(cleanup: Cleanup) -> None:
         await broker.publish(f"ts-test-missing-{uuid.uuid4().hex}", b"x")
     with pytest.raises(QueueNotFound):
         await broker.depth(f"ts-test-missing-{uuid.uuid4().hex}")
+    sub = broker.consume(f"ts-test-missing-{uuid.uuid4().hex}", prefetch=1)
+    with pytest.raises(QueueNotFound):
+        await asyncio.wait_for(sub.__anext__(), 10)
+    await sub.close()
     queue = cleanup.name("after-error")
     await broker.declare(queue)
     await broker.publish(queue, b"fine")

@@ -367,18 +367,31 @@ class _RabbitSubscription(Subscription):
     # -- lifecycle ------------------------------------------------------------------------------------
 
     async def _start(self) -> None:
+        """Open the channel and start consuming; while the connection is down, wait for it (bounded)."""
         broker = self.broker
-        connection = await broker._connection_ready()
-        try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + broker.config.reconnect_timeout
+        while True:
+            connection = await broker._connection_ready()
             channel = connection.channel(publisher_confirms=False)
-            await channel.initialize()
-            await channel.set_qos(prefetch_count=self.prefetch)
-            self._channel = channel
-            await self._consume(await channel.get_underlay_channel())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise _map_error(exc, f"cannot consume RabbitMQ queue {self.queue!r}") from exc
+            try:
+                await channel.initialize()
+                await channel.set_qos(prefetch_count=self.prefetch)
+                self._channel = channel
+                await self._consume(await channel.get_underlay_channel())
+                break
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                raise
+            except Exception as exc:
+                self._channel = None
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                if isinstance(exc, amqp_errors.AMQPChannelError) or loop.time() >= deadline:
+                    raise _map_error(exc, f"cannot consume RabbitMQ queue {self.queue!r}") from exc
+                log.info("cannot consume RabbitMQ queue %r yet (%s); retrying", self.queue, exc)
+                await asyncio.sleep(0.5)
         channel.reopen_callbacks.add(self._on_reopen)
         broker._subscriptions.add(self)
 
@@ -594,6 +607,7 @@ class _RabbitSubscription(Subscription):
             if underlay is not None and not underlay.is_closed:
                 with contextlib.suppress(Exception):
                     await self.broker._guard.wait(underlay, underlay.basic_cancel(self._consumer_tag))
+                await asyncio.sleep(0)  # deliveries that arrived before the cancel reach the buffer
                 # return what we hold: handed-out unsettled ones count as an attempt, buffered ones do not
                 returns = [
                     self._return(d, requeue=True, delay=None, consumed=True) for d in list(self._handed.values())
@@ -1125,8 +1139,7 @@ class RabbitMQBroker(Broker):
     # -- consuming and queue management ---------------------------------------------------------------
 
     def consume(self, queue: str, *, prefetch: int = 64) -> Subscription:
-        if self._closed and self._connection is None and self._declared:
-            raise BrokerConnectionError("the RabbitMQ broker is closed")
+        """A subscription on ``queue``; it opens its channel on the first ``__anext__``."""
         return _RabbitSubscription(self, queue, prefetch)
 
     async def purge(self, queue: str) -> None:
