@@ -424,7 +424,7 @@ async def test_dead_letters_carry_the_reason(cleanup: Cleanup) -> None:
     await wait_for(lambda: consumer.stats.dead_lettered == 1, 20, "dead letter")
     await consumer.stop()
     # a broker-side reject (nack without requeue) lands in the same queue through the dead-letter exchange
-    await broker.publish(queue, b"rejected", headers={"n": 1})
+    await broker.publish(queue, b"rejected", headers={"n": 1, "at": 1795664159.8912, "nested": {"f": [0.1, "a"]}})
     sub = broker.consume(queue, prefetch=1)
     d = await asyncio.wait_for(sub.__anext__(), 10)
     await d.nack(requeue=False)
@@ -442,6 +442,7 @@ async def test_dead_letters_carry_the_reason(cleanup: Cleanup) -> None:
     assert runtime.headers["x-attempts"] == 2 and runtime.headers["x-original-queue"] == queue
     assert "x-ts-attempt" not in runtime.headers
     native = by_body[b"rejected"]
+    assert (native.headers["at"], native.headers["nested"]) == (1795664159.8912, {"f": [0.1, "a"]})  # doubles
     assert native.headers["x-first-death-reason"] == "rejected"
     assert native.headers["x-death"][0]["queue"] == queue
     orjson.dumps(native.headers)  # JSON-compatible, timestamps included

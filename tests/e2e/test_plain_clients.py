@@ -110,12 +110,6 @@ async def test_plain_amqp_publisher_and_consumer(
 
 
 @pytest.mark.rabbitmq
-@pytest.mark.xfail(
-    strict=True,
-    reason="rabbitmq.py hands float header values to pamqp, which encodes a Python float as an AMQP 32-bit "
-    "float ('f'): 1795664159.89 arrives as 1795664128.0, 0.1 as 0.10000000149. Fix: send floats as doubles "
-    "('d') in RabbitMQBroker._properties and _republish.",
-)
 async def test_float_headers_keep_their_value_on_rabbitmq(queues: Callable[[str, str], str]) -> None:
     url = URLS["rabbitmq"]
     queue = queues(url, "float-headers")

@@ -69,6 +69,7 @@ import decimal
 import itertools
 import logging
 import re
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ import aiormq.exceptions as amqp_errors
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from pamqp import encode as pamqp_encode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskstream.brokers.base import Broker, Capabilities, Delivery, OutgoingMessage, Subscription
@@ -295,6 +297,36 @@ class _ChannelGuard:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+
+def _encode_table(table: Mapping[str, Any]) -> bytes:
+    """An AMQP field table with floats as 64-bit doubles (pamqp would send 32-bit floats and lose precision)."""
+    parts = []
+    for key, value in sorted(table.items()):
+        parts.append(pamqp_encode.short_string(key))
+        parts.append(_encode_field(value))
+    data = b"".join(parts)
+    return struct.pack(">I", len(data)) + data
+
+
+def _encode_field(value: Any) -> bytes:
+    if isinstance(value, float):
+        return b"d" + pamqp_encode.double(value)
+    if isinstance(value, dict):
+        return b"F" + _encode_table(value)
+    if isinstance(value, list | tuple):
+        data = b"".join(_encode_field(v) for v in value)
+        return b"A" + struct.pack(">I", len(data)) + data
+    return pamqp_encode.encode_table_value(value)
+
+
+class _Properties(spec.Basic.Properties):
+    """``Basic.Properties`` whose headers table keeps float values exact (encoded as doubles)."""
+
+    def encode_property(self, name: str, value: Any) -> bytes:
+        if name == "headers" and value:
+            return _encode_table(value)
+        return super().encode_property(name, value)
 
 
 @dataclass(slots=True)
@@ -973,7 +1005,7 @@ class RabbitMQBroker(Broker):
                     table[name] = value
         if key is not None:
             table[KEY_HEADER] = key
-        return spec.Basic.Properties(
+        return _Properties(
             headers=table or None,
             delivery_mode=self._delivery_mode,
             message_id=message_id or new_id(),
@@ -1118,7 +1150,7 @@ class RabbitMQBroker(Broker):
         old = message.header.properties
         table = {k: v for k, v in (old.headers or {}).items() if k not in _SERVER_HEADERS}
         table[ATTEMPT_HEADER] = attempts
-        properties = spec.Basic.Properties(
+        properties = _Properties(
             content_type=old.content_type,
             content_encoding=old.content_encoding,
             headers=table,
