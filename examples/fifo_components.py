@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -102,7 +103,7 @@ async def send(broker: Broker, queue: str, messages: list[dict[str, Any]], *, st
 
 def read_table(db: str | os.PathLike[str]) -> list[tuple[Any, ...]]:
     """The results table ordered by time of writing."""
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # `with sqlite3.connect()` alone does not close it
         return conn.execute(f"SELECT {', '.join(COLUMNS)} FROM results ORDER BY _ts, seq").fetchall()
 
 

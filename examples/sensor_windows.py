@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sqlite3
 from pathlib import Path
@@ -123,7 +124,7 @@ def build_pipeline(
 
 def read_results(db: str | os.PathLike[str]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """The ``windows`` and ``late`` rows, sorted, without the insert time (for comparing runs)."""
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # `with sqlite3.connect()` alone does not close it
         windows = conn.execute(f"SELECT {', '.join(WINDOW_COLUMNS)} FROM windows ORDER BY 1, 2, 3").fetchall()
         late = conn.execute(f"SELECT {', '.join(LATE_COLUMNS)} FROM late ORDER BY 1, 3").fetchall()
     return windows, late

@@ -270,3 +270,34 @@ async def test_pipeline_as_an_app_component() -> None:
     async with app:
         result = await asyncio.wait_for(component.wait(), 10)
     assert sink.items == [x * x for x in range(10)] and result.received == 10
+
+
+class Opaque:
+    """A value the wire format cannot encode."""
+
+
+async def test_an_item_that_cannot_be_encoded_is_dead_lettered_and_the_stages_go_on() -> None:
+    broker = MemoryBroker(f"enc-{uuid.uuid4().hex[:6]}")
+    await broker.connect()
+    p = Pipeline("unencodable")
+    work = p.source("n", range(6)).stage("work")
+    wrapped = work.map(lambda x: Opaque() if x == 2 else x, name="wrap")
+    out = wrapped.stage("out").collect()
+    exploded = work.flat_map(lambda x: [x, Opaque()] if x == 4 else [x], name="explode").stage("out2").collect()
+    results = await asyncio.wait_for(p.run_distributed(broker), 20)  # the stage fed from a queue goes on
+    assert sorted(out) == [0, 1, 3, 4, 5]
+    assert sorted(exploded) == [0, 1, 2, 3, 4, 5]
+    assert results["work"][0].dead_lettered == 2
+    assert results["work"][0].stats["wrap"].dead_lettered == 1
+    subscription = broker.consume(p.plan().dead_letter_queue)
+    dead = {}
+    async with asyncio.timeout(5):
+        for _ in range(2):
+            delivery = await subscription.__anext__()
+            dead[delivery.headers["x-step"]] = delivery
+    for step in ("wrap", "explode"):
+        reason = dead[step].headers["x-death-reason"]
+        assert "cannot encode a value of type Opaque" in reason and dead[step].headers["x-stage"] == "work"
+    assert json.loads(dead["wrap"].body) == {"item": 2}  # map: the record that produced it
+    assert "Opaque object" in json.loads(dead["explode"].body)["item_repr"]  # flat_map of a batch: the output
+    await broker.close()

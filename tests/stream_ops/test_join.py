@@ -78,3 +78,13 @@ def test_join_needs_keyed_streams() -> None:
         a.join(b, TumblingWindow(1.0))
     with pytest.raises(ConfigurationError, match="how"):
         b.join(b, TumblingWindow(1.0), how="cross")  # type: ignore[arg-type]
+
+
+async def test_join_where_the_keying_is_unknown_takes_only_keyed_items() -> None:
+    p = Pipeline("join-unknown")
+    left = p.source("l", [("a", 1), "ab"]).map(lambda x: x)  # "ab" is not a keyed item
+    right = p.source("r", [("a", 2), ["a", 3]]).map(lambda x: x)  # nor is a list
+    pairs = left.join(right, TumblingWindow(60.0)).map_value(lambda r: (r["left"], r["right"])).collect()
+    result = await p.run()
+    assert pairs == [("a", (1, 2))]
+    assert result.dead_lettered == 2

@@ -213,3 +213,92 @@ async def test_sensor_readings_have_late_out_of_order_and_bad_ones() -> None:
     assert readings == SimulatedSensor(
         4, rate=100, count=2000, start=0.0, late=0.02, out_of_order=0.1, bad=0.02, seed=3
     ).readings(0.0)  # deterministic
+
+
+async def test_batch_after_a_map_batches_unkeyed_items_together_and_keyed_ones_per_key() -> None:
+    p = Pipeline("batch-after-map")
+    tens = p.source("n", range(7)).map(lambda x: x * 10).batch(3).collect()  # keying unknown after a map
+    pairs = p.source("kv", ["a1", "b2", "a3"]).map(lambda s: (s[0], int(s[1]))).batch(2).collect()
+    result = await p.run()
+    assert tens == [[0, 10, 20], [30, 40, 50], [60]]
+    assert sorted(pairs) == [("a", [1, 3]), ("b", [2])]
+    assert result.dead_lettered == 0
+
+
+async def test_batch_after_a_map_stage_by_stage() -> None:
+    p = Pipeline("batch-after-map-staged")
+    out = p.source("n", range(7)).map(lambda x: x + 1).batch(4, name="fours").collect()
+    results = await asyncio.wait_for(p.run_distributed(MemoryBroker(f"bm-{uuid.uuid4().hex[:6]}")), 20)
+    assert sorted(out) == [[1, 2, 3, 4], [5, 6, 7]]
+    assert all(run.dead_lettered == 0 for runs in results.values() for run in runs)
+
+
+async def test_strings_and_lists_of_two_are_not_split_into_key_and_value() -> None:
+    p = Pipeline("not-keyed")
+    words = p.source("w", ["ab", "cd", "ae"]).map(str.lower).batch(5).collect()
+    await p.run()
+    assert words == [["ab", "cd", "ae"]]
+
+    hub = f"nk-{uuid.uuid4().hex[:6]}"
+    p2 = Pipeline("not-keyed-2")
+    items: list[Any] = [("a", 1), ["a", 2], (3, 4), "ab", ("a", 5)]
+    totals = (
+        p2.source("kv", items)
+        .map(lambda x: x)
+        .stateful(lambda ctx: lambda key, state: RunningTotal(state), name="totals")
+        .collect()
+    )
+    result = await p2.run(MemoryBroker(hub))
+    assert totals == [("a", 1), ("a", 6)]  # only the (str, value) tuples are keyed items
+    assert result.dead_lettered == 3
+    reader = MemoryBroker(hub)
+    await reader.connect()
+    subscription = reader.consume(p2.plan().dead_letter_queue)
+    dead = []
+    async with asyncio.timeout(5):
+        for _ in range(3):
+            delivery = await subscription.__anext__()
+            dead.append(loads(delivery.body)["item"])
+            assert "call key_by first" in delivery.headers["x-death-reason"]
+    assert sorted(map(str, dead)) == sorted(map(str, [["a", 2], [3, 4], "ab"]))
+    await reader.close()
+
+
+def test_stage_bounded_keeps_the_bound_that_is_not_passed() -> None:
+    p = Pipeline("keep-bounds")
+    p.source("src", []).stage("work").collect()
+    spec = p.stage("work").bounded(max_messages=3).bounded(idle_timeout=30)
+    assert (spec.max_messages, spec.idle_timeout) == (3, 30)
+    spec.bounded(max_messages=5)
+    assert (spec.max_messages, spec.idle_timeout) == (5, 30)
+    work = p.plan().stages["work"]
+    assert (work.max_messages, work.idle_timeout) == (5, 30)
+
+
+async def test_rate_limit_follows_the_time_injected_into_the_run() -> None:
+    clock = ManualTime(0.0)
+    times: list[float] = []
+    p = Pipeline("rate-run-clock")
+    p.source("n", range(20)).rate_limit(10.0, burst=5).inspect(lambda _x: times.append(clock())).collect()
+    await p.run(now=clock)  # no now=/sleep= on the step: it waits in the run's time
+    assert len(times) == 20
+    for i, t in enumerate(times):
+        assert t >= (i - 4) / 10 - 1e-9
+    assert times[-1] == pytest.approx(1.5, abs=0.11)
+
+
+async def test_rate_limit_starts_afresh_when_the_clock_goes_back() -> None:
+    clock = ManualTime(1000.0)
+    times: list[float] = []
+
+    async def numbers() -> Any:
+        for i in range(20):
+            if i == 10:
+                clock.set(0.0)  # a wall clock set back
+            yield i
+
+    p = Pipeline("rate-clock-back")
+    p.source("n", numbers()).rate_limit(10.0, burst=5).inspect(lambda _x: times.append(clock())).collect()
+    await p.run(now=clock, config=RunConfig(batch_size=1))
+    assert len(times) == 20
+    assert times[-1] < 2.0  # not a wait of 1000 s for the time lost

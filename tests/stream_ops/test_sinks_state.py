@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import uuid
 from pathlib import Path
@@ -47,7 +48,7 @@ async def test_sqlite_sink_columns_and_upsert_by_primary_key(tmp_path: Path) -> 
     p.source("rows", rows).sink(SQLiteSink(db, "t", columns=["id", "v", "extra"], primary_key=["id"]))
     p.source("more", [5, 6]).key_by(str).sink(SQLiteSink(db, "kv"))
     await p.run()
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT id, v, extra FROM t ORDER BY id").fetchall() == [(1, "a2", None), (2, "b", None)]
         assert sorted(conn.execute("SELECT key, value FROM kv").fetchall()) == [("5", "5"), ("6", "6")]
     with pytest.raises(ConfigurationError, match="identifier"):
@@ -132,3 +133,29 @@ def test_state_store_urls(tmp_path: Path) -> None:
         state_store_from_url("postgres://u:secret@h/db")
     except ConfigurationError as exc:
         assert "secret" not in str(exc)
+
+
+def test_example_readers_close_their_sqlite_connections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from examples import fifo_components, sensor_windows
+
+    db = tmp_path / "results.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"CREATE TABLE windows (_ts REAL, {', '.join(sensor_windows.WINDOW_COLUMNS)})")
+        conn.execute(f"CREATE TABLE late (_ts REAL, {', '.join(sensor_windows.LATE_COLUMNS)})")
+        conn.execute(f"CREATE TABLE results (_ts REAL, {', '.join(fifo_components.COLUMNS)})")
+        conn.commit()
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def tracked(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", tracked)
+    assert sensor_windows.read_results(db) == ([], [])
+    assert fifo_components.read_table(db) == []
+    assert len(opened) == 2
+    for conn in opened:  # a `with sqlite3.connect()` block commits but leaves the connection open
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")

@@ -2,26 +2,51 @@
 
 ``batch(size, timeout)`` groups the values of each key into lists of at most ``size``; a list leaves early
 when its first value has waited ``timeout`` seconds (processing time, injectable), and at end-of-stream.
-On an unkeyed stream all items share one batch (and one replica).
+Unkeyed items (all items of a stream known to be unkeyed; the items that are not ``(str, value)`` tuples
+where the keying is unknown) travel under the reserved key :data:`UNKEYED` and share one batch (and one
+replica); they leave as plain lists.
 
 ``rate_limit(per_second, burst)`` passes at most ``per_second`` items per second on average, ``burst`` at a
 time, by waiting: the wait holds up the source (backpressure), nothing is dropped. The limit is per runtime
-(per replica when the stage is spread).
+(per replica when the stage is spread). It keeps the run's time (``run(now=...)``) unless given its own, and
+waits with that clock's ``sleep`` when it has one (:class:`~taskstream.stream_ops.clock.ManualTime` does).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from taskstream.errors import ConfigurationError
-from taskstream.stream_ops.core import BatchOp
+from taskstream.stream_ops.core import BatchOp, is_async_callable, is_keyed
 from taskstream.stream_ops.runtime_context import RuntimeContext
 from taskstream.stream_ops.stateful import Emit, KeyedLogic
 
-__all__ = ["BatchLogic", "batch_builder", "rate_limit_op"]
+__all__ = ["UNKEYED", "BatchLogic", "batch_builder", "key_all", "key_unkeyed", "rate_limit_op", "unkey"]
+
+#: the key unkeyed items are batched under (a control character keeps it apart from keys made by ``key_by``)
+UNKEYED = "\x1funkeyed"
+
+
+def _key_all(items: list[Any]) -> list[Any]:
+    return [(UNKEYED, x) for x in items]
+
+
+def _key_unkeyed(items: list[Any]) -> list[Any]:
+    return [x if is_keyed(x) else (UNKEYED, x) for x in items]
+
+
+def _unkey(items: list[Any]) -> list[Any]:
+    return [kv[1] if kv[0] == UNKEYED else kv for kv in items]
+
+
+key_all = BatchOp(_key_all, None, one_to_one=True)
+"""Before a batch on an unkeyed stream: every item under :data:`UNKEYED`."""
+key_unkeyed = BatchOp(_key_unkeyed, None, one_to_one=True)
+"""Before a batch where the keying is unknown: items that are not keyed go under :data:`UNKEYED`."""
+unkey = BatchOp(_unkey, None, one_to_one=True)
+"""After such a batch: ``(UNKEYED, [values])`` becomes ``[values]``; batches of real keys stay keyed."""
 
 
 class BatchLogic(KeyedLogic):
@@ -100,6 +125,14 @@ def batch_builder(
     return build
 
 
+def _sleep_of(clock: Callable[[], float]) -> Callable[[float], Awaitable[None]]:
+    """How to wait in ``clock``'s time: its own ``async sleep`` (a ``ManualTime``), else ``asyncio.sleep``."""
+    own = getattr(clock, "sleep", None)
+    if callable(own) and is_async_callable(own):
+        return own  # type: ignore[no-any-return]
+    return asyncio.sleep
+
+
 def rate_limit_op(
     per_second: float,
     burst: int | None,
@@ -115,12 +148,14 @@ def rate_limit_op(
     interval = 1.0 / per_second
 
     def build(ctx: RuntimeContext) -> BatchOp:
-        clock = now or time.monotonic
-        wait = sleep or asyncio.sleep
+        clock = now or ctx.now
+        wait = sleep or _sleep_of(clock)
         tat = [clock()]  # theoretical arrival time of the next item (GCRA)
 
         async def limit(items: list[Any]) -> list[Any]:
             t = clock()
+            if tat[0] - t > 2 * chunk * interval:  # the clock went back (a wall clock set back): start afresh
+                tat[0] = t
             new_tat = max(tat[0], t) + len(items) * interval
             allowed_at = new_tat - chunk * interval  # a full bucket lets one burst through at once
             tat[0] = new_tat

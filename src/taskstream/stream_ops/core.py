@@ -86,7 +86,8 @@ class BatchOp:
     """A compiled stateless operation: the batch function, an optional per-item fallback, and whether it awaits.
 
     When the batch function raises, the runtime retries item by item with ``item`` (when given) so that only
-    the failing items are dead-lettered and the rest go on.
+    the failing items are dead-lettered and the rest go on. ``one_to_one`` says output ``i`` comes from input
+    ``i`` (so an output that cannot be sent to another stage is dead-lettered as the record that produced it).
     """
 
     batch: BatchFn
@@ -94,6 +95,7 @@ class BatchOp:
     is_async: bool = False
     chunk: int | None = None  # feed at most this many items per call (rate limiting)
     close: Callable[[], Awaitable[None]] | None = None
+    one_to_one: bool = False
 
 
 @dataclass(eq=False)
@@ -140,11 +142,15 @@ class StageNode(Node):
 
 @dataclass(eq=False)
 class StatefulNode(Node):
-    """Per-key logic. ``builder(ctx)`` returns the factory ``(key, snapshot_or_None) -> KeyedLogic`` of a runtime."""
+    """Per-key logic. ``builder(ctx)`` returns the factory ``(key, snapshot_or_None) -> KeyedLogic`` of a runtime.
+
+    ``keyed_input`` says every input stream is known to carry keyed items (made by ``key_by``, ...).
+    """
 
     builder: Callable[[RuntimeContext], Callable[[str, Any], KeyedLogic]] | None = None
     label: str = "stateful"
     uses_timers: bool = False
+    keyed_input: bool = False
 
 
 @dataclass(eq=False)

@@ -81,26 +81,52 @@ class Outbox:
         self.sent: dict[str, int] = {}
         self._rr: dict[str, int] = {}
 
-    def add(self, target: StagePlan, entries: list[str], items: list[Any]) -> None:
+    def add(self, target: StagePlan, entries: list[str], items: list[Any]) -> dict[int, TypeError] | None:
+        """Encode ``items`` for ``target``'s queues.
+
+        Returns:
+            ``None`` when every item was queued; otherwise the index of each item that cannot be encoded
+            (a value the wire format does not carry) and its error. The others are queued.
+        """
         now = self.now()
         entry: str | list[str] = entries[0] if len(entries) == 1 else entries
         n = target.parallelism
         if n == 1:
             queue = target.queue(0)
-            bucket = self.pending.setdefault(queue, [])
-            bucket.extend(record_message(item, entry, self.src, now) for item in items)
-            self.sent[queue] = self.sent.get(queue, 0) + len(items)
-            return
+            try:
+                messages = [record_message(item, entry, self.src, now) for item in items]
+            except TypeError:
+                return self._add_each(target, entry, items, now)
+            self.pending.setdefault(queue, []).extend(messages)
+            self.sent[queue] = self.sent.get(queue, 0) + len(messages)
+            return None
+        return self._add_each(target, entry, items, now)
+
+    def _add_each(
+        self, target: StagePlan, entry: str | list[str], items: list[Any], now: float
+    ) -> dict[int, TypeError] | None:
+        failed: dict[int, TypeError] | None = None
+        n = target.parallelism
         queues = target.queues
-        for item in items:
-            if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
+        for index, item in enumerate(items):
+            try:
+                message = record_message(item, entry, self.src, now)
+            except TypeError as exc:
+                if failed is None:
+                    failed = {}
+                failed[index] = exc
+                continue
+            if n == 1:
+                replica = 0
+            elif type(item) is tuple and len(item) == 2 and type(item[0]) is str:
                 replica = zlib.crc32(item[0].encode()) % n
             else:
                 replica = self._rr.get(target.name, 0)
                 self._rr[target.name] = (replica + 1) % n
             queue = queues[replica]
-            self.pending.setdefault(queue, []).append(record_message(item, entry, self.src, now))
+            self.pending.setdefault(queue, []).append(message)
             self.sent[queue] = self.sent.get(queue, 0) + 1
+        return failed
 
     def take(self) -> dict[str, list[OutgoingMessage]]:
         pending, self.pending = self.pending, {}
@@ -145,12 +171,27 @@ class NodeRuntime:
                 for item in items:
                     self.ex.dead.add(self.node.id, item, "late record, and no sink consumes this step's late output")
             return
+        unsendable: dict[int, TypeError] | None = None
         for target in targets:
             if isinstance(target, NodeRuntime):
                 await target.feed(items)
             else:
                 assert self.ex.outbox is not None
-                self.ex.outbox.add(target.stage, target.entries, items)
+                failed = self.ex.outbox.add(target.stage, target.entries, items)
+                if failed:
+                    unsendable = failed if unsendable is None else {**failed, **unsendable}
+        if unsendable:
+            self.unsendable(items, unsendable)
+
+    def unsendable(self, items: list[Any], failed: dict[int, TypeError]) -> None:
+        """Dead-letter outputs that cannot be encoded for another stage's queue (the rest went on)."""
+        for index, exc in sorted(failed.items()):
+            self.cannot_send(items[index], exc)
+
+    def cannot_send(self, record: Any, exc: TypeError) -> None:
+        reason = f"{type(exc).__name__}: {exc} (an output of step {self.node.id!r}, bound for another stage)"
+        log.warning("step %r: an output cannot be encoded (%s); dead-lettered", self.node.id, exc)
+        self.ex.dead.add(self.node.id, record, reason)
 
     def fail(self, item: Any, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -172,6 +213,7 @@ class OpRuntime(NodeRuntime):
         super().__init__(node, ex)
         assert node.build is not None
         self.op: BatchOp = node.build(ex.ctx)
+        self.inputs: list[Any] = []  # the batch being emitted, to name the record behind an unsendable output
 
     async def close(self) -> None:
         if self.op.close is not None:
@@ -214,7 +256,20 @@ class OpRuntime(NodeRuntime):
         except Exception as exc:
             self.fail(items[0], exc)
             return
+        self.inputs = items
         await self.emit("down", out)
+
+    def unsendable(self, items: list[Any], failed: dict[int, TypeError]) -> None:
+        """Dead-letter the record that produced each unsendable output, when it is known: the batch's only
+        record, or record ``i`` for output ``i`` of a one-to-one step (``map``, ``map_value``, ``key_by``)."""
+        inputs = self.inputs
+        if len(inputs) == 1:
+            self.cannot_send(inputs[0], next(iter(failed.values())))
+        elif self.op.one_to_one and len(inputs) == len(items):
+            for index, exc in sorted(failed.items()):
+                self.cannot_send(inputs[index], exc)
+        else:
+            super().unsendable(items, failed)
 
 
 class BranchRuntime(NodeRuntime):
@@ -251,6 +306,10 @@ class StatefulRuntime(NodeRuntime):
         self.dirty: set[str] = set()
         self.timers: list[tuple[float, str]] = []
         self.uses_timers = node.uses_timers
+        # Items from steps known to key them (key_by, ...) of this runtime are unpacked unchecked (the fused hot
+        # path); items read from a stage queue, or of unknown keying, are checked one by one.
+        entries = ex.stage.entries if ex.stage is not None else ()
+        self.trusted = node.keyed_input and node.id not in entries
 
     def restore(self, states: dict[str, Any]) -> None:
         for key, state in states.items():
@@ -268,21 +327,25 @@ class StatefulRuntime(NodeRuntime):
         return self.timers[0][0] if self.timers else None
 
     def _group(self, items: list[Any]) -> dict[str, list[Any]]:
-        groups: dict[str, list[Any]] = {}
-        try:
-            for key, value in items:
-                group = groups.get(key)
-                if group is None:
-                    groups[key] = [value]
-                else:
-                    group.append(value)
-        except (TypeError, ValueError):
-            groups = {}
-            for item in items:
-                if type(item) in (tuple, list) and len(item) == 2:
-                    groups.setdefault(str(item[0]), []).append(item[1])
-                else:
-                    self.fail(item, TypeError(f"{self.node.id} needs keyed (key, value) items: call key_by first"))
+        """The values per key. Only ``(str, value)`` tuples are keyed items; anything else is dead-lettered."""
+        if self.trusted:
+            groups: dict[str, list[Any]] = {}
+            try:
+                for key, value in items:
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = [value]
+                    else:
+                        group.append(value)
+                return groups
+            except (TypeError, ValueError):
+                pass
+        groups = {}
+        for item in items:
+            if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
+                groups.setdefault(item[0], []).append(item[1])
+            else:
+                self.fail(item, TypeError(f"{self.node.id} needs keyed (str, value) tuples: call key_by first"))
         return groups
 
     async def feed(self, items: list[Any]) -> None:

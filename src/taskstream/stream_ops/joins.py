@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from taskstream.errors import ConfigurationError
 from taskstream.stream_ops.aggregators import Aggregator
 from taskstream.stream_ops.clock import Clock, EventClock, SystemClock
+from taskstream.stream_ops.core import is_keyed
 from taskstream.stream_ops.windowers import Windower
 from taskstream.stream_ops.windows import window_builder
 
@@ -63,6 +64,17 @@ def _pairs(how: How) -> Callable[[Any], list[Any]]:
     return pairs
 
 
+def _tag(side: str) -> Callable[[Any], Any]:
+    """``(key, value) -> (key, (side, value))``; an item that is not keyed fails (and is dead-lettered)."""
+
+    def tag(item: Any) -> Any:
+        if not is_keyed(item):
+            raise TypeError("join needs keyed (str, value) tuples: call key_by first")
+        return (item[0], (side, item[1]))
+
+    return tag
+
+
 def _late_side(item: Any) -> Any:
     key, tagged = item
     return (key, {"side": "left" if tagged[0] == "l" else "right", "value": tagged[1]})
@@ -95,9 +107,9 @@ def join_streams(
         inner_clock: Clock = EventClock(lambda tagged: get(tagged[1]), clock.allowed_lateness)
     else:
         inner_clock = clock
-    tag_l = left.map(lambda kv: (kv[0], ("l", kv[1])), name=f"{name}-left" if name else None)
-    tag_r = right.map(lambda kv: (kv[0], ("r", kv[1])), name=f"{name}-right" if name else None)
-    tag_l.keyed = tag_r.keyed = True
+    tag_l = left.map(_tag("l"), name=f"{name}-left" if name else None)
+    tag_r = right.map(_tag("r"), name=f"{name}-right" if name else None)
+    tag_l.keyed = tag_r.keyed = True  # the tags let only keyed items through
     joined = tag_l.stateful_window(
         window_builder(inner_clock, windower, JoinSides(), _finish),
         label="join",

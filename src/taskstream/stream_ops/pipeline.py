@@ -56,15 +56,18 @@ class StageSpec:
     def bounded(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> Self:
         """End each replica after ``max_messages`` input messages or ``idle_timeout`` seconds without one.
 
-        Applies when the stage runs on its own (``run_stage``/``run_distributed``); a fused run ends with its
-        sources (bound those with ``Source.bounded``).
+        A bound not passed keeps its value, as with ``Source.bounded``. Applies when the stage runs on its own
+        (``run_stage``/``run_distributed``); a fused run ends with its sources (bound those with
+        ``Source.bounded``).
         """
         if max_messages is not None and max_messages < 0:
             raise ConfigurationError(f"max_messages must be >= 0, got {max_messages}")
         if idle_timeout is not None and idle_timeout <= 0:
             raise ConfigurationError(f"idle_timeout must be positive, got {idle_timeout}")
-        self.max_messages = max_messages
-        self.idle_timeout = idle_timeout
+        if max_messages is not None:
+            self.max_messages = max_messages
+        if idle_timeout is not None:
+            self.idle_timeout = idle_timeout
         return self
 
 

@@ -39,13 +39,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from taskstream.brokers.base import Broker, Subscription
-from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageError, TaskError
+from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageError
 from taskstream.messages import Envelope, new_id
 from taskstream.payloads.base import PayloadStoreError
 from taskstream.payloads.claimcheck import ClaimCheck, open_failure_reason
 from taskstream.producer import Producer
 from taskstream.stream_ops.core import BatchOp, is_async_callable
 from taskstream.stream_ops.runtime_context import RuntimeContext
+from taskstream.tasks.errors import error_from_data
 
 if TYPE_CHECKING:
     from taskstream.app import App
@@ -299,7 +300,9 @@ class ServiceClient:
 
         Raises:
             TimeoutError: no reply within ``timeout`` seconds (the service skips the request once it is due).
-            TaskError: the service's handler raised; carries its type and traceback.
+            TaskError: the service's handler raised; carries its type and traceback. When that type is a
+                built-in one, the error is also an instance of it (``except ValueError`` catches it), as
+                with task futures.
             BrokerConnectionError: the client was closed while waiting.
         """
         if self._closed:
@@ -322,10 +325,12 @@ class ServiceClient:
         except TimeoutError:
             raise TimeoutError(f"service {service!r} did not reply within {timeout} s") from None
         if isinstance(reply, dict) and reply.get("ok") is False:
-            raise TaskError(
-                str(reply.get("error", "service error")),
-                remote_type=str(reply.get("type", "")),
-                remote_traceback=str(reply.get("traceback", "")),
+            raise error_from_data(
+                {
+                    "type": reply.get("type", ""),
+                    "message": reply.get("error", "service error"),
+                    "traceback": reply.get("traceback", ""),
+                }
             )
         return reply.get("result") if isinstance(reply, dict) else reply
 

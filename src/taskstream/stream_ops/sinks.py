@@ -235,11 +235,19 @@ class _SQLiteWriter(SinkWriter):
         self.lock = threading.Lock()
         sink.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(sink.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        _enable_wal(self.conn)
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        cols = ", ".join(f"{_ident('column', c)}" for c in sink.columns)
-        pk = f", PRIMARY KEY ({', '.join(_ident('column', c) for c in sink.primary_key)})" if sink.primary_key else ""
-        self.conn.execute(f"CREATE TABLE IF NOT EXISTS {_ident('table', sink.table)} (_ts REAL, {cols}{pk})")
+        try:
+            _enable_wal(self.conn)
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            cols = ", ".join(f"{_ident('column', c)}" for c in sink.columns)
+            pk = (
+                f", PRIMARY KEY ({', '.join(_ident('column', c) for c in sink.primary_key)})"
+                if sink.primary_key
+                else ""
+            )
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS {_ident('table', sink.table)} (_ts REAL, {cols}{pk})")
+        except BaseException:
+            self.conn.close()  # a writer that failed to open is not closed by anyone else
+            raise
         verb = "INSERT OR REPLACE" if sink.primary_key else "INSERT"
         marks = ", ".join("?" for _ in range(len(sink.columns) + 1))
         col_list = ", ".join(_ident("column", c) for c in ("_ts", *sink.columns))

@@ -37,12 +37,12 @@ def map_op(fn: Callable[[Any], Any]) -> BatchOp:
         async def amap_one(x: Any) -> list[Any]:
             return [await fn(x)]
 
-        return BatchOp(amap, amap_one, is_async=True)
+        return BatchOp(amap, amap_one, is_async=True, one_to_one=True)
 
     def smap(items: list[Any]) -> list[Any]:
         return [fn(x) for x in items]
 
-    return BatchOp(smap, lambda x: [fn(x)])
+    return BatchOp(smap, lambda x: [fn(x)], one_to_one=True)
 
 
 def map_value_op(fn: Callable[[Any], Any]) -> BatchOp:
@@ -56,8 +56,8 @@ def map_value_op(fn: Callable[[Any], Any]) -> BatchOp:
         async def amap_one(kv: Any) -> list[Any]:
             return [(kv[0], await fn(kv[1]))]
 
-        return BatchOp(amap, amap_one, is_async=True)
-    return BatchOp(lambda items: [(k, fn(v)) for k, v in items], lambda kv: [(kv[0], fn(kv[1]))])
+        return BatchOp(amap, amap_one, is_async=True, one_to_one=True)
+    return BatchOp(lambda items: [(k, fn(v)) for k, v in items], lambda kv: [(kv[0], fn(kv[1]))], one_to_one=True)
 
 
 def filter_op(predicate: Callable[[Any], Any]) -> BatchOp:
@@ -103,7 +103,7 @@ def key_by_op(fn: Callable[[Any], Any]) -> BatchOp:
         k = fn(x)
         return [(k if type(k) is str else str(k), x)]
 
-    return BatchOp(keyed, keyed_one)
+    return BatchOp(keyed, keyed_one, one_to_one=True)
 
 
 def inspect_op(fn: Callable[[Any], Any]) -> BatchOp:

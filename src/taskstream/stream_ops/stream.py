@@ -132,6 +132,7 @@ class Stream:
             builder=builder,
             label=label,
             uses_timers=uses_timers,
+            keyed_input=self.keyed is True and all(s.keyed is True for s in extra_inputs),
         )
         graph.add(node)
         return Stream(self.pipeline, node.id, "down", keyed=True)
@@ -268,14 +269,20 @@ class Stream:
     ) -> Stream:
         """Lists of at most ``size`` values per key, or fewer after ``timeout`` seconds or at end-of-stream.
 
-        On a stream known to be unkeyed (no ``key_by`` before it) every item joins one list.
+        Keyed items ``(key, value)`` give ``(key, [values])``. On a stream known to be unkeyed (no ``key_by``
+        before it) every item joins one list. Where the keying is unknown (after a ``map``, ``flat_map``,
+        ``request`` or a merge of keyed and unkeyed streams) each item is looked at: keyed items are batched per
+        key, the others together into plain lists.
         """
         builder = batching.batch_builder(size, timeout, now)
-        if self.keyed is not False:  # keyed, or not known to be unkeyed (e.g. after a map)
-            return self.stateful(builder, name=name, stage=stage, uses_timers=timeout is not None, label="batch")
-        keyed = self.key_by(lambda _item: "", name=f"{name}-key" if name else None)
-        out = keyed.stateful(builder, name=name, stage=stage, uses_timers=timeout is not None, label="batch")
-        return out.map(lambda kv: kv[1], name=f"{name}-unkey" if name else None)
+        timers = timeout is not None
+        if self.keyed:
+            return self.stateful(builder, name=name, stage=stage, uses_timers=timers, label="batch")
+        # unkeyed items travel under a reserved key, so they share one list (and one replica)
+        wrap = batching.key_all if self.keyed is False else batching.key_unkeyed
+        keyed = self._op(wrap, "key_by", f"{name}-key" if name else None, True)
+        out = keyed.stateful(builder, name=name, stage=stage, uses_timers=timers, label="batch")
+        return out._op(batching.unkey, "map", f"{name}-unkey" if name else None, self.keyed)
 
     # -- helpers --------------------------------------------------------------------------------------
 
