@@ -470,6 +470,7 @@ async def test_server_refusal_of_an_oversized_message_is_mapped(cleanup: Cleanup
     with pytest.raises(MessageTooLarge) as info:
         await broker.publish(queue, bytes(DEFAULT_MAX_MESSAGE_BYTES + 1))
     assert str(DEFAULT_MAX_MESSAGE_BYTES) in str(info.value)
+    assert broker.capabilities.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES  # learnt from the refusal
     await broker.publish(queue, b"still works")
     assert await broker.depth(queue) == 1
 

@@ -10,10 +10,12 @@ Option                   Meaning                                                
 ``max_message_bytes``    largest body published; keep it at or below the server's               134217728
                          ``max_message_size`` (128 MiB on RabbitMQ 3.10)
 ``persistent``           ``delivery_mode=2`` on every message                                   ``true``
-``durable``              durable queues and exchanges                                           ``true``
+``durable``              durable queues (taskstream's own exchanges and delay queues always     ``true``
+                         are)
 ``publish_timeout``      seconds a publish may wait for its confirm, reconnects included        ``30``
 ``connect_timeout``      seconds the first connect may take                                     ``10``
-``reconnect_timeout``    seconds without a connection before consumers fail for good            ``300``
+``reconnect_timeout``    seconds without a connection before subscriptions raise                ``300``
+                         ``BrokerConnectionError`` (the connection is gone for good)
 ``reconnect_interval``   seconds between reconnect attempts (aio-pika's option)                 ``1``
 ``topic_exchange``       topic exchange of ``publish_topic``                                    ``taskstream.topics``
 =======================  =====================================================================  ===============
@@ -25,11 +27,17 @@ Operation         How it works here
 ================  =========================================================================================
 publish           ``basic.publish`` to the default exchange, ``mandatory`` (an unroutable message raises
                   :class:`QueueNotFound`), awaited publisher confirm; many confirms in flight at once
-                  (``publish_batch`` and concurrent ``publish`` calls pipeline on one channel)
+                  (``publish_batch`` and concurrent ``publish`` calls pipeline on one channel; at most two
+                  batches per broker at a time, which keeps aiormq's channel lock cheap)
 consume           one channel per subscription, ``basic.qos(prefetch)``, ``basic.consume`` with manual acks
-ack               ``basic.ack``; acks settled in the same loop turn go out as one ``multiple=True`` ack
+ack               ``basic.ack``; acks settled in the same loop turn go out as one ``multiple=True`` ack for
+                  the contiguous run of delivery tags (the rest one by one). ``ack()`` returns once the frame
+                  is handed to the connection; AMQP never confirms acks, so a connection lost just then
+                  means a redelivery. An ack or nack of a delivery whose channel is already gone is logged
+                  and ignored: the broker has requeued that message itself.
 nack(requeue)     republish a copy with ``x-ts-attempt`` = attempts so far (confirmed), then ack the
-                  original: the copy joins the tail of the queue
+                  original: the copy joins the tail of the queue. ``Subscription.close()`` returns what it
+                  holds the same way (deliveries handed out count as an attempt, prefetched ones do not)
 nack(delay=d)     the same copy goes through a delay queue ``taskstream.delay.<ms>`` (queue TTL ``d``,
                   dead-letter exchange ``""``): it expires back onto the original queue after ``d`` s. One
                   delay queue per delay bucket (100 ms steps up to 10 s, 1 s up to 100 s, 10 s beyond) so
@@ -47,16 +55,28 @@ attempt           ``x-ts-attempt`` header (attempts already made, carried by req
                   (``x-delivery-count``); classic queues only say ``redelivered``, counted as one
 topics            topic exchange ``taskstream.topics``; ``declare(q, topics=["a.#"])`` binds ``q`` with
                   the pattern (AMQP syntax: ``#`` many words, ``*`` one word)
-size limit        ``max_message_bytes``; over it ``MessageTooLarge`` before sending; the server's own refusal
-                  ("larger than configured max size") is mapped to ``MessageTooLarge`` too
+size limit        ``max_message_bytes``; over it ``MessageTooLarge`` before sending. AMQP does not tell a
+                  client the server's ``max_message_size``: the server's own refusal ("larger than configured
+                  max size") is mapped to ``MessageTooLarge`` naming the server's limit, which the broker
+                  then adopts as its ``capabilities.max_message_bytes``
 reconnect         aio-pika's robust connection reconnects; channels reopen, QoS is restored, queues,
-                  bindings and consumers are declared again; publishes wait for the connection (up to
-                  ``publish_timeout``) and are sent again when their confirm was lost (at-least-once)
+                  bindings and consumers are declared again. Publishes wait for the connection (up to
+                  ``publish_timeout``, then ``PublishError``) and are sent again when their confirm was lost
+                  (at-least-once: a message may arrive twice, with the same ``message_id``). Waits on a
+                  channel that dies are interrupted (a dead connection never drains its write queue).
+                  After ``reconnect_timeout`` without a connection, subscriptions raise
+                  ``BrokerConnectionError`` and the consumer runtime stops loudly.
 ================  =========================================================================================
 
 Properties: ``message_id``, ``correlation_id``, ``reply_to`` and ``content_type`` are native AMQP properties
-(the reserved header names map onto them and back), the rest travels in ``headers``; ``key`` travels in the
+(the reserved header names map onto them and back), the rest travels in ``headers`` (floats as 64-bit doubles;
+received values come back JSON-compatible: timestamps as epoch seconds, bytes as text); ``key`` travels in the
 ``x-ts-key`` header. A plain AMQP client can publish JSON to a declared queue and a taskstream consumer reads it.
+Queues are declared with ``x-dead-letter-exchange``/``x-dead-letter-routing-key`` (and ``x-queue-type``); a queue
+that already exists with other arguments (declared by another system) is used as it is, with a warning.
+
+Channels: one for publishing (confirm mode), one per subscription (its own QoS), one for declarations and
+queue management (a refused declaration closes only that one).
 """
 
 from __future__ import annotations
@@ -64,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import decimal
 import itertools
@@ -873,7 +894,8 @@ class RabbitMQBroker(Broker):
         kind = self._exchanges.get(name, (kind, None))[0]
         await self._admin_call(
             f"cannot declare RabbitMQ exchange {name!r}",
-            lambda ch: ch.exchange_declare(name, exchange_type=kind, durable=self.config.durable),
+            # shared by every process on the server: always durable, so any two configurations agree
+            lambda ch: ch.exchange_declare(name, exchange_type=kind, durable=True),
         )
         self._exchanges[name] = (kind, None)
 
@@ -970,7 +992,7 @@ class RabbitMQBroker(Broker):
             f"cannot declare RabbitMQ delay queue {name!r}",
             lambda ch: ch.queue_declare(
                 name,
-                durable=self.config.durable,
+                durable=True,
                 arguments={
                     "x-message-ttl": ms,
                     "x-dead-letter-exchange": "",
@@ -1058,7 +1080,16 @@ class RabbitMQBroker(Broker):
             except amqp_errors.ChannelPreconditionFailed as exc:
                 refused = _SIZE_REFUSED.search(str(exc))
                 if refused and int(refused.group(1)) == len(body):
-                    raise MessageTooLarge(len(body), int(refused.group(2)), "rabbitmq server") from exc
+                    limit = int(refused.group(2))
+                    if limit < self.capabilities.max_message_bytes:  # learn the server's limit
+                        log.warning(
+                            "RabbitMQ's max_message_size is %d bytes, below max_message_bytes=%d: using %d",
+                            limit,
+                            self.capabilities.max_message_bytes,
+                            limit,
+                        )
+                        self.capabilities = dataclasses.replace(self.capabilities, max_message_bytes=limit)
+                    raise MessageTooLarge(len(body), limit, "rabbitmq server") from exc
                 if loop.time() >= deadline:
                     raise _map_error(exc, f"RabbitMQ refused a publish to {routing_key!r}") from exc
                 continue  # another publish broke the channel; it reopens
