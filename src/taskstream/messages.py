@@ -52,6 +52,7 @@ __all__ = [
     "header_str",
     "loads",
     "new_id",
+    "restore_binary",
 ]
 
 WIRE_VERSION = 1
@@ -146,14 +147,29 @@ def _restore(value: Any) -> Any:
 def _restore_tagged(tag: str, value: dict[str, Any]) -> Any:
     try:
         raw = base64.b64decode(value["b64"], validate=True)
+    except Exception as exc:
+        raise MalformedMessage(f"broken {tag!r} value in message body: {exc}") from exc
+    return restore_binary(tag, raw, value, "message body")
+
+
+def restore_binary(tag: str, raw: bytes | memoryview, value: Mapping[str, Any], where: str) -> Any:
+    """Rebuild a tagged ``bytes`` or ``ndarray`` value from its raw bytes.
+
+    Shared by the inline codec (base64 in JSON) and the payload blob codec (raw buffers); ``where`` names the
+    container in error messages.
+
+    Raises:
+        MalformedMessage: unknown tag, missing numpy, an object dtype, or a shape that does not fit the bytes.
+    """
+    try:
         if tag == "bytes":
-            return raw
+            return bytes(raw)
         if tag == "ndarray":
             try:
                 import numpy as np
             except ImportError as exc:
                 raise MalformedMessage(
-                    "message carries a numpy array but numpy is not installed: pip install 'taskstream[numpy]'"
+                    f"{where} carries a numpy array but numpy is not installed: pip install 'taskstream[numpy]'"
                 ) from exc
             dtype = np.dtype(value["dtype"])
             if dtype.hasobject:
@@ -162,8 +178,8 @@ def _restore_tagged(tag: str, value: dict[str, Any]) -> Any:
     except MalformedMessage:
         raise
     except Exception as exc:
-        raise MalformedMessage(f"broken {tag!r} value in message body: {exc}") from exc
-    raise MalformedMessage(f"unknown encoded value type {tag!r} in message body")
+        raise MalformedMessage(f"broken {tag!r} value in {where}: {exc}") from exc
+    raise MalformedMessage(f"unknown encoded value type {tag!r} in {where}")
 
 
 def loads(data: bytes | str) -> Any:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from taskstream.errors import MalformedMessage
-from taskstream.messages import WIRE_VERSION, Envelope, decode, loads
+from taskstream.messages import WIRE_VERSION, Envelope, decode, loads, restore_binary
 
 __all__ = ["MAGIC", "decode_blob", "encode_blob"]
 
@@ -136,21 +136,6 @@ def _restore(value: Any, buffers: list[memoryview]) -> Any:
 def _restore_buffer(tag: str, value: dict[str, Any], buffers: list[memoryview]) -> Any:
     try:
         raw = buffers[int(value["buf"])]
-        if tag == "bytes":
-            return raw.tobytes()
-        if tag == "ndarray":
-            try:
-                import numpy as np
-            except ImportError as exc:
-                raise MalformedMessage(
-                    "payload carries a numpy array but numpy is not installed: pip install 'taskstream[numpy]'"
-                ) from exc
-            dtype = np.dtype(value["dtype"])
-            if dtype.hasobject:
-                raise MalformedMessage("numpy arrays of dtype=object are refused")
-            return np.frombuffer(raw, dtype=dtype).reshape(value["shape"]).copy()
-    except MalformedMessage:
-        raise
-    except Exception as exc:
-        raise MalformedMessage(f"broken {tag!r} value in payload blob: {exc}") from exc
-    raise MalformedMessage(f"unknown encoded value type {tag!r} in payload blob")
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise MalformedMessage(f"broken {tag!r} value in payload blob: no buffer {value.get('buf')!r}") from exc
+    return restore_binary(tag, raw, value, "payload blob")
