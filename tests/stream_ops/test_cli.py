@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -83,5 +84,31 @@ def test_sqlite_state_store_default_url_is_relative(tmp_path: Path, monkeypatch:
         await store.close()
 
     asyncio.run(go())
-    with sqlite3.connect(tmp_path / ".taskstream" / "state.db") as conn:
+    with contextlib.closing(sqlite3.connect(tmp_path / ".taskstream" / "state.db")) as conn:
         assert conn.execute("SELECT count(*) FROM taskstream_state").fetchone() == (1,)
+
+
+def test_queue_labels_of_the_graph_sit_beside_their_arrows_not_on_them() -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    from taskstream.stream_ops.drawing import plan_figure
+
+    plan = sensor_windows.build_pipeline().plan()
+    fig = plan_figure(plan)
+    try:
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        ax = fig.axes[0]
+        arrows = [p.get_path().transformed(p.get_transform()) for p in ax.patches if isinstance(p, FancyArrowPatch)]
+        boxes = [p.get_window_extent(renderer) for p in ax.patches if isinstance(p, FancyBboxPatch)]
+        labels = [t for t in ax.texts if t.get_text().startswith(f"{plan.pipeline}-")]
+        assert len(arrows) == 2 and len(boxes) == 3
+        assert sorted(t.get_text() for t in labels) == ["sensor-windows-store-0", "sensor-windows-windows-0..2"]
+        for label in labels:
+            extent = label.get_window_extent(renderer)
+            for arrow in arrows:
+                assert not arrow.intersects_bbox(extent, filled=False), f"{label.get_text()!r} lies on an arrow"
+            for box in boxes:
+                assert not box.overlaps(extent), f"{label.get_text()!r} overlaps a stage box"
+    finally:
+        plt.close(fig)

@@ -1,19 +1,25 @@
 """Draw a pipeline's stages, steps and queues (SVG or PNG, with matplotlib).
 
 Stages are boxes laid out left to right by depth, listing their steps; the title line says how many replicas
-run the stage. Arrows between stages are queues, labelled with the queue name(s).
+run the stage. Arrows between stages are queues, labelled with the queue name(s) just above the arrow (level
+where the two boxes face each other, else slanted, with the label along it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taskstream.errors import ConfigurationError
 from taskstream.stream_ops.core import OpNode, SinkNode, SourceNode, StatefulNode
 from taskstream.stream_ops.plan import Plan
 
-__all__ = ["draw_plan", "to_dot"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["draw_plan", "plan_figure", "to_dot"]
 
 
 def _depths(plan: Plan) -> dict[str, int]:
@@ -53,6 +59,18 @@ def draw_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     out = Path(path)
     if out.suffix.lower() not in (".svg", ".png"):
         raise ConfigurationError(f"graph output must end in .svg or .png, got {out.name!r}")
+    fig = plan_figure(plan)
+    import matplotlib.pyplot as plt
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format=out.suffix.lower().lstrip("."), bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def plan_figure(plan: Plan) -> Figure:
+    """The drawing as a matplotlib figure (close it with ``matplotlib.pyplot.close`` when done)."""
     try:
         import matplotlib
 
@@ -66,7 +84,10 @@ def draw_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     columns: dict[int, list[str]] = {}
     for name, d in depth.items():
         columns.setdefault(d, []).append(name)
-    box_w, gap_x, line_h = 3.2, 1.6, 0.28
+    labels = {name: _queue_label(plan, name) for name in plan.stages}
+    longest = max((len(labels[d]) for st in plan.stages.values() for d in st.downstream), default=0)
+    # the gap between columns holds the longest queue label along its arrow (7 pt text: ~0.06 units a character)
+    box_w, gap_x, line_h = 3.2, max(1.6, 0.06 * longest + 0.6), 0.28
     heights = {name: 0.7 + line_h * len(st.nodes) for name, st in plan.stages.items()}
     col_heights = [sum(heights[n] for n in names) + 0.6 * (len(names) - 1) for names in columns.values()]
     total_h = max(col_heights) + 1.0
@@ -96,12 +117,32 @@ def draw_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
         for down in st.downstream:
             sx, sy, sw, sh = boxes[st.name]
             tx, ty, _tw, th = boxes[down]
-            start = (sx + sw, sy + sh / 2)
-            end = (tx, ty + th / 2)
+            lo, hi = max(sy, ty) + 0.2, min(sy + sh, ty + th) - 0.2
+            if hi >= lo:  # the boxes face each other: a level arrow through the middle of what they share
+                start, end = (sx + sw + 0.05, (lo + hi) / 2), (tx - 0.05, (lo + hi) / 2)
+            else:
+                start, end = (sx + sw + 0.05, sy + sh / 2), (tx - 0.05, ty + th / 2)
             ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color="#1f2937"))
-            target = plan.stages[down]
-            label = target.queue(0) if target.parallelism == 1 else f"{target.queue(0)}..{target.parallelism - 1}"
-            ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.12, label, fontsize=6, ha="center")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format=out.suffix.lower().lstrip("."), bbox_inches="tight")
-    plt.close(fig)
+            # the label runs along the arrow, lifted off it by a few points on its upper side
+            (x0, y0_), (x1, y1) = ax.transData.transform([start, end])
+            angle = math.atan2(y1 - y0_, x1 - x0)
+            lift = 3.0
+            ax.annotate(
+                labels[down],
+                xy=((start[0] + end[0]) / 2, (start[1] + end[1]) / 2),
+                xytext=(-math.sin(angle) * lift, math.cos(angle) * lift),
+                textcoords="offset points",
+                rotation=math.degrees(angle),
+                rotation_mode="anchor",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="#374151",
+            )
+    return fig
+
+
+def _queue_label(plan: Plan, name: str) -> str:
+    """The queue(s) of stage ``name``: ``<queue-0>``, or ``<queue-0>..<last replica>``."""
+    target = plan.stages[name]
+    return target.queue(0) if target.parallelism == 1 else f"{target.queue(0)}..{target.parallelism - 1}"
