@@ -191,10 +191,11 @@ async def test_cut_connection_under_load_loses_nothing(
     async def produce() -> None:
         for start in range(0, total, 50):
             await producer.send_many(queue, [Envelope(body=i) for i in range(start, start + 50)])
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.02)
 
     publishing = asyncio.create_task(produce())
     await wait_for(lambda: len(processed) >= total // 5, 60, "first fifth processed")
+    assert not publishing.done(), "the cut must come while messages are still being published"
     proxy.cut()  # mid-flight: publishes waiting for confirms and unacked deliveries both
     await wait_for(lambda: len(set(processed)) >= total // 2, 90, "half processed after the first cut")
     proxy.cut()
@@ -207,7 +208,6 @@ async def test_cut_connection_under_load_loses_nothing(
     print(f"\n{total} messages through {proxy.cuts} cuts: {twice} delivered more than once")
     assert set(counts) == set(range(total)), "messages were lost"
     assert consumer.stats.dead_lettered == 0
-    assert proxy.cuts == 2
     assert await broker.depth(queue) == 0, "acked messages are still on the queue"
 
 
@@ -265,7 +265,7 @@ async def test_connection_gone_for_good_fails_loudly(proxy: TcpProxy, cleanup: C
     proxy.cut()
     with pytest.raises(PublishError) as info:
         await broker.publish(queue, b"lost?")
-    assert "guest" not in str(info.value) or "***" in str(info.value)
+    assert "within 2" in str(info.value)
     with pytest.raises(BrokerConnectionError) as gone:
         await asyncio.wait_for(sub.__anext__(), 10)
     assert "giving up" in str(gone.value)
