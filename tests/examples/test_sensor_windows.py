@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -100,7 +101,7 @@ class Distributed:
         if not self.state.exists():
             return 0
         try:
-            with sqlite3.connect(self.state, timeout=5) as conn:
+            with contextlib.closing(sqlite3.connect(self.state, timeout=5)) as conn:
                 row = conn.execute(
                     "SELECT count(*) FROM taskstream_state WHERE ns = ?", (f"{self.name}/{stage}/{replica}",)
                 ).fetchone()
