@@ -481,6 +481,8 @@ async def test_publish_to_an_undeclared_queue_raises(cleanup: Cleanup) -> None:
         await broker.publish(f"ts-test-missing-{uuid.uuid4().hex}", b"x")
     with pytest.raises(QueueNotFound):
         await broker.depth(f"ts-test-missing-{uuid.uuid4().hex}")
+    with pytest.raises(QueueNotFound):  # a delayed message would be dropped later: refused now
+        await broker.publish(f"ts-test-missing-{uuid.uuid4().hex}", b"x", delay=1)
     sub = broker.consume(f"ts-test-missing-{uuid.uuid4().hex}", prefetch=1)
     with pytest.raises(QueueNotFound):
         await asyncio.wait_for(sub.__anext__(), 10)

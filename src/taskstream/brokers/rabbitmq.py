@@ -715,6 +715,7 @@ class RabbitMQBroker(Broker):
         self._admin_lock = asyncio.Lock()
         self._connect_lock = asyncio.Lock()
         self._declared: dict[str, _Declared] = {}
+        self._seen: set[str] = set()  # queues known to exist (declared elsewhere)
         self._exchanges: dict[str, tuple[str, dict[str, Any] | None]] = {}
         self._delay_declared: dict[int, float] = {}
         self._subscriptions: set[_RabbitSubscription] = set()
@@ -1130,6 +1131,10 @@ class RabbitMQBroker(Broker):
             await self._send("", queue, body, properties, mandatory=True)
 
     async def _send_delayed(self, queue: str, body: bytes, properties: spec.Basic.Properties, delay: float) -> None:
+        if queue not in self._declared and queue not in self._seen:
+            # the delay queue would accept it and drop it later as unroutable: check the target exists now
+            await self.depth(queue)
+            self._seen.add(queue)
         ms = await self._delay_route(delay)
         table = dict(properties.headers or {})
         table[DELAY_HEADER] = ms
@@ -1216,6 +1221,7 @@ class RabbitMQBroker(Broker):
 
     async def delete_queue(self, queue: str) -> None:
         self._declared.pop(queue, None)
+        self._seen.discard(queue)
         await self._admin_call(
             f"cannot delete RabbitMQ queue {queue!r}",
             lambda ch: ch.queue_delete(queue, if_unused=False, if_empty=False),
