@@ -113,6 +113,12 @@ def worker(
             shutdown_grace=app.settings.shutdown_grace,
         )
     )
+    if app.broker.capabilities.name == "memory":
+        typer.echo(
+            f"taskstream worker: warning: {app.broker_url} is the in-process memory broker, which no other "
+            "process can reach (taskstream submit cannot); use --broker or TASKSTREAM_BROKER_URL",
+            err=True,
+        )
     typer.echo(
         f"taskstream worker: {target} on {app.broker_url}, queues "
         f"{', '.join(served or app.tasks.task_queues()) or '(none)'}, processes {low}..{high}",
@@ -157,6 +163,12 @@ def submit(
             raise ConfigurationError(f"--kwarg takes name=value, got {item!r}")
         keywords[name] = _parse_value(value)
     app = App(workers=False)
+    if app.broker.capabilities.name == "memory":
+        raise ConfigurationError(
+            f"taskstream submit needs a real broker: {app.broker_url} lives inside this one process, so no "
+            "worker can ever take the call; give --broker URL or set TASKSTREAM_BROKER_URL "
+            "(e.g. amqp://guest:guest@127.0.0.1:5672/), the same the worker uses"
+        )
     handle = app.remote(task, queue=queue)
     if not wait:
         task_id = asyncio.run(_send(app, handle, positional, keywords))
