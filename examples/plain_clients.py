@@ -52,26 +52,27 @@ async def amqp(url: str) -> list[Any]:
         return totals
 
 
-def sqs(url: str) -> list[Any]:
-    """boto3: the queues are ``orders-in`` and ``orders-out`` (after any ``queue_prefix``)."""
-    import boto3
+async def sqs(url: str) -> list[Any]:
+    """aiobotocore (what ``taskstream[sqs]`` installs; boto3 calls look the same): the queues are ``orders-in``
+    and ``orders-out`` (after any ``queue_prefix``)."""
+    from aiobotocore.session import get_session
 
     parts = urlsplit(url)
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
     prefix = query.get("queue_prefix", "")
-    client = boto3.client("sqs", region_name=parts.netloc or None, endpoint_url=query.get("endpoint_url"))
-    inbound = client.get_queue_url(QueueName=f"{prefix}orders-in")["QueueUrl"]
-    outbound = client.get_queue_url(QueueName=f"{prefix}orders-out")["QueueUrl"]
-    for order in ORDERS:
-        client.send_message(QueueUrl=inbound, MessageBody=json.dumps(order))
-    totals = []
-    while len(totals) < len(ORDERS):
-        for message in client.receive_message(QueueUrl=outbound, MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
-            "Messages", []
-        ):
-            totals.append(json.loads(message["Body"])["body"])
-            client.delete_message(QueueUrl=outbound, ReceiptHandle=message["ReceiptHandle"])
-    return totals
+    region, endpoint = parts.netloc or None, query.get("endpoint_url")
+    async with get_session().create_client("sqs", region_name=region, endpoint_url=endpoint) as client:
+        inbound = (await client.get_queue_url(QueueName=f"{prefix}orders-in"))["QueueUrl"]
+        outbound = (await client.get_queue_url(QueueName=f"{prefix}orders-out"))["QueueUrl"]
+        for order in ORDERS:
+            await client.send_message(QueueUrl=inbound, MessageBody=json.dumps(order))
+        totals = []
+        while len(totals) < len(ORDERS):
+            got = await client.receive_message(QueueUrl=outbound, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+            for message in got.get("Messages", []):
+                totals.append(json.loads(message["Body"])["body"])
+                await client.delete_message(QueueUrl=outbound, ReceiptHandle=message["ReceiptHandle"])
+        return totals
 
 
 async def azure(url: str) -> list[Any]:
@@ -105,7 +106,7 @@ def main(url: str) -> list[Any]:
     if scheme in ("amqp", "amqps"):
         totals = asyncio.run(amqp(url))
     elif scheme == "sqs":
-        totals = sqs(url)
+        totals = asyncio.run(sqs(url))
     elif scheme == "azurequeue":
         totals = asyncio.run(azure(url))
     else:
