@@ -110,7 +110,7 @@ class Served:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    """``serve(url, queue, publish_to=None, delay=0.005)``: a not yet started ``taskstream run`` of the e2e app."""
+    """``serve(url, queue, ...)``: a not yet started ``taskstream run`` (or ``verb="worker"``) of the e2e app."""
     made: list[Served] = []
 
     def make(
@@ -121,6 +121,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
         delay: float = 0.005,
         target: str = "tests.e2e.apps:app",
         verb: str = "run",
+        task_queue: str = "e2e.tasks",
     ) -> Served:
         env = dict(os.environ)
         env.pop("TASKSTREAM_BROKER_URL", None)
@@ -129,6 +130,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             E2E_LOG=str(tmp_path / f"{uuid.uuid4().hex[:6]}.seen"),
             E2E_PUBLISH_TO=publish_to or "",
             E2E_DELAY=str(delay),
+            E2E_TASK_QUEUE=task_queue,
             TASKSTREAM_RESULT_STORE_URL=f"sqlite:///{tmp_path / 'results.sqlite3'}",
             TASKSTREAM_SHUTDOWN_GRACE="5",
         )

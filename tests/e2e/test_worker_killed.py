@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from taskstream import App, gather
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from tests.e2e.conftest import URLS, Served, connected, wait_until
@@ -65,3 +67,26 @@ async def test_worker_killed_mid_run_then_replaced_loses_nothing(
     assert worker.stop() == 0, worker.output()[-3000:]
     async with connected(url) as broker:
         assert await broker.depth(queue) == 0
+
+
+@pytest.mark.rabbitmq
+async def test_task_worker_killed_mid_run_every_future_still_resolves(
+    serve: Callable[..., Served], queues: Callable[[str, str], str], tmp_path: Path
+) -> None:
+    url = URLS["rabbitmq"]
+    task_queue = queues(url, "tasks")
+    worker = serve(url, queues(url, "unused"), verb="worker", task_queue=task_queue, delay=0.01).start()
+    client = App(url, workers=False, result_store=f"sqlite:///{tmp_path / 'results.sqlite3'}")  # the worker's
+    async with client:
+        futures = client.remote("square", queue=task_queue).map(range(COUNT))
+        await wait_until(lambda: len(worker.seen()) >= COUNT // 3, 90, "the first worker to get going")
+        worker.kill()
+        assert len(set(worker.seen())) < COUNT, "the worker finished before it was killed: nothing was tested"
+        worker.start()
+        async with asyncio.timeout(120):
+            results = await gather(futures)
+        infos = [client.get_task(f.task_id) for f in futures]
+    assert results == [n * n for n in range(COUNT)]
+    assert {info.status for info in infos} == {"success"}
+    assert max(info.attempts for info in infos) >= 2  # the killed worker's calls ran again on the new one
+    assert worker.stop() == 0, worker.output()[-3000:]
