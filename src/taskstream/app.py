@@ -349,8 +349,8 @@ class App:
                 await consumer.start()
                 self.consumers.append(consumer)
             for component in self.components:
+                started.append(component)  # stopped on failure too: its start may have got half-way
                 await component.start(self)
-                started.append(component)
         except BaseException:
             await self._undo_start(started)
             raise
