@@ -159,9 +159,13 @@ class PrivateAzurite:
         self._process = _Process(workdir, "azurite")
 
     def start(self) -> None:
-        binary = ROOT / ".services" / "azurite" / "node_modules" / ".bin" / "azurite-queue"
+        installed = ROOT / ".services" / "azurite" / "node_modules" / ".bin" / "azurite-queue"
+        binary = installed if installed.exists() else Path(shutil.which("azurite-queue") or installed)
         if not binary.exists():
-            raise Unavailable(f"Azurite is not installed at {binary}: run scripts/services/azurite.sh")
+            raise Unavailable(
+                f"Azurite is not installed at {installed} nor on PATH: run scripts/services/azurite.sh "
+                "(it installs Azurite only when no Azurite answers on 127.0.0.1:10001)"
+            )
         location = self.workdir / "azurite-data"
         location.mkdir(exist_ok=True)
         command = [str(binary), "--queueHost", "127.0.0.1", "--queuePort", str(self.port), "--location"]
