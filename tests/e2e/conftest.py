@@ -104,6 +104,10 @@ class Served:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(60)
 
+    async def terminate(self) -> int:
+        """:meth:`stop` from async code: the event loop keeps running (a test's proxy may carry the goodbyes)."""
+        return await asyncio.to_thread(self.stop)
+
     def output(self) -> str:
         return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in self.outputs if p.exists())
 

@@ -48,7 +48,7 @@ async def test_readme_two_stage_app_fed_by_plain_clients(backend: str, serve: Ca
         "{'item': 'fig', 'total': 2.5}",
         "{'item': 'pear', 'total': 3.0}",
     ]
-    assert served.stop() == 0
+    assert await served.terminate() == 0
     if backend == "sqs":
         async with connected(url) as broker:
             for queue in ("orders.in", "orders.priced", "orders.out"):

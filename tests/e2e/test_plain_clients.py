@@ -106,7 +106,7 @@ async def test_plain_amqp_publisher_and_consumer(
         assert bad.body == b"not json" and bad.message_id == "plain-bad"
         assert "not valid JSON" in str(bad.headers["x-death-reason"])
         assert bad.headers["x-original-queue"] == queue
-    assert worker.stop() == 0
+    assert await worker.terminate() == 0
 
 
 @pytest.mark.rabbitmq
@@ -177,7 +177,7 @@ async def test_plain_boto3_sender_and_receiver(serve: Callable[..., Served], que
     assert bad["Body"] == "not json"
     reason = json.loads(bad["MessageAttributes"]["taskstream"]["StringValue"])["h"]["x-death-reason"]
     assert "not valid JSON" in reason
-    assert worker.stop() == 0
+    assert await worker.terminate() == 0
 
 
 # -- Azure Storage Queues -------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ async def test_plain_azure_sdk_sender_and_receiver(
             frames = [json.loads(m.content) async for m in poison.receive_messages()]
     assert base64.b64decode(frames[0]["b"]) == b"not json"
     assert "not valid JSON" in frames[0]["h"]["x-death-reason"]
-    assert worker.stop() == 0
+    assert await worker.terminate() == 0
     # `taskstream run` keeps the Azure SDK's per-request HTTP log out of the output
     output = worker.output()
     assert "app started" in output and "http_logging_policy" not in output and "Request URL" not in output

@@ -104,7 +104,7 @@ async def check_worker_got_everything(worker: Served, traffic: Traffic) -> None:
     assert worker.alive(), f"the worker exited instead of resuming:\n{worker.output()[-3000:]}"
     lost = sorted(set(traffic.confirmed) - set(worker.seen()))
     assert lost == [], f"{len(lost)} confirmed messages never processed: {lost[:20]}"
-    assert worker.stop() == 0, worker.output()[-3000:]
+    assert await worker.terminate() == 0, worker.output()[-3000:]
 
 
 @pytest.fixture

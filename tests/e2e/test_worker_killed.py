@@ -64,7 +64,7 @@ async def test_worker_killed_mid_run_then_replaced_loses_nothing(
     seen = worker.seen()
     assert set(seen) == set(range(COUNT))  # nothing lost, nothing invented (duplicates are allowed)
     assert sorted(set(await drain_ids(url, dead_letters, expected=len(POISON)))) == sorted(POISON)
-    assert worker.stop() == 0, worker.output()[-3000:]
+    assert await worker.terminate() == 0, worker.output()[-3000:]
     async with connected(url) as broker:
         assert await broker.depth(queue) == 0
 
@@ -89,4 +89,4 @@ async def test_task_worker_killed_mid_run_every_future_still_resolves(
     assert results == [n * n for n in range(COUNT)]
     assert {info.status for info in infos} == {"success"}
     assert max(info.attempts for info in infos) >= 2  # the killed worker's calls ran again on the new one
-    assert worker.stop() == 0, worker.output()[-3000:]
+    assert await worker.terminate() == 0, worker.output()[-3000:]
