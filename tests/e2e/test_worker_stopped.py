@@ -1,0 +1,62 @@
+"""A worker stopped cleanly (SIGTERM) must not keep taking messages it will never run.
+
+On SQS a receive is a long poll (``wait_time``, 20 s by default). A worker that stops while its receives are
+waiting on the server abandons them after ``close_grace`` (0.5 s), but the server still answers them: messages
+published in the next seconds go to a receive nobody reads and stay hidden for their visibility timeout (moto
+does this; SQS answers an abandoned long poll the same way). Nothing is lost, but a rolling restart of SQS
+workers delays messages by up to the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import boto3
+import pytest
+
+from taskstream.brokers.sqs import SQSBroker
+from tests.e2e.conftest import SQS_ENDPOINT, SQS_PREFIX, Served, connected, unique, wait_until
+
+BASE = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={SQS_PREFIX}&visibility_timeout=30"
+
+
+async def hidden_after_stop(url: str, serve: Callable[..., Served]) -> tuple[int, int]:
+    """Start a worker, stop it while it long-polls, publish 5 messages: (visible, hidden) on the server."""
+    queue = unique("stopped")
+    worker = serve(url, queue).start()
+    await wait_until(lambda: "app started" in worker.output() or not worker.alive(), 60, "the worker to start")
+    await asyncio.sleep(1)  # its receives now wait on the server
+    assert await worker.terminate() == 0, worker.output()[-3000:]
+    sqs = boto3.client("sqs", endpoint_url=SQS_ENDPOINT, region_name="us-east-1")
+    async with connected(url) as broker:
+        try:
+            for n in range(5):
+                await broker.publish(queue, b'{"n": %d}' % n)
+            await asyncio.sleep(1)  # an abandoned receive takes messages within milliseconds
+            assert isinstance(broker, SQSBroker)
+            queue_url = sqs.get_queue_url(QueueName=broker.sqs_name(queue))["QueueUrl"]
+            names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+            counts = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+        finally:
+            for name in (queue, broker.dead_letter_name(queue)):
+                await broker.delete_queue(name)
+    return int(counts[names[0]]), int(counts[names[1]])
+
+
+@pytest.mark.sqs
+@pytest.mark.xfail(
+    strict=True,
+    reason="sqs.py: SQSBroker.close() cancels receives still in flight after close_grace (0.5 s) while the "
+    "server keeps their long polls open for up to wait_time (20 s) and hands them the next messages, which "
+    "then stay hidden for the visibility timeout. Fix in sqs.py: let close() wait for in-flight receives up "
+    "to wait_time (close_grace >= wait_time by default), so their messages are given back.",
+)
+async def test_messages_published_after_a_clean_stop_are_not_hidden(serve: Callable[..., Served]) -> None:
+    assert await hidden_after_stop(BASE, serve) == (5, 0)
+
+
+@pytest.mark.sqs
+async def test_short_long_polls_and_a_close_grace_above_them_avoid_it(serve: Callable[..., Served]) -> None:
+    """The workaround until then: ``wait_time`` below ``close_grace`` (URL options)."""
+    assert await hidden_after_stop(f"{BASE}&wait_time=1&close_grace=2", serve) == (5, 0)
