@@ -8,7 +8,8 @@ What it does with each delivery:
    store is retried. After the final ack the payload is deleted; a dead-lettered message keeps it.
 2. Run the handler under the concurrency limit, with a visibility heartbeat (``extend``) when the broker
    hides unacked messages for a limited time and the handler runs longer than a third of it.
-3. Ack only after the handler returned, which includes awaiting anything it published.
+3. Ack only after the handler returned, which includes awaiting anything it published. An ack the broker
+   refuses (unreachable, queue deleted) is logged and kept in ``stats.last_error``; the message comes back.
 4. On an exception: requeue with exponential backoff while ``attempt < max_attempts``; then dead-letter.
    ``Reject`` and validation errors dead-letter at once; ``Retry`` requeues with the delay it carries.
 
