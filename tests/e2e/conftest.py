@@ -30,7 +30,7 @@ SQS_PREFIX = f"e2e{uuid.uuid4().hex[:6]}-"
 #: one URL per real broker; short visibility timeouts so a killed worker's messages come back quickly
 URLS = {
     "rabbitmq": AMQP_URL,
-    "sqs": f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={SQS_PREFIX}&visibility_timeout=2",
+    "sqs": f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={SQS_PREFIX}&visibility_timeout=2&wait_time=2",
     "azure": "azurequeue://devstorage?visibility_timeout=2",
 }
 

@@ -25,7 +25,7 @@ async def test_readme_two_stage_app_fed_by_plain_clients(backend: str, serve: Ca
     if backend == "sqs":
         # A prefix of its own: on SQS a receive abandoned by a process that stopped can still take a message,
         # which then stays hidden for its visibility timeout (moto does this for up to 20 s after a stop).
-        url = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix=e2e{uuid.uuid4().hex[:8]}-"
+        url = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix=e2e{uuid.uuid4().hex[:8]}-&wait_time=2"
     async with connected(url) as broker:  # leftovers of an earlier run would be read as results
         for queue in ("orders.in", "orders.priced", "orders.out"):
             await broker.declare(queue)

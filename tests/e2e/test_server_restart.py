@@ -182,7 +182,7 @@ async def test_sqs_unreachable_then_back_under_traffic(serve: Callable[..., Serv
     """moto keeps its queues in memory, so a real restart would lose them: the outage is a proxy going down."""
     proxy = TcpProxy(urlsplit(SQS_ENDPOINT).port or 80)
     await proxy.up()
-    url = f"sqs://us-east-1/?endpoint_url=http://127.0.0.1:{proxy.port}&queue_prefix={SQS_PREFIX}&visibility_timeout=2"
+    url = f"sqs://us-east-1/?endpoint_url=http://127.0.0.1:{proxy.port}&queue_prefix={SQS_PREFIX}&visibility_timeout=2&wait_time=2"
     queue = unique("outage")
     worker = serve(url, queue).start()
 
@@ -206,17 +206,10 @@ async def test_sqs_unreachable_then_back_under_traffic(serve: Callable[..., Serv
 
 
 @pytest.mark.sqs
-@pytest.mark.xfail(
-    strict=True,
-    reason="sqs.py: every receive in flight (up to max_receives per queue, 7 with the default prefetch) logs "
-    "its own WARNING 'receive from ... failed (retrying in ...)' on each retry, about 3 lines a second per queue "
-    "while SQS is unreachable. Fix in sqs.py: one warning per subscription when receives start failing and "
-    "one INFO line when they work again (as the Azure backend does).",
-)
 async def test_sqs_outage_is_logged_once_not_per_receive_and_retry(serve: Callable[..., Served]) -> None:
     proxy = TcpProxy(urlsplit(SQS_ENDPOINT).port or 80)
     await proxy.up()
-    url = f"sqs://us-east-1/?endpoint_url=http://127.0.0.1:{proxy.port}&queue_prefix={SQS_PREFIX}"
+    url = f"sqs://us-east-1/?endpoint_url=http://127.0.0.1:{proxy.port}&queue_prefix={SQS_PREFIX}&wait_time=2"
     queue = unique("outage-log")
     worker = serve(url, queue).start()
     try:

@@ -54,7 +54,7 @@ async def test_task_payloads_on_sqs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     url = s3_url(f"tasks-{uuid.uuid4().hex[:8]}")
     settings = Settings(payload_store_url=url, shutdown_grace=2.0)  # type: ignore[arg-type]
-    app = App(broker="sqs://us-east-1/?endpoint_url=http://127.0.0.1:9324", settings=settings, workers=True)
+    app = App(broker="sqs://us-east-1/?endpoint_url=http://127.0.0.1:9324&wait_time=2", settings=settings, workers=True)
     await roundtrip(app, url, f"tq-{uuid.uuid4().hex[:8]}")
 
 

@@ -21,8 +21,9 @@ Parameter               Default    Meaning
 ``max_message_bytes``   1048576    ``MaximumMessageSize`` of created queues (the SQS maximum, 1 MiB)
 ``create_queues``       ``true``   ``declare`` creates missing queues; ``false``: look up only
 ``max_connections``     ``50``     HTTP connection pool size
-``close_grace``         ``0.5``    seconds the broker's ``close()`` lets receives in flight finish before
-                                   cancelling them
+``close_grace``         wait + 2   seconds the broker's ``close()`` lets receives in flight finish before
+                                   cancelling them (by default long enough for a long poll to end and give
+                                   back what it received, so a clean stop hides nothing)
 ======================  =========  ===========================================================================
 
 How the broker contract maps onto SQS:
@@ -66,9 +67,13 @@ topics             not supported (``Capabilities.fanout`` is False)
 =================  ==========================================================================================
 
 Closing: a subscription's ``close()`` returns what it holds at once and does not cancel a receive in flight;
-that receive ends by itself and gives its messages back. Only the broker's ``close()`` cancels receives still
-running after ``close_grace``; one the server was answering at that moment leaves its messages hidden until
-their visibility timeout (nothing is lost).
+that receive ends by itself and gives its messages back. The broker's ``close()`` waits for receives still
+in flight up to ``close_grace`` (by default ``wait_time + 2`` s: SQS cannot cancel a long poll on the server,
+and an abandoned one would hand the next messages to nobody until their visibility timeout), then cancels.
+A smaller ``close_grace`` stops faster at the price of such hidden (not lost) messages.
+
+Outages: when receives start failing, one WARNING per subscription says so and the loops retry with back-off;
+one INFO line says when they work again.
 
 Duplicates: a second copy of a message this subscription still holds, or is deleting, is dropped (the newest
 receipt handle is kept). SQS does not hand out such copies; moto does under concurrent receives. Copies across
@@ -156,7 +161,7 @@ class SQSOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     create_queues: bool = True
     max_connections: int = 50
-    close_grace: float = 0.5
+    close_grace: float | None = None  # None: wait_time + 2
 
     def __post_init__(self) -> None:
         if not 0 < self.visibility_timeout <= SQS_MAX_VISIBILITY:
@@ -174,7 +179,7 @@ class SQSOptions:
             raise ConfigurationError(f"max_receive_count must be between 1 and 1000, got {self.max_receive_count}")
         if self.max_receives < 1 or self.max_connections < 1:
             raise ConfigurationError("max_receives and max_connections must be at least 1")
-        if self.close_grace < 0:
+        if self.close_grace is not None and self.close_grace < 0:
             raise ConfigurationError(f"close_grace must not be negative, got {self.close_grace}")
         if self.queue_prefix and not _QUEUE_NAME.match(self.queue_prefix):
             raise ConfigurationError(
@@ -343,6 +348,7 @@ class _SQSSubscription(Subscription):
         self._keeper: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self._failing = False
         self.duplicates = 0  # copies of a held message the server handed out again (moto does under load)
         self.expired = 0  # received-ahead messages whose visibility lapsed before they were handed out
 
@@ -423,7 +429,13 @@ class _SQSSubscription(Subscription):
                 self._fail(exc)
                 return
             except BrokerError as exc:  # throttled, a network blip, a 5xx: keep going, slower
-                log.warning("receive from %r failed (retrying in %.1f s): %s", self._queue, backoff, exc)
+                if not self._failing:  # one warning per outage, not one per receive and retry
+                    self._failing = True
+                    log.warning(
+                        "receive from %r failed; retrying with back-off until it works again: %s", self._queue, exc
+                    )
+                else:
+                    log.debug("receive from %r failed again (retrying in %.1f s): %s", self._queue, backoff, exc)
                 self._reserved -= wanted
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -433,6 +445,9 @@ class _SQSSubscription(Subscription):
                 raise
             self._reserved -= wanted
             backoff = 0.2
+            if self._failing:
+                self._failing = False
+                log.info("receives from %r work again", self._queue)
             # The server handed the messages out between ``started`` and now: a long poll may have waited
             # seconds for them, while the answer itself takes milliseconds. Assume at most half a second.
             arrived = time.monotonic()
@@ -724,7 +739,10 @@ class SQSBroker(Broker):
     async def close(self) -> None:
         await asyncio.gather(*(subscription.close() for subscription in list(self._subscriptions)))
         if self._stragglers:
-            _, running = await asyncio.wait(set(self._stragglers), timeout=self.options.close_grace)
+            grace = self.options.close_grace
+            if grace is None:
+                grace = self.options.wait_time + 2.0
+            _, running = await asyncio.wait(set(self._stragglers), timeout=grace)
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)

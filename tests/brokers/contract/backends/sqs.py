@@ -28,7 +28,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 def make(visibility_timeout: float | None = None, **options: Any) -> Broker:
     """An unconnected broker on the test server; ``options`` are :class:`SQSOptions` fields."""
-    settings: dict[str, Any] = {"region": "us-east-1", "endpoint_url": ENDPOINT, "queue_prefix": PREFIX}
+    settings: dict[str, Any] = {"region": "us-east-1", "endpoint_url": ENDPOINT, "queue_prefix": PREFIX, "wait_time": 2}
     settings.update(options)
     return SQSBroker(SQSOptions(visibility_timeout=visibility_timeout or 30.0, **settings))
 
