@@ -4,7 +4,7 @@ Rows (RSS in MiB, read from ``/proc/<pid>/status`` of a separate process; lower 
 
 1. *worker idle*: ``taskstream run examples.two_stage:app`` on RabbitMQ, connected and consuming, against a bare
    interpreter holding one raw aio-pika connection (what any AMQP consumer pays).
-2. *worker under load*: the same worker's peak while 20,000 plain-JSON orders flow through both stages,
+2. *worker under load*: the same worker's peak while 10,000 plain-JSON orders flow through both stages,
    against its own idle figure: the ratio shows how much load adds (bounded prefetch keeps it small).
 3. *slow-sink pipeline*: the peak of a fused pipeline (sensor -> map -> a sink slower than the source) after
    40,000 records, against the same pipeline after 4,000: bounded memory means a ratio near 1.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from common import Row, print_rows  # noqa: E402
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-LOAD_MESSAGES = 20_000
+LOAD_MESSAGES = 10_000
 
 
 def status_mib(pid: int, field: str) -> float:
