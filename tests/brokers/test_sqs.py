@@ -23,13 +23,15 @@ from typing import Any
 import pytest
 from aiobotocore.session import get_session
 
-from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, Subscription, broker_from_url
+from taskstream.brokers.base import Broker, OutgoingMessage, broker_from_url
 from taskstream.brokers.sqs import DEFAULT_GROUP, SQSBroker
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageTooLarge, NotSupported, QueueNotFound
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from tests.brokers.contract.backends.sqs import ENDPOINT, make
+from tests.brokers.contract.conftest import receive as take
+from tests.brokers.contract.conftest import receive_none as nothing
 
 pytestmark = pytest.mark.sqs
 
@@ -114,26 +116,6 @@ async def raw() -> AsyncIterator[Any]:
 
 def unique(stem: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:8]}"
-
-
-async def take(sub: Subscription, n: int, timeout: float = 30.0) -> list[Delivery]:
-    got: list[Delivery] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(got) < n:
-                got.append(await sub.__anext__())
-    except TimeoutError:
-        pytest.fail(f"expected {n} deliveries within {timeout} s, got {len(got)}")
-    return got
-
-
-async def nothing(sub: Subscription, wait: float) -> None:
-    try:
-        async with asyncio.timeout(wait):
-            delivery = await sub.__anext__()
-    except TimeoutError:
-        return
-    pytest.fail(f"expected no delivery, got {delivery!r}")
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
