@@ -17,15 +17,22 @@ Variable                               Meaning                                  
                                        ``s3://``, ``azureblob://`` or ``none``
 ``TASKSTREAM_PAYLOAD_THRESHOLD``       offload envelopes over this many bytes       broker limit - 4 KiB
 ``TASKSTREAM_PAYLOAD_TTL``             age (s) at which leftovers may be expired    ``604800`` (7 days)
+``TASKSTREAM_STATE_URL``               window snapshots of stream stages            SQLite file under
+                                       (``sqlite:///path``, ``redis://...``)        ``.taskstream/``
 =====================================  ==========================================  ===================
 
-Secrets (``signing_key`` and passwords inside URLs) are ``SecretStr`` or redacted by :func:`redact_url`
-so they never show in logs, reprs or errors.
+A variable that is set but empty (``TASKSTREAM_RESULT_STORE_URL=``, as compose files often leave them) means
+unset: its default applies.
+
+Secrets (``signing_key`` and every URL, which may carry a password or a key) are ``SecretStr``, and
+:func:`redact_url` shows a URL without them: it keeps the user name and the query options known to be harmless
+(:data:`NON_SECRET_QUERY_NAMES`) and replaces any password and every other query value with ``***``, so a
+new driver option or a SAS token is hidden by default rather than leaked.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,7 +42,10 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_PREFETCH",
+    "NON_SECRET_QUERY_NAMES",
+    "URL_SETTINGS",
     "Settings",
+    "env_name",
     "redact_url",
 ]
 
@@ -48,7 +58,7 @@ DEFAULT_CONCURRENCY = 16
 class Settings(BaseSettings):
     """All process-wide settings; every field maps to ``TASKSTREAM_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="TASKSTREAM_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TASKSTREAM_", frozen=True, extra="ignore", env_ignore_empty=True)
 
     broker_url: SecretStr = SecretStr(DEFAULT_BROKER_URL)
     result_store_url: SecretStr | None = None
@@ -62,32 +72,137 @@ class Settings(BaseSettings):
     payload_store_url: SecretStr | None = None
     payload_threshold: int | None = None
     payload_ttl: float = 7 * 86400.0
+    state_url: SecretStr | None = None
+
+
+#: The settings that hold URLs (any of them may carry a password or a key).
+URL_SETTINGS: tuple[str, ...] = ("broker_url", "result_store_url", "payload_store_url", "state_url")
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a :class:`Settings` field.
+
+    Example:
+        >>> env_name("result_store_url")
+        'TASKSTREAM_RESULT_STORE_URL'
+    """
+    return f"TASKSTREAM_{field.upper()}"
+
+
+#: URL query options whose values are never secret: every option the brokers (memory, RabbitMQ and its driver,
+#: SQS, Azure Storage Queues, ZeroMQ), the result, state and payload stores read, and the Redis client's
+#: connection options. :func:`redact_url` shows these; any other query value is replaced by ``***``.
+NON_SECRET_QUERY_NAMES: frozenset[str] = frozenset(
+    {
+        # shared
+        "max_message_bytes",
+        "visibility_timeout",
+        "prefetch",
+        "region",
+        "region_name",
+        "endpoint_url",
+        "timeout",
+        # SQS
+        "profile",
+        "queue_prefix",
+        "wait_time",
+        "max_receives",
+        "max_receive_count",
+        "create_queues",
+        "max_connections",
+        "close_grace",
+        # RabbitMQ (taskstream's own options, then those aio-pika and aiormq read)
+        "queue_type",
+        "persistent",
+        "durable",
+        "publish_timeout",
+        "connect_timeout",
+        "reconnect_timeout",
+        "reconnect_interval",
+        "topic_exchange",
+        "heartbeat",
+        "name",
+        "fail_fast",
+        "frame_max",
+        "channel_max",
+        "auth",
+        "cafile",
+        "capath",
+        "certfile",
+        "keyfile",
+        "no_verify_ssl",
+        # Azure Storage Queues
+        "host",
+        "secure",
+        "poll_interval",
+        "message_ttl",
+        "max_in_flight",
+        "foreign_encoding",
+        "api_version",
+        # ZeroMQ
+        "heartbeat_interval",
+        "liveness",
+        "heartbeat_liveness",
+        "request_timeout",
+        "hwm",
+        # payload stores (s3://, azureblob://)
+        "create",
+        # Redis (result and state stores)
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "health_check_interval",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "ssl_ca_certs",
+        "client_name",
+        "decode_responses",
+        "protocol",
+    }
+)
+
+
+def _redact_query(query: str) -> str:
+    pieces = []
+    for piece in query.split("&"):
+        name, eq, value = piece.partition("=")
+        if unquote_plus(name).lower() not in NON_SECRET_QUERY_NAMES:
+            pieces.append(f"{name}=***" if eq else ("***" if piece else piece))
+            continue
+        plain = unquote_plus(value)
+        if "://" in plain and (inner := redact_url(plain)) != plain:
+            value = inner  # a URL-valued option (endpoint_url) with a password inside
+        pieces.append(f"{name}{eq}{value}")
+    return "&".join(pieces)
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password (and SAS-like query secrets) replaced by ``***``.
+    """Return ``url`` with any password and every query value not known to be harmless replaced by ``***``.
+
+    The user name, host, path and the options in :data:`NON_SECRET_QUERY_NAMES` stay readable; a password
+    with characters a URL should have escaped (``/``, ``@``) is still found.
 
     Example:
         >>> redact_url("amqp://guest:secret@host:5672/")
         'amqp://guest:***@host:5672/'
+        >>> redact_url("azurequeue://acct.queue.core.windows.net?credential=KEY&visibility_timeout=60")
+        'azurequeue://acct.queue.core.windows.net?credential=***&visibility_timeout=60'
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = parts.query
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    head, qsep, tail = rest.partition("?")
+    query, fsep, fragment = tail.partition("#")
+    if not qsep:
+        head, fsep, fragment = head.partition("#")
+    if sep and "@" in head:
+        userinfo, host = head.rsplit("@", 1)
+        if ":" in userinfo:
+            head = f"{userinfo.split(':', 1)[0]}:***@{host}"
     if query:
-        secret_keys = ("accountkey", "sig", "password", "secret", "token", "connection_string", "key")
-        pieces = []
-        for piece in query.split("&"):
-            name = piece.split("=", 1)[0]
-            pieces.append(f"{name}=***" if name.lower() in secret_keys else piece)
-        query = "&".join(pieces)
-    if netloc == parts.netloc and query == parts.query:
-        return url  # nothing secret; urlunsplit would also turn "sqlite:////abs.db" into "sqlite://abs.db"
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        query = _redact_query(query)
+    if fragment:
+        fragment = "***"
+    return f"{scheme}{sep}{head}{qsep}{query}{fsep}{fragment}"
