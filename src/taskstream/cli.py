@@ -31,6 +31,7 @@ EXTENSIONS = (
     "taskstream.brokers.zeromq_device",
     "taskstream.deploy",
     "taskstream.payloads.cli",
+    "taskstream.observe.cli",
 )
 
 
