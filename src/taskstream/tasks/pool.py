@@ -53,6 +53,24 @@ SCALE_INTERVAL = 0.25
 Target = tuple[str, ...]
 
 
+async def _join(process: multiprocessing.process.BaseProcess, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``process`` to end, and reap it, without a thread.
+
+    Polling on the loop instead of ``asyncio.to_thread(process.join)``: at interpreter exit (an App stopped by
+    its ``atexit`` hook) the loop's default executor no longer takes work.
+    """
+    if process.pid is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.005
+    while process.is_alive() and loop.time() < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    if not process.is_alive():
+        process.join(0)
+
+
 def resolve_function(module: str, qualname: str) -> Callable[..., Any]:
     """Import ``module`` and walk ``qualname``; a task object found there gives its plain function.
 
@@ -294,11 +312,11 @@ class ProcessPool:
             else:
                 self._detach(p)
         procs = [p for p in procs if p.pid is not None]
-        await asyncio.gather(*(asyncio.to_thread(p.process.join, grace) for p in procs))
+        await asyncio.gather(*(_join(p.process, grace) for p in procs))
         for p in procs:
             if p.process.is_alive():
                 p.process.kill()
-                await asyncio.to_thread(p.process.join, 5.0)
+                await _join(p.process, 5.0)
         if self._reaping:
             await asyncio.gather(*self._reaping, return_exceptions=True)
 
@@ -503,7 +521,7 @@ class ProcessPool:
         if call is not None and error is not None and not call.done.done():
             call.done.set_exception(error)
         if self._loop is not None:
-            task = self._loop.create_task(asyncio.to_thread(proc.process.join, 5.0))
+            task = self._loop.create_task(_join(proc.process, 5.0))
             self._reaping.add(task)
             task.add_done_callback(self._reaping.discard)
         self._keep_minimum()
@@ -528,7 +546,7 @@ class ProcessPool:
                         proc.conn.send(("stop",))
                     self._detach(proc)
                     self.stats.stopped_idle += 1
-                    task = asyncio.create_task(asyncio.to_thread(proc.process.join, 5.0))
+                    task = asyncio.create_task(_join(proc.process, 5.0))
                     self._reaping.add(task)
                     task.add_done_callback(self._reaping.discard)
             self._keep_minimum()
