@@ -2,19 +2,16 @@
 
 What it does with each delivery:
 
-1. Decode the envelope. Bytes that do not decode go straight to the dead-letter queue with the reason;
-   the loop keeps going. A payload reference (claim-check, :mod:`taskstream.payloads`) is resolved here,
-   before the handler runs: a missing or corrupt payload dead-letters with the reason, an unreachable
-   store is retried. After the final ack the payload is deleted; a dead-lettered message keeps it.
+1. Read it through the :mod:`intake <taskstream.intake>` (size and depth limits, decode, claim-check): what
+   cannot be read goes to the dead-letter queue with the reason, an unreachable payload store is retried, and
+   the loop keeps going. After the final ack a payload is deleted; a dead-lettered message keeps it.
 2. Run the handler under the concurrency limit, with a visibility heartbeat (``extend``) when the broker
    hides unacked messages for a limited time and the handler runs longer than a third of it.
 3. Ack only after the handler returned, which includes awaiting anything it published. An ack the broker
    refuses (unreachable, queue deleted) is logged and kept in ``stats.last_error``; the message comes back.
-4. On an exception: requeue with exponential backoff while ``attempt < max_attempts``; then dead-letter.
-   ``Reject`` and validation errors dead-letter at once; ``Retry`` requeues with the delay it carries.
-
-Dead-lettered messages keep their original bytes; the reason travels in headers:
-``x-death-reason``, ``x-original-queue``, ``x-original-message-id``, ``x-attempts``, ``x-dead-lettered-at``.
+4. On an exception: requeue with the :class:`~taskstream.intake.RetryPolicy` while ``attempt < max_attempts``;
+   then dead-letter. ``Reject`` and validation errors dead-letter at once; ``Retry`` requeues with the delay it
+   carries. Any exception at all settles the delivery: none is left holding a slot.
 
 Shutdown (:meth:`Consumer.stop`): stop pulling, let in-flight handlers finish for ``shutdown_grace``
 seconds, requeue what is still running, return prefetched messages, close. Nothing is lost or run twice
@@ -26,17 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
 from taskstream.brokers.base import Broker, Delivery, Subscription
 from taskstream.errors import MessageError, Reject, Retry
+from taskstream.intake import DeadLetterHook, Intake, IntakeStats, Opened, RetryPolicy
 from taskstream.messages import Envelope
-from taskstream.payloads.base import PayloadStoreError
-from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, open_failure_reason
+from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
 from taskstream.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS, DEFAULT_PREFETCH
 
 __all__ = ["Consumer", "ConsumerConfig", "ConsumerStats", "Handler", "Message"]
@@ -70,9 +66,14 @@ class ConsumerConfig(BaseModel):
     shutdown_grace: float = 30.0
     handler_timeout: float | None = None
 
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The backoff these settings describe."""
+        return RetryPolicy(initial=self.retry_delay, factor=self.retry_backoff, max_delay=self.retry_max_delay)
+
     def backoff(self, attempt: int) -> float:
         """Delay before the retry that follows delivery number ``attempt``."""
-        return float(min(self.retry_max_delay, self.retry_delay * self.retry_backoff ** max(0, attempt - 1)))
+        return self.retry_policy.delay(attempt)
 
 
 @dataclass(slots=True)
@@ -86,18 +87,8 @@ class Message:
 Handler = Callable[[Message], Awaitable[None]]
 
 
-@dataclass(slots=True)
-class ConsumerStats:
-    """Counters of one consumer, for tests, health checks and progress output."""
-
-    received: int = 0
-    acked: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    requeued_on_stop: int = 0
-    in_flight: int = 0
-    last_error: str | None = None
-    started_at: float = field(default_factory=time.time)
+ConsumerStats = IntakeStats
+"""Counters of one consumer (the intake's counters), for tests, health checks and progress output."""
 
 
 class Consumer:
@@ -119,14 +110,28 @@ class Consumer:
         handler: Handler,
         config: ConsumerConfig | None = None,
         claim_check: ClaimCheck | None = None,
+        *,
+        on_dead_letter: DeadLetterHook | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.broker = broker
         self.claim_check = claim_check if claim_check is not None else ClaimCheck.from_settings()
         self.queue = queue
         self.handler = handler
         self.config = config or ConsumerConfig()
-        self.dead_letter_queue = self.config.dead_letter or broker.dead_letter_name(queue)
         self.stats = ConsumerStats()
+        self.intake = Intake(
+            broker,
+            queue,
+            claim_check=self.claim_check,
+            dead_letter_queue=self.config.dead_letter,
+            max_attempts=self.config.max_attempts,
+            retry=self.config.retry_policy,
+            max_bytes=max_message_bytes,
+            stats=self.stats,
+            on_dead_letter=on_dead_letter,
+        )
+        self.dead_letter_queue = self.intake.dead_letter_queue
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscription: Subscription | None = None
@@ -210,50 +215,41 @@ class Consumer:
             await self._subscription.close()
         self._stopped.set()
 
-    async def _open(self, delivery: Delivery) -> tuple[Envelope, PayloadRef | None] | None:
-        """Decode (resolving a payload reference); ``None`` when the delivery had to be settled instead."""
-        try:
-            return await self.claim_check.open(delivery.body, message_id=delivery.message_id)
-        except MessageError as exc:  # a payload that cannot be resolved, or bytes that do not decode
-            await self._dead_letter(delivery, open_failure_reason(exc))
-        except PayloadStoreError as exc:
-            self.stats.last_error = str(exc)
-            await self._retry_or_dead_letter(delivery, str(exc), None)
-        except asyncio.CancelledError:
-            self.stats.requeued_on_stop += 1
-            await asyncio.shield(self._settle_quietly(delivery.nack(requeue=True)))
-            raise
-        return None
-
     async def _process(self, delivery: Delivery) -> None:
         heartbeat = self._start_heartbeat(delivery)  # loading a large payload can take a while too
         try:
-            opened = await self._open(delivery)
+            opened = await self.intake.open(delivery)
             if opened is not None:
-                await self._run(delivery, *opened)
+                await self._run(opened)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug on this path must not leave the delivery unsettled
+            log.exception("consumer on %r failed on message %s", self.queue, delivery.message_id)
+            await self.intake.retry_or_dead_letter(delivery, f"{type(exc).__name__}: {exc}")
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
 
-    async def _run(self, delivery: Delivery, envelope: Envelope, ref: PayloadRef | None) -> None:
+    async def _run(self, opened: Opened) -> None:
+        delivery, envelope, intake = opened.delivery, opened.envelope, self.intake
+        assert envelope is not None
         try:
             if self.config.handler_timeout is not None:
                 await asyncio.wait_for(self.handler(Message(envelope, delivery)), self.config.handler_timeout)
             else:
                 await self.handler(Message(envelope, delivery))
         except asyncio.CancelledError:
-            # Stopped while running: give the message back untouched for another consumer.
-            self.stats.requeued_on_stop += 1
-            await asyncio.shield(self._settle_quietly(delivery.nack(requeue=True)))
+            await intake.requeue_on_stop(delivery)  # stopped while running: back for another consumer
             raise
         except Reject as exc:
-            await self._dead_letter(delivery, f"rejected by handler: {exc.reason}")
+            await intake.dead_letter(delivery, f"rejected by handler: {exc.reason}", envelope=envelope)
         except Retry as exc:
-            await self._retry_or_dead_letter(delivery, exc.reason, exc.delay)
+            await intake.retry_or_dead_letter(delivery, exc.reason, exc.delay, envelope=envelope)
         except MessageError as exc:
-            await self._dead_letter(delivery, f"{type(exc).__name__}: {exc}")
+            await intake.dead_letter(delivery, f"{type(exc).__name__}: {exc}", envelope=envelope)
         except TimeoutError:
-            await self._retry_or_dead_letter(delivery, f"handler timed out after {self.config.handler_timeout} s", None)
+            reason = f"handler timed out after {self.config.handler_timeout} s"
+            await intake.retry_or_dead_letter(delivery, reason, envelope=envelope)
         except Exception as exc:
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
             log.warning(
@@ -264,31 +260,28 @@ class Consumer:
                 type(exc).__name__,
                 exc,
             )
-            await self._retry_or_dead_letter(delivery, f"{type(exc).__name__}: {exc}", None)
+            await intake.retry_or_dead_letter(delivery, f"{type(exc).__name__}: {exc}", envelope=envelope)
         else:
-            try:
-                await delivery.ack()
-            except Exception as exc:
-                # The broker is unreachable or the queue is gone: the message comes back (at-least-once) and
-                # its payload must stay for that redelivery. Never let this escape the task unhandled.
-                self.stats.last_error = f"ack failed: {type(exc).__name__}: {exc}"
-                log.warning(
-                    "could not ack message %s on %r (%s: %s); the broker will deliver it again",
-                    delivery.message_id,
-                    self.queue,
-                    type(exc).__name__,
-                    exc,
-                )
-                return
-            self.stats.acked += 1
-            if ref is not None:
-                await self.claim_check.release(ref)
+            await self._ack(delivery, opened.ref)
 
-    async def _settle_quietly(self, settle: Awaitable[None]) -> None:
+    async def _ack(self, delivery: Delivery, ref: PayloadRef | None) -> None:
         try:
-            await settle
-        except Exception as exc:  # the broker is gone: it will redeliver by itself
-            log.warning("could not settle a message on %r: %s", self.queue, exc)
+            await delivery.ack()
+        except Exception as exc:
+            # The broker is unreachable or the queue is gone: the message comes back (at-least-once) and
+            # its payload must stay for that redelivery. Never let this escape the task unhandled.
+            self.stats.last_error = f"ack failed: {type(exc).__name__}: {exc}"
+            log.warning(
+                "could not ack message %s on %r (%s: %s); the broker will deliver it again",
+                delivery.message_id,
+                self.queue,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self.stats.acked += 1
+        if ref is not None:
+            await self.claim_check.release(ref)
 
     def _start_heartbeat(self, delivery: Delivery) -> asyncio.Task[None] | None:
         timeout = self.broker.capabilities.visibility_timeout
@@ -304,42 +297,3 @@ class Consumer:
                 await delivery.extend(timeout)
             except Exception as exc:
                 log.warning("visibility heartbeat on %r failed: %s", self.queue, exc)
-
-    async def _retry_or_dead_letter(self, delivery: Delivery, reason: str, delay: float | None) -> None:
-        if delivery.attempt >= self.config.max_attempts:
-            await self._dead_letter(
-                delivery,
-                f"failed {delivery.attempt} times (max_attempts={self.config.max_attempts}); last error: {reason}",
-            )
-            return
-        self.stats.retried += 1
-        backoff = self.config.backoff(delivery.attempt) if delay is None else delay
-        await self._settle_quietly(delivery.nack(requeue=True, delay=backoff))
-
-    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        headers = dict(delivery.headers)
-        headers.update(
-            {
-                "x-death-reason": reason[:4000],
-                "x-original-queue": self.queue,
-                "x-original-message-id": delivery.message_id,
-                "x-attempts": delivery.attempt,
-                "x-dead-lettered-at": time.time(),
-            }
-        )
-        log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
-        try:
-            await self.broker.publish(
-                self.dead_letter_queue,
-                delivery.body,
-                headers=headers,
-                message_id=delivery.message_id,
-                key=delivery.key,
-            )
-        except Exception as exc:
-            # Could not dead-letter: keep the message on its queue rather than lose it.
-            log.error("dead-letter publish to %r failed (%s); requeueing", self.dead_letter_queue, exc)
-            await self._settle_quietly(delivery.nack(requeue=True, delay=self.config.retry_max_delay))
-            return
-        self.stats.dead_lettered += 1
-        await self._settle_quietly(delivery.ack())

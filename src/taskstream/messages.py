@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import orjson
@@ -43,6 +43,7 @@ __all__ = [
     "CONTENT_TYPE",
     "Envelope",
     "Kind",
+    "MAX_DEPTH",
     "WIRE_VERSION",
     "decode",
     "decode_value",
@@ -50,12 +51,17 @@ __all__ = [
     "encode",
     "encode_value",
     "header_str",
+    "is_envelope_document",
     "loads",
     "new_id",
+    "rebuild",
     "restore_binary",
 ]
 
 WIRE_VERSION = 1
+#: deepest nesting of lists and objects a message may have (orjson parses up to 1024, Python's own recursion
+#: and orjson's encoder stop near 255; a body this deep cannot be re-published, so it is refused on intake)
+MAX_DEPTH = 128
 CONTENT_TYPE = "application/vnd.taskstream+json"
 TAG = "__ts__"
 
@@ -133,15 +139,46 @@ def dumps(value: Any) -> bytes:
         raise TypeError(str(exc.__cause__ or exc)) from exc
 
 
-def _restore(value: Any) -> Any:
-    if isinstance(value, dict):
-        tag = value.get(TAG)
-        if tag is not None and isinstance(tag, str):
-            return _restore_tagged(tag, value)
-        return {k: _restore(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_restore(v) for v in value]
+def rebuild(value: Any, restore_tag: Callable[[str, dict[str, Any]], Any] | None, max_depth: int) -> Any:
+    """Check the nesting depth of a decoded JSON value and rebuild its tagged values, without recursion.
+
+    ``restore_tag(tag, obj)`` replaces each ``{"__ts__": tag, ...}`` object (``None``: leave them as they are).
+    The value is changed in place (it is fresh from the JSON parser) and returned.
+
+    Raises:
+        MalformedMessage: the value nests deeper than ``max_depth`` containers.
+    """
+    if type(value) is dict and restore_tag is not None and isinstance(value.get(TAG), str):
+        return restore_tag(value[TAG], value)
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise MalformedMessage(f"message nests deeper than {max_depth} levels (the limit; MAX_DEPTH)")
+        items: Iterable[tuple[Any, Any]]
+        if type(node) is dict:
+            items = list(node.items())
+        elif type(node) is list:
+            items = enumerate(node)
+        else:
+            continue
+        for index, child in items:
+            kind = type(child)
+            if kind is dict:
+                if restore_tag is not None and isinstance(child.get(TAG), str):
+                    node[index] = restore_tag(child[TAG], child)
+                else:
+                    stack.append((child, depth + 1))
+            elif kind is list:
+                stack.append((child, depth + 1))
     return value
+
+
+def _needs_walk(data: bytes | str, max_depth: int) -> tuple[bool, bool]:
+    """(may be deeper than ``max_depth``, may hold tagged values), from a cheap scan of the raw text."""
+    if isinstance(data, str):
+        return data.count("[") + data.count("{") > max_depth, '"__ts__"' in data
+    return data.count(b"[") + data.count(b"{") > max_depth, b'"__ts__"' in data
 
 
 def _restore_tagged(tag: str, value: dict[str, Any]) -> Any:
@@ -182,14 +219,24 @@ def restore_binary(tag: str, raw: bytes | memoryview, value: Mapping[str, Any], 
     raise MalformedMessage(f"unknown encoded value type {tag!r} in {where}")
 
 
-def loads(data: bytes | str) -> Any:
-    """Decode JSON bytes produced by :func:`dumps`, restoring bytes and arrays."""
+def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode JSON bytes produced by :func:`dumps`, restoring bytes and arrays.
+
+    Raises:
+        MalformedMessage: not JSON (or not UTF-8), a number out of range, nested deeper than ``max_depth``,
+            or a broken tagged value.
+    """
+    if isinstance(data, memoryview | bytearray):
+        data = bytes(data)
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        preview = bytes(data[:40]) if isinstance(data, bytes | bytearray) else data[:40].encode()
+        preview = data[:40] if isinstance(data, bytes) else data[:40].encode()
         raise MalformedMessage(f"message is not valid JSON ({exc}); first bytes: {preview!r}") from exc
-    return _restore(parsed)
+    deep, tagged = _needs_walk(data, max_depth)
+    if deep or tagged:
+        return rebuild(parsed, _restore_tagged if tagged else None, max_depth)
+    return parsed
 
 
 def encode_value(value: Any) -> bytes:
@@ -227,12 +274,20 @@ def decode(data: bytes, *, message_id: str | None = None) -> Envelope:
         MalformedMessage: the bytes are not JSON, or look like an envelope but have broken fields.
     """
     parsed = loads(data)
-    if isinstance(parsed, dict) and parsed.get("ts") == WIRE_VERSION and "kind" in parsed:
+    if is_envelope_document(parsed):
         try:
             return Envelope.model_validate(parsed)
         except PydanticValidationError as exc:
             raise MalformedMessage(f"broken taskstream envelope: {_short_errors(exc)}") from exc
     return Envelope(id=message_id or new_id(), kind="raw", body=parsed)
+
+
+def is_envelope_document(doc: Any) -> bool:
+    """True when a decoded JSON value is a taskstream envelope (``"ts": 1`` and ``kind``), False for foreign JSON.
+
+    A foreign document with other ``ts`` values (a sensor's timestamp, say) is foreign JSON, not an error.
+    """
+    return type(doc) is dict and doc.get("ts") == WIRE_VERSION and "kind" in doc
 
 
 def _short_errors(exc: PydanticValidationError) -> str:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from taskstream.errors import MalformedMessage
-from taskstream.messages import WIRE_VERSION, Envelope, decode, loads, restore_binary
+from taskstream.messages import MAX_DEPTH, WIRE_VERSION, Envelope, decode, loads, rebuild, restore_binary
 
 __all__ = ["MAGIC", "decode_blob", "encode_blob"]
 
@@ -121,16 +121,12 @@ def decode_blob(data: bytes, *, message_id: str | None = None) -> Envelope:
 
 
 def _restore(value: Any, buffers: list[memoryview]) -> Any:
-    if isinstance(value, dict):
-        tag = value.get(TAG)
-        if isinstance(tag, str):
-            if "buf" in value:
-                return _restore_buffer(tag, value, buffers)
-            return loads(orjson.dumps(value))  # an inline-encoded value: the message codec restores it
-        return {k: _restore(v, buffers) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_restore(v, buffers) for v in value]
-    return value
+    def restore_tag(tag: str, obj: dict[str, Any]) -> Any:
+        if "buf" in obj:
+            return _restore_buffer(tag, obj, buffers)
+        return loads(orjson.dumps(obj))  # an inline-encoded value: the message codec restores it
+
+    return rebuild(value, restore_tag, MAX_DEPTH)
 
 
 def _restore_buffer(tag: str, value: dict[str, Any], buffers: list[memoryview]) -> Any:

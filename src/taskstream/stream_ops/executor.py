@@ -12,13 +12,13 @@ import asyncio
 import heapq
 import inspect
 import logging
-import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from taskstream.brokers.base import OutgoingMessage
+from taskstream.intake import dead_letter_headers
 from taskstream.messages import dumps
 from taskstream.stream_ops.core import (
     BatchOp,
@@ -58,14 +58,19 @@ class DeadLetters:
             body = dumps({"item": item})
         except TypeError:
             body = dumps({"item_repr": repr(item)[:2000]})
-        headers = {
-            "x-death-reason": reason[:4000],
-            "x-pipeline": self.ctx.pipeline,
-            "x-step": node_id,
-            "x-stage": self.ctx.stage or "",
-            "x-replica": self.ctx.replica,
-            "x-dead-lettered-at": time.time(),
-        }
+        headers = dead_letter_headers(
+            {},
+            reason,
+            queue="",  # a record, not a delivery: it has no queue to go back to
+            message_id=None,
+            attempts=1,
+            **{
+                "x-pipeline": self.ctx.pipeline,
+                "x-step": node_id,
+                "x-stage": self.ctx.stage or "",
+                "x-replica": self.ctx.replica,
+            },
+        )
         self.pending.append(OutgoingMessage(body, headers))
         self.ctx.node_stats(node_id).dead_lettered += 1
 

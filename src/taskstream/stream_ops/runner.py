@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, Subscription
-from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageError
-from taskstream.messages import WIRE_VERSION, loads
-from taskstream.payloads.base import PayloadStoreError
-from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, is_reference, open_failure_reason
+from taskstream.errors import BrokerConnectionError, ConfigurationError, MalformedMessage, MessageError
+from taskstream.intake import Intake, Refused
+from taskstream.messages import is_envelope_document
+from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
 from taskstream.producer import Producer
 from taskstream.stream_ops.core import SourceNode
 from taskstream.stream_ops.executor import Executor, Outbox
@@ -47,7 +47,7 @@ from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import NodeStats, RuntimeContext
 from taskstream.stream_ops.sources.base import Source, SourceBatch
 from taskstream.stream_ops.state import StateStore
-from taskstream.stream_ops.wire import control_message, open_record, retry_later
+from taskstream.stream_ops.wire import control_message, read_record
 
 __all__ = ["RunConfig", "RunResult", "Runner"]
 
@@ -147,7 +147,7 @@ class Runner:
         self.duplicates = 0
         self.stop_requested = False
         self.raw_dead: list[OutgoingMessage] = []
-        self.raw_dead_total = 0
+        self.intake: Intake | None = None
         self._declared: set[str] = set()
         self._published_since_check: dict[str, int] = {}
         self._subscription: Subscription | None = None
@@ -224,6 +224,9 @@ class Runner:
             if stage is not None and stage.entries:
                 queue = stage.queue(self.replica)
                 await self._declare(queue)
+                self.intake = Intake(
+                    self.broker, queue, claim_check=self.claim_check, dead_letter_queue=self.plan.dead_letter_queue
+                )
                 prefetch = self.config.prefetch or 4 * self.config.batch_size
                 self._subscription = self.broker.consume(queue, prefetch=prefetch)
                 readers.append(asyncio.create_task(self._read_queue(self._subscription, inbox), name=f"queue:{queue}"))
@@ -242,7 +245,8 @@ class Runner:
             result.duration = time.perf_counter() - started
             result.received = self.received
             result.duplicates_skipped = self.duplicates
-            result.dead_lettered = self.executor.dead.total + self.raw_dead_total
+            unreadable = self.intake.stats.dead_lettered if self.intake is not None else 0
+            result.dead_lettered = self.executor.dead.total + unreadable
             result.late = sum(s.late for s in self.ctx.stats.values())
         log.info("%s", result.summary())
         return result
@@ -323,8 +327,8 @@ class Runner:
     ) -> tuple[list[Delivery], list[str], list[PayloadRef]]:
         """Decode and feed a batch of deliveries; returns those to ack, the ids applied and the payload
         references to release after the ack (not those of dead-lettered messages: they keep their payload)."""
-        assert self.stage is not None
-        entries = self.stage.entries
+        assert self.stage is not None and self.intake is not None
+        entries, intake = self.stage.entries, self.intake
         settle: list[Delivery] = []
         ids: list[str] = []
         refs: list[PayloadRef] = []
@@ -334,54 +338,33 @@ class Runner:
                 for rest in deliveries[index:]:
                     await rest.nack(requeue=True)  # behind a Stop or over the bound: not ours to take
                 break
-            entry: str | tuple[str, ...]
-            ref: PayloadRef | None = None
-            try:
-                if is_reference(delivery.body):
-                    doc, ref = await open_record(self.claim_check, delivery.body, delivery.message_id)
-                else:
-                    doc = loads(delivery.body)
-            except MessageError as exc:
+            opened = await intake.read(delivery)
+            if isinstance(opened, Refused):
+                reason = opened.reason
+                if opened.transient:
+                    give_up = intake.give_up_reason(delivery, reason)
+                    if give_up is None:
+                        await intake.retry_later(delivery)
+                        continue
+                    reason = give_up
                 settle.append(delivery)
-                self._dead_letter_raw(delivery, open_failure_reason(exc))
-                continue
-            except PayloadStoreError as exc:
-                reason = await retry_later(delivery, str(exc))
-                if reason is not None:
-                    settle.append(delivery)
-                    self._dead_letter_raw(delivery, reason)
+                self.raw_dead.append(intake.dead_letter_message(delivery, reason))
                 continue
             settle.append(delivery)
-            if not (isinstance(doc, dict) and doc.get("ts") == WIRE_VERSION and "kind" in doc):
-                if len(entries) != 1:
-                    self._dead_letter_raw(delivery, "raw message on a stage queue with several entry steps")
-                    continue
-                entry, item = entries[0], doc
-            else:
-                mid = str(doc.get("id") or delivery.message_id)
-                if mid in self.recent_ids:
-                    self.duplicates += 1
-                    if ref is not None:
-                        refs.append(ref)
-                    continue
+            try:
+                routed = self._route(opened.doc, delivery, entries)
+            except MessageError as exc:
+                self.raw_dead.append(intake.dead_letter_message(delivery, str(exc)))
+                continue
+            if opened.ref is not None:
+                refs.append(opened.ref)
+            if routed is None:  # a duplicate
+                continue
+            mid, entry, item = routed
+            if mid is not None:
                 ids.append(mid)
-                if doc["kind"] == "control":
-                    self._control(doc.get("body"))
-                    continue
-                headers = doc.get("headers") or {}
-                to = headers.get("to") or (entries[0] if len(entries) == 1 else "")
-                entry = tuple(to) if isinstance(to, list) else to
-                targets = entry if isinstance(entry, tuple) else (entry,)
-                if not all(t in entries for t in targets):
-                    self._dead_letter_raw(delivery, f"record for step {to!r}, which is not an entry of this stage")
-                    continue
-                src = headers.get("src")
-                if src:
-                    self.counts[src] = self.counts.get(src, 0) + 1
-                key = doc.get("key")
-                item = (key, doc.get("body")) if key is not None else doc.get("body")
-            if ref is not None:
-                refs.append(ref)
+            if entry is None:  # a control message
+                continue
             self.received += 1
             if groups and groups[-1][0] == entry:
                 groups[-1][1].append(item)
@@ -395,6 +378,36 @@ class Runner:
                 await self.executor.feed(group_entry, items)
         return settle, ids, refs
 
+    def _route(
+        self, doc: Any, delivery: Delivery, entries: list[str]
+    ) -> tuple[str | None, str | tuple[str, ...] | None, Any] | None:
+        """``(message id, entry step(s), item)`` of a decoded message: the entry is ``None`` for a control
+        message (applied here), and ``None`` is returned for a duplicate.
+
+        Raises:
+            MessageError: the message cannot go anywhere in this stage (the reason is the dead letter's).
+        """
+        if not is_envelope_document(doc):  # plain JSON from a foreign producer
+            if len(entries) != 1:
+                raise MalformedMessage("raw message on a stage queue with several entry steps")
+            return None, entries[0], doc
+        record = read_record(doc, delivery.message_id)
+        if record.id in self.recent_ids:
+            self.duplicates += 1
+            return None
+        if record.kind == "control":
+            self._control(record.body)
+            return record.id, None, None
+        to = record.to or (entries[0] if len(entries) == 1 else "")
+        entry = tuple(to) if isinstance(to, list) else to
+        targets = entry if isinstance(entry, tuple) else (entry,)
+        if not all(t in entries for t in targets):
+            raise MalformedMessage(f"record for step {to!r}, which is not an entry of this stage")
+        if record.src:
+            self.counts[record.src] = self.counts.get(record.src, 0) + 1
+        item = (record.key, record.body) if record.key is not None else record.body
+        return record.id, entry, item
+
     def _control(self, body: Any) -> None:
         control = body.get("control") if isinstance(body, dict) else None
         if control == "eos":
@@ -405,21 +418,6 @@ class Runner:
             self.stop_requested = True
         else:
             log.warning("%s: ignoring unknown control message %r", self.namespace, body)
-
-    def _dead_letter_raw(self, delivery: Delivery, reason: str) -> None:
-        log.warning("%s: dead-lettering message %s: %s", self.namespace, delivery.message_id, reason)
-        headers = dict(delivery.headers)
-        headers.update(
-            {
-                "x-death-reason": reason[:4000],
-                "x-original-queue": delivery.queue,
-                "x-original-message-id": delivery.message_id,
-                "x-attempts": delivery.attempt,
-                "x-dead-lettered-at": time.time(),
-            }
-        )
-        self.raw_dead.append(OutgoingMessage(delivery.body, headers, message_id=delivery.message_id))
-        self.raw_dead_total += 1
 
     # -- publishing, snapshots, end-of-stream ---------------------------------------------------------
 

@@ -19,7 +19,9 @@ reply                     envelope ``kind="result"``, ``correlation_id`` = reque
 
 Requests and replies too large for the broker (a camera frame on Azure Queues) travel by reference
 (claim-check, :mod:`taskstream.payloads`): the producer offloads them, the reader resolves the reference and
-deletes the blob after the ack.
+deletes the blob after the ack. Requests and replies are read through the :mod:`intake <taskstream.intake>`:
+an unreadable request goes to ``service-<name>.dlq``, an unreadable reply to the shared reply dead-letter queue
+(:func:`~taskstream.intake.reply_dead_letter_queue`); a reply that cannot be sent is retried, then dead-lettered.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from taskstream.brokers.base import Broker, Subscription
-from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageError
+from taskstream.errors import BrokerConnectionError, ConfigurationError
+from taskstream.intake import Intake, IntakeStats, Opened, reply_dead_letter_queue
 from taskstream.messages import Envelope, new_id
-from taskstream.payloads.base import PayloadStoreError
-from taskstream.payloads.claimcheck import ClaimCheck, open_failure_reason
+from taskstream.payloads.claimcheck import ClaimCheck
 from taskstream.producer import Producer
 from taskstream.stream_ops.core import BatchOp, is_async_callable
 from taskstream.stream_ops.runtime_context import RuntimeContext
@@ -102,6 +104,7 @@ class Service:
         self.handled = 0
         self.errors = 0
         self.skipped_expired = 0
+        self.stats = IntakeStats()
         self.in_handler = 0
         self.max_in_handler = 0
         self.stopped = asyncio.Event()
@@ -164,49 +167,45 @@ class Service:
 
     async def _serve(self, broker: Broker, subscription: Subscription) -> None:
         producer = Producer(broker, claim_check=self.claim_check)
-        check = producer.claim_check
+        intake = Intake(broker, self.queue, claim_check=producer.claim_check, stats=self.stats)
         try:
             async for delivery in subscription:
+                opened = await intake.open(delivery)  # unreadable requests are dead-lettered there
+                if opened is None:
+                    continue
                 try:
-                    request, ref = await check.open(delivery.body, message_id=delivery.message_id)
-                except MessageError as exc:  # the dead letter keeps a payload reference
-                    await self._dead_letter(broker, delivery.body, dict(delivery.headers), open_failure_reason(exc))
-                    await delivery.ack()
+                    quitting = await self._answer(producer, opened)
+                except Exception as exc:  # the reply could not be sent: try again later, then dead-letter
+                    reason = f"{type(exc).__name__}: {exc}"
+                    log.warning("service %r: could not answer request %s: %s", self.name, delivery.message_id, reason)
+                    await intake.retry_or_dead_letter(delivery, reason, envelope=opened.envelope)
                     continue
-                except PayloadStoreError as exc:
-                    log.warning("service %r: payload store failed, request requeued: %s", self.name, exc)
-                    await delivery.nack(requeue=True, delay=1.0)
-                    continue
-                if request.deadline is not None and request.deadline < time.time():
-                    self.skipped_expired += 1
-                    await delivery.ack()
-                    if ref is not None:
-                        await check.release(ref)
-                    continue
-                body = request.body
-                quitting = (
-                    self.quit_command is not None
-                    and isinstance(body, dict)
-                    and body.get("command") == self.quit_command
-                )
-                if quitting:
-                    reply: dict[str, Any] = {"ok": True, "result": {"quit": True, "handled": self.handled}}
-                else:
-                    reply = await self._handle(body)
-                if request.reply_to:
-                    await producer.send(
-                        request.reply_to,
-                        Envelope(kind="result", correlation_id=request.id, body=reply),
-                    )
-                await delivery.ack()
-                if ref is not None:
-                    await check.release(ref)
+                await intake.settle_quietly(delivery.ack())
+                if opened.ref is not None:
+                    await producer.claim_check.release(opened.ref)
                 if quitting:
                     log.info("service %r: quit after %d requests", self.name, self.handled)
                     break
         finally:
             self.stopped.set()
             await subscription.close()
+
+    async def _answer(self, producer: Producer, opened: Opened) -> bool:
+        """Handle one request and send its reply; True when it was the quit command."""
+        request = opened.envelope
+        assert request is not None
+        if request.deadline is not None and request.deadline < time.time():
+            self.skipped_expired += 1
+            return False
+        body = request.body
+        quitting = self.quit_command is not None and isinstance(body, dict) and body.get("command") == self.quit_command
+        if quitting:
+            reply: dict[str, Any] = {"ok": True, "result": {"quit": True, "handled": self.handled}}
+        else:
+            reply = await self._handle(body)
+        if request.reply_to:
+            await producer.send(request.reply_to, Envelope(kind="result", correlation_id=request.id, body=reply))
+        return quitting
 
     async def _handle(self, body: Any) -> dict[str, Any]:
         self.in_handler += 1
@@ -229,12 +228,6 @@ class Service:
             }
         finally:
             self.in_handler -= 1
-
-    async def _dead_letter(self, broker: Broker, body: bytes, headers: dict[str, Any], reason: str) -> None:
-        dlq = broker.dead_letter_name(self.queue)
-        headers.update({"x-death-reason": reason[:4000], "x-original-queue": self.queue})
-        await broker.declare(dlq)
-        await broker.publish(dlq, body, headers=headers)
 
 
 class ServiceClient:
@@ -265,25 +258,23 @@ class ServiceClient:
         self._task = asyncio.create_task(self._receive(self._subscription), name=f"replies:{self.reply_queue}")
 
     async def _receive(self, subscription: Subscription) -> None:
+        check = self.producer.claim_check
+        intake = Intake(
+            self.broker, self.reply_queue, claim_check=check, dead_letter_queue=reply_dead_letter_queue(self.broker)
+        )
         try:
-            check = self.producer.claim_check
             async for delivery in subscription:
-                try:
-                    reply, ref = await check.open(delivery.body, message_id=delivery.message_id)
-                except MessageError as exc:
-                    log.warning("ignoring a reply on %r: %s", self.reply_queue, open_failure_reason(exc))
-                    await delivery.ack()
+                opened = await intake.open(delivery)  # an unreadable reply is dead-lettered there
+                if opened is None:
                     continue
-                except PayloadStoreError as exc:
-                    log.warning("payload store failed for a reply on %r, requeued: %s", self.reply_queue, exc)
-                    await delivery.nack(requeue=True, delay=1.0)
-                    continue
+                reply = opened.envelope
+                assert reply is not None
                 future = self._pending.get(reply.correlation_id or "")
                 if future is not None and not future.done():
                     future.set_result(reply.body)
-                await delivery.ack()  # a reply nobody waits for any more (timed out) is dropped here
-                if ref is not None:
-                    await check.release(ref)
+                await intake.settle_quietly(delivery.ack())  # a reply nobody waits for (timed out) ends here
+                if opened.ref is not None:
+                    await check.release(opened.ref)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

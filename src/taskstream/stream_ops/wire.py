@@ -17,25 +17,22 @@ Body                                                       Meaning
 Large records travel by reference (claim-check, :mod:`taskstream.payloads`), as task arguments do: whoever
 publishes records (stage outputs, dead letters, ``QueueSink``) passes them through
 :meth:`Producer.offload_outgoing <taskstream.producer.Producer.offload_outgoing>`; whoever reads them (stage
-replicas, ``QueueSource``) resolves a reference with :func:`open_record` and releases the blob after the final
-ack. A record that is dead-lettered keeps its reference, so its payload stays. Small records pay one prefix
-comparison per message.
+replicas, ``QueueSource``) reads through the :mod:`intake <taskstream.intake>`, which resolves a reference, and
+releases the blob after the final ack. A record that is dead-lettered keeps its reference, so its payload
+stays. Small records pay one prefix comparison per message.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from taskstream.brokers.base import Broker, Delivery, OutgoingMessage
+from taskstream.brokers.base import Broker, OutgoingMessage
+from taskstream.errors import MalformedMessage
 from taskstream.messages import CONTENT_TYPE, WIRE_VERSION, dumps, new_id
-from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
-from taskstream.settings import DEFAULT_MAX_ATTEMPTS
 
-__all__ = ["Stop", "control_message", "open_record", "record_message", "retry_later", "send_stop"]
-
-#: first pause before a delivery whose payload store failed comes back (doubles per attempt, at most 60 s)
-STORE_RETRY_DELAY = 0.5
+__all__ = ["Record", "Stop", "control_message", "read_record", "record_message", "send_stop"]
 
 RECORD_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record"}
 CONTROL_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "control"}
@@ -67,44 +64,39 @@ def control_message(body: dict[str, Any], key: str | None = None) -> OutgoingMes
     return OutgoingMessage(dumps(doc), CONTROL_HEADERS, message_id=mid, key=key)
 
 
-async def open_record(check: ClaimCheck, body: bytes, message_id: str) -> tuple[Any, PayloadRef]:
-    """Resolve a payload reference (``is_reference(body)``) into what ``loads`` gives for inline bytes.
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The routing fields of a decoded record or control envelope, their types checked."""
 
-    Returns:
-        the envelope document (``ts``, ``id``, ``kind``, ``headers``, ``key``, ``body``) or, for a foreign
-        message, its JSON value; and the reference, to release once the delivery is acked for good.
+    id: str
+    kind: str
+    to: str | list[str] | None
+    src: str | None
+    key: str | None
+    body: Any
+
+
+def read_record(doc: dict[str, Any], message_id: str | None) -> Record:
+    """Check and pick the fields a stage reads from an envelope document (a hostile one may hold anything).
 
     Raises:
-        MessageError: the payload is missing or corrupt, or does not decode (dead-letter with
-            :func:`~taskstream.payloads.claimcheck.open_failure_reason`).
-        PayloadStoreError: the store failed (transient: :func:`retry_later`).
+        MalformedMessage: a field of the wrong type, naming it.
     """
-    envelope, ref = await check.open(body, message_id=message_id)
-    assert ref is not None, "open_record is for payload references"
-    if envelope.kind == "raw":
-        return envelope.body, ref
-    doc: dict[str, Any] = {
-        "ts": WIRE_VERSION,
-        "id": envelope.id,
-        "kind": envelope.kind,
-        "headers": envelope.headers,
-        "body": envelope.body,
-    }
-    if envelope.key is not None:
-        doc["key"] = envelope.key
-    return doc, ref
-
-
-async def retry_later(delivery: Delivery, reason: str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> str | None:
-    """Requeue a delivery whose payload store failed, after a pause that doubles per attempt.
-
-    Returns:
-        ``None`` when it was requeued; the dead-letter reason once it has had ``max_attempts`` deliveries.
-    """
-    if delivery.attempt >= max_attempts:
-        return f"failed {delivery.attempt} times (max_attempts={max_attempts}); last error: {reason}"
-    await delivery.nack(requeue=True, delay=min(60.0, STORE_RETRY_DELAY * 2 ** (delivery.attempt - 1)))
-    return None
+    mid = doc.get("id") or message_id
+    kind = doc.get("kind")
+    headers = doc.get("headers") or {}
+    key = doc.get("key")
+    if not isinstance(mid, str) or not isinstance(kind, str) or not isinstance(headers, dict):
+        raise MalformedMessage("malformed message: envelope id, kind or headers of the wrong type")
+    if key is not None and not isinstance(key, str):
+        raise MalformedMessage(f"malformed message: envelope key must be a string, not {type(key).__name__}")
+    to = headers.get("to")
+    if to is not None and not (isinstance(to, str) or (isinstance(to, list) and all(isinstance(t, str) for t in to))):
+        raise MalformedMessage("malformed message: header 'to' must be a step name or a list of them")
+    src = headers.get("src")
+    if src is not None and not isinstance(src, str):
+        raise MalformedMessage("malformed message: header 'src' must be a string")
+    return Record(mid, kind, to, src, key, doc.get("body"))
 
 
 class Stop:

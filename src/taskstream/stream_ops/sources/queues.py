@@ -14,7 +14,6 @@ dead letter keeps the reference), a store that cannot be reached requeues the me
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,12 +21,12 @@ from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, Subscription, broker_from_url
 from taskstream.errors import ConfigurationError, MessageError
-from taskstream.messages import WIRE_VERSION, loads
-from taskstream.payloads.base import PayloadStoreError
-from taskstream.payloads.claimcheck import PayloadRef, is_reference, open_failure_reason
+from taskstream.intake import Intake, IntakeStats, Refused
+from taskstream.messages import is_envelope_document
+from taskstream.payloads.claimcheck import PayloadRef
 from taskstream.stream_ops.runtime_context import RuntimeContext
 from taskstream.stream_ops.sources.base import Source, SourceBatch, is_stop
-from taskstream.stream_ops.wire import open_record, retry_later
+from taskstream.stream_ops.wire import read_record
 
 __all__ = ["QueueSource"]
 
@@ -66,7 +65,12 @@ class QueueSource(Source):
         self.prefetch = prefetch
         self.with_key = with_key
         self.linger = linger
-        self.dead_lettered = 0
+        self.stats = IntakeStats()
+
+    @property
+    def dead_lettered(self) -> int:
+        """Messages this source dead-lettered (unreadable, or broken envelopes)."""
+        return self.stats.dead_lettered
 
     async def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
         own = False
@@ -82,6 +86,7 @@ class QueueSource(Source):
             raise ConfigurationError(f"QueueSource({self.queue!r}) has no broker: pass broker= or run on one")
         await broker.declare(self.queue, fifo=self.queue.endswith(".fifo"))
         check = ctx.payloads()
+        intake = Intake(broker, self.queue, claim_check=check, stats=self.stats)
         subscription = broker.consume(self.queue, prefetch=max(self.prefetch, batch_size))
         emitted = 0
         acked: list[asyncio.Event] = []
@@ -102,26 +107,19 @@ class QueueSource(Source):
                     if stop:
                         await delivery.nack(requeue=True)  # behind a Stop: leave it for the next consumer
                         continue
-                    ref: PayloadRef | None = None
-                    try:
-                        if is_reference(delivery.body):
-                            doc, ref = await open_record(check, delivery.body, delivery.message_id)
-                        else:
-                            doc = loads(delivery.body)
-                    except MessageError as exc:
-                        settle.append(delivery)
-                        await self._dead_letter(broker, delivery, open_failure_reason(exc))
-                        continue
-                    except PayloadStoreError as exc:
-                        reason = await retry_later(delivery, str(exc))
-                        if reason is not None:
-                            settle.append(delivery)
-                            await self._dead_letter(broker, delivery, reason)
+                    opened = await intake.read(delivery)
+                    if isinstance(opened, Refused):
+                        await intake.refuse(delivery, opened)  # dead-lettered (or requeued: store down)
                         continue
                     settle.append(delivery)
-                    if ref is not None:
-                        refs.append(ref)
-                    value, control = self._interpret(doc)
+                    if opened.ref is not None:
+                        refs.append(opened.ref)
+                    try:
+                        value, control = self._interpret(opened.doc)
+                    except MessageError as exc:
+                        settle.pop()
+                        await intake.dead_letter(delivery, str(exc))
+                        continue
                     if control is not None:
                         stop = stop or control == "stop"
                         continue
@@ -177,28 +175,19 @@ class QueueSource(Source):
         return got
 
     def _interpret(self, doc: Any) -> tuple[Any, str | None]:
-        """The item a decoded message carries, or the control word it is (``stop``)."""
-        if isinstance(doc, dict) and doc.get("ts") == WIRE_VERSION and "kind" in doc:
-            body = doc.get("body")
-            if doc["kind"] == "control":
-                control = body.get("control") if isinstance(body, dict) else None
+        """The item a decoded message carries, or the control word it is (``stop``).
+
+        Raises:
+            MessageError: an envelope whose fields have the wrong types.
+        """
+        if is_envelope_document(doc):
+            record = read_record(doc, None)
+            if record.kind == "control":
+                control = record.body.get("control") if isinstance(record.body, dict) else None
                 return None, str(control or "unknown")
-            key = doc.get("key")
-            if self.with_key and key is not None:
-                return (str(key), body), None
-            return body, None
+            if self.with_key and record.key is not None:
+                return (record.key, record.body), None
+            return record.body, None
         if is_stop(doc):
             return None, "stop"
         return doc, None
-
-    async def _dead_letter(self, broker: Broker, delivery: Delivery, reason: str) -> None:
-        self.dead_lettered += 1
-        dlq = broker.dead_letter_name(self.queue)
-        log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
-        headers = dict(delivery.headers)
-        headers.update(
-            {"x-death-reason": reason[:4000], "x-original-queue": self.queue, "x-attempts": delivery.attempt}
-        )
-        with contextlib.suppress(Exception):
-            await broker.declare(dlq)
-        await broker.publish(dlq, delivery.body, headers=headers, message_id=delivery.message_id)
