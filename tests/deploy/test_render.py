@@ -90,7 +90,8 @@ def test_stage_syntax() -> None:
     [
         ({"env": [f"TASKSTREAM_BROKER_URL=amqp://u:{SECRET}@h/"]}, "carries a credential"),
         ({"env": [f"AWS_SECRET_ACCESS_KEY={SECRET}"]}, "carries a credential"),
-        ({"env": [f"TASKSTREAM_STATE_URL=redis://:{SECRET}@redis:6379/0"]}, "holds a credential"),
+        ({"env": [f"TASKSTREAM_STATE_URL=redis://:{SECRET}@redis:6379/0"]}, "carries a credential"),
+        ({"env": [f"STATE=redis://:{SECRET}@redis:6379/0"]}, "holds a credential"),
         ({"env": ["TASKSTREAM_PREFETC=10"]}, "did you mean TASKSTREAM_PREFETCH"),
         ({"env": ["TASKSTREAM_PREFETCH"]}, "KEY=VALUE"),
         ({"env": ["TASKSTREAM_PREFETCH=1\nExecStart=/bin/evil"]}, "one line"),
@@ -114,7 +115,7 @@ def test_known_env_vars_are_settings_fields_or_read_in_the_source() -> None:
     source = "\n".join(p.read_text() for p in (ROOT / "src" / "taskstream").rglob("*.py") if "deploy" not in p.parts)
     for var in KNOWN_ENV_VARS - fields:
         assert f'"{var}"' in source, f"{var} is documented but nothing outside deploy/ reads it"
-    assert build_spec("worker", "m:app", env=["TASKSTREAM_STATE_URL=redis://redis:6379/0"]).env
+    assert build_spec("worker", "m:app", env=["TASKSTREAM_HEALTH_HOST=127.0.0.1"]).env
 
 
 # -- systemd -------------------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ A :class:`DeploySpec` is what every renderer (systemd, cloud-init, Kubernetes) r
 each process runs (the same ``taskstream`` verbs a user types, or a compose service runs), which environment
 variables are plain settings and which are secrets, and how stage replicas are named.
 
-Secrets never go into rendered units or manifests: ``TASKSTREAM_BROKER_URL`` (it carries credentials),
-``TASKSTREAM_RESULT_STORE_URL``, ``TASKSTREAM_SIGNING_KEY`` and any name that looks like a key, password, token
-or connection string belong in the environment file (systemd, cloud-init) or the Secret (Kubernetes).
+Secrets never go into rendered units or manifests: every URL setting (``TASKSTREAM_BROKER_URL``,
+``TASKSTREAM_RESULT_STORE_URL``, ``TASKSTREAM_PAYLOAD_STORE_URL``, ``TASKSTREAM_STATE_URL``: any of them may carry a
+password, an account key or a SAS token), ``TASKSTREAM_SIGNING_KEY``, any name that looks like a key, password,
+token or connection string, and any value holding a password or a query option not known to be harmless
+(:func:`~taskstream.settings.redact_url` would hide it) belong in the environment file (systemd, cloud-init) or
+the Secret (Kubernetes).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Literal
 
 from taskstream.errors import ConfigurationError
 from taskstream.health import HEALTH_ENV_VARS
-from taskstream.settings import Settings, redact_url
+from taskstream.settings import URL_SETTINGS, Settings, env_name, redact_url
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -44,15 +47,13 @@ DEFAULT_VENV = "/opt/taskstream/venv"
 DEFAULT_ENV_DIR = "/etc/taskstream"
 DEFAULT_IMAGE = "taskstream:{version}"
 
-#: ``TASKSTREAM_*`` variables that carry credentials: never in a unit or a manifest.
-SECRET_ENV_VARS = frozenset({"TASKSTREAM_BROKER_URL", "TASKSTREAM_RESULT_STORE_URL", "TASKSTREAM_SIGNING_KEY"})
+#: ``TASKSTREAM_*`` variables that carry credentials (every URL setting, the signing key): never in a unit or a
+#: manifest.
+SECRET_ENV_VARS: frozenset[str] = frozenset({env_name(field) for field in URL_SETTINGS} | {"TASKSTREAM_SIGNING_KEY"})
 _SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN", "CONNECTION_STRING", "CREDENTIAL", "SAS")
 
 #: ``TASKSTREAM_*`` variables read outside :class:`~taskstream.settings.Settings`, with where they are read.
-OTHER_ENV_VARS: dict[str, str] = {
-    **HEALTH_ENV_VARS,
-    "TASKSTREAM_STATE_URL": "state store of stream windows (taskstream.stream_ops.state; SQLite file by default)",
-}
+OTHER_ENV_VARS: dict[str, str] = {**HEALTH_ENV_VARS}
 
 #: Every ``TASKSTREAM_*`` variable taskstream reads: the Settings fields and the documented extras.
 KNOWN_ENV_VARS: frozenset[str] = frozenset(

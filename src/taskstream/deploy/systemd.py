@@ -88,6 +88,8 @@ def env_file_template(spec: DeploySpec) -> str:
         f"#   kubectl create secret generic {spec.secret_name} --from-env-file={spec.name}.env\n"
         "TASKSTREAM_BROKER_URL=amqp://USER:PASSWORD@BROKER-HOST:5672/\n"
         "# TASKSTREAM_RESULT_STORE_URL=redis://:PASSWORD@REDIS-HOST:6379/0\n"
+        "# TASKSTREAM_PAYLOAD_STORE_URL=s3://BUCKET/PREFIX (or azureblob://CONTAINER?connection_string=...)\n"
+        "# TASKSTREAM_STATE_URL=redis://:PASSWORD@REDIS-HOST:6379/1\n"
         "# TASKSTREAM_SIGNING_KEY=a-long-random-string\n"
         "# AWS_ACCESS_KEY_ID=...  AWS_SECRET_ACCESS_KEY=...  AWS_DEFAULT_REGION=...  (SQS)\n"
     )
