@@ -1,0 +1,100 @@
+"""Fixtures of the observe tests: an App with a buggy consumer on each backend of the contract suite.
+
+``orders`` runs an ``@app.consumer`` in this process on the backend's broker; its handler raises ``KeyError``
+for orders 13 and 14 until ``fixed`` is set, so they are dead-lettered (after two attempts) by the real
+consumer runtime. A second broker of the same backend (``inspect``) is what the observe functions use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from taskstream import App
+from taskstream.brokers.base import Broker
+from taskstream.consumer import Message
+from tests.brokers.contract.backends import BackendSpec, all_specs
+
+SPECS = all_specs()
+BUGGY = (13, 14)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "spec" in metafunc.fixturenames:
+        metafunc.parametrize("spec", [pytest.param(s, id=s.name, marks=getattr(pytest.mark, s.name)) for s in SPECS])
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
+    """Wait until ``check()`` is true; fail saying ``what`` did not happen within ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        pytest.fail(f"not within {timeout} s: {what}")
+
+
+@dataclass
+class Orders:
+    """The running app, its queue and what its handler saw."""
+
+    app: App
+    queue: str
+    inspect: Broker
+    handled: list[int] = field(default_factory=list)
+    headers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    fixed: bool = False
+
+    @property
+    def dead_letter(self) -> str:
+        return self.inspect.dead_letter_name(self.queue)
+
+    async def dlq_depth(self) -> int:
+        return await self.inspect.depth(self.dead_letter)
+
+    async def wait_dlq_depth(self, n: int) -> None:
+        async def check() -> bool:
+            return await self.dlq_depth() == n
+
+        await eventually(check, f"{n} message(s) in {self.dead_letter}")
+
+    async def wait_handled(self, *numbers: int) -> None:
+        async def check() -> bool:
+            return all(n in self.handled for n in numbers)
+
+        await eventually(check, f"orders {numbers} handled (handled so far: {self.handled})")
+
+
+@pytest.fixture
+async def orders(spec: BackendSpec) -> AsyncIterator[Orders]:
+    if spec.setup is not None:
+        await spec.setup()
+    queue = spec.queue_name(f"obs-{uuid.uuid4().hex[:10]}")
+    inspect = spec.make()
+    await inspect.connect()
+    app = App(broker=spec.make())
+    state = Orders(app, queue, inspect)
+
+    @app.consumer(queue, max_attempts=2)
+    async def handle(order: dict[str, int], message: Message) -> None:
+        number = order["n"]
+        if number in BUGGY and not state.fixed:
+            raise KeyError(f"no price for order {number}")
+        state.handled.append(number)
+        state.headers[number] = dict(message.delivery.headers)
+
+    try:
+        async with app:
+            yield state
+    finally:
+        for name in (queue, inspect.dead_letter_name(queue)):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await inspect.delete_queue(name)
+        await inspect.close()
