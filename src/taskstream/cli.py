@@ -28,7 +28,7 @@ cli = typer.Typer(
 EXTENSIONS = (
     "taskstream.tasks.cli",
     "taskstream.stream_ops.cli",
-    "taskstream.brokers.zeromq_device",
+    "taskstream.brokers.zeromq.cli",
     "taskstream.deploy",
     "taskstream.payloads.cli",
     "taskstream.observe.cli",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -15,18 +16,26 @@ import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
+import zmq
+import zmq.asyncio
 
 from taskstream.brokers.base import Broker, OutgoingMessage, broker_from_url
 from taskstream.brokers.zeromq import (
+    DEFAULT_MAX_STREAMS,
+    DeviceConfig,
+    DeviceThread,
+    Forwarder,
     TopicMessage,
     TopicPublisher,
     TopicSubscriber,
     ZeroMQBroker,
     ZeroMQConfig,
+    ZmqDevice,
     endpoint_from_url,
+    endpoint_url,
 )
-from taskstream.brokers.zeromq_device import DeviceConfig, DeviceThread, Forwarder, ZmqDevice, endpoint_url
 from taskstream.errors import BrokerConnectionError, ConfigurationError, QueueNotFound
 from tests.brokers.contract.conftest import receive, receive_none
 
@@ -331,6 +340,102 @@ async def test_pub_drops_are_counted_at_each_hop_and_seen_by_the_subscriber() ->
         assert sub.missed > 0
         assert sub.missed == pub.dropped + fwd.stats.dropped
         assert received + sub.missed == sent
+
+
+@contextlib.asynccontextmanager
+async def plain_pub(
+    topics: list[str], max_streams: int = DEFAULT_MAX_STREAMS
+) -> AsyncIterator[tuple[zmq.asyncio.Socket, TopicSubscriber]]:
+    """A plain pyzmq XPUB bound on a free port and a TopicSubscriber connected to it, once its filters arrived."""
+    pub = zmq.asyncio.Context.instance().socket(zmq.XPUB)  # XPUB: a PUB that also reads the subscriptions
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    try:
+        subscriber = TopicSubscriber(pub.getsockopt_string(zmq.LAST_ENDPOINT), topics, max_streams=max_streams)
+        async with subscriber:
+            async with asyncio.timeout(20):
+                for _ in topics:
+                    assert (await pub.recv())[:1] == b"\x01"  # one subscribe message per filter
+            yield pub, subscriber
+    finally:
+        pub.close(0)
+
+
+def header(publisher: object, seq: object, headers: object = None) -> bytes:
+    return orjson.dumps([publisher, seq, {} if headers is None else headers])
+
+
+MALFORMED: list[tuple[str, list[bytes]]] = [
+    ("frames", [b"t", header("p", 1), b"body", b"one too many"]),
+    ("header", [b"t", b"not json", b"body"]),
+    ("header", [b"t", b"\xff\xfe", b"body"]),
+    ("header shape", [b"t", orjson.dumps({"publisher": "p", "seq": 1, "headers": {}}), b"body"]),
+    ("header shape", [b"t", orjson.dumps(["p", 1]), b"body"]),
+    ("header shape", [b"t", b"42", b"body"]),
+    ("header types", [b"t", header("p", "7"), b"body"]),
+    ("header types", [b"t", header(["p"], 1), b"body"]),
+    ("header types", [b"t", header("p", 1.5), b"body"]),
+    ("header types", [b"t", header("p", True), b"body"]),
+    ("header types", [b"t", header("p", 0), b"body"]),
+    ("header types", [b"t", header("p", 1, ["not", "a", "dict"]), b"body"]),
+    ("topic", [b"t\xff", header("p", 1), b"body"]),
+    ("topic", [b"t\xc3", b"plain two-frame body"]),
+]
+
+
+async def test_topic_subscriber_skips_each_kind_of_malformed_message_and_delivers_the_next(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each broken message is followed by a valid one from a well-behaved publisher: every valid one must come
+    # out, in order, and the iteration must go on (it used to end with TypeError on the first wrong seq type).
+    caplog.set_level(logging.WARNING, logger="taskstream.zmq")
+    async with plain_pub(["t"]) as (pub, subscriber):
+        for i, (_, frames) in enumerate(MALFORMED):
+            await pub.send_multipart(frames)
+            await pub.send_multipart([b"t", header("good", i + 1, {"i": i}), str(i).encode()])
+        got = await take(subscriber, len(MALFORMED))
+    assert [(m.topic, m.publisher, m.seq, m.headers, m.body) for m in got] == [
+        ("t", "good", i + 1, {"i": i}, str(i).encode()) for i in range(len(MALFORMED))
+    ]
+    assert subscriber.malformed == len(MALFORMED)
+    assert subscriber.received == len(MALFORMED)
+    assert subscriber.missed == 0
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == len({kind for kind, _ in MALFORMED}), warnings  # one per kind, not one per message
+
+
+async def test_topic_subscriber_async_for_survives_a_wrong_seq_type() -> None:
+    async with plain_pub([""]) as (pub, subscriber):
+        await pub.send_multipart([b"a", header("p", "1"), b"hostile"])
+        await pub.send_multipart([b"a", header("p", 1), b"fine"])
+        async with asyncio.timeout(20):
+            async for message in subscriber:
+                assert message.body == b"fine"
+                break
+    assert subscriber.malformed == 1
+
+
+async def test_topic_subscriber_remembers_a_bounded_number_of_streams() -> None:
+    # Publisher ids are the sender's choice: a flood of new ones must not grow the subscriber's memory.
+    async with plain_pub(["t"], max_streams=8) as (pub, subscriber):
+        for p in range(200):
+            await pub.send_multipart([b"t", header(f"pub-{p}", 1), b"x"])
+        await take(subscriber, 200)
+        assert subscriber.tracked_streams == 8
+        # a stream still remembered has its gaps counted; one forgotten and back is not mistaken for losses
+        await pub.send_multipart([b"t", header("pub-199", 5), b"x"])
+        await pub.send_multipart([b"t", header("pub-0", 2), b"x"])
+        await pub.send_multipart([b"t", header("pub-0", 4), b"x"])
+        await take(subscriber, 3)
+    assert subscriber.missed == 3 + 1
+    assert subscriber.tracked_streams == 8
+    assert subscriber.malformed == 0
+
+
+def test_topic_subscriber_refuses_a_bad_stream_bound() -> None:
+    for bad in (0, -1, True):
+        with pytest.raises(ConfigurationError, match="max_streams"):
+            TopicSubscriber("tcp://127.0.0.1:1", ["t"], max_streams=bad)
 
 
 # -- the command line ---------------------------------------------------------------------------------------

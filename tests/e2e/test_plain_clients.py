@@ -23,7 +23,7 @@ from taskstream.brokers.base import broker_from_url
 from taskstream.brokers.rabbitmq import DLX_EXCHANGE
 from taskstream.brokers.sqs import SQSBroker
 from taskstream.brokers.zeromq import TopicPublisher, TopicSubscriber
-from taskstream.brokers.zeromq_device import Forwarder
+from taskstream.brokers.zeromq import Forwarder
 from taskstream.messages import CONTENT_TYPE
 from tests.e2e.conftest import SQS_ENDPOINT, URLS, Served, connected, wait_until
 

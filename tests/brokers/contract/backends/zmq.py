@@ -11,7 +11,7 @@ import threading
 
 from taskstream.brokers.base import Broker
 from taskstream.brokers.zeromq import ZeroMQBroker, ZeroMQConfig
-from taskstream.brokers.zeromq_device import DeviceThread
+from taskstream.brokers.zeromq import DeviceThread
 from tests.brokers.contract.backends import BackendSpec
 
 _lock = threading.Lock()

@@ -1,41 +1,7 @@
-"""ZeroMQ backend: work queues with acks through the taskstream queue device, topic pub/sub through a forwarder.
+"""The ZeroMQ broker: one DEALER connection to the queue device, work queues with acks, credit and heartbeats.
 
-ZeroMQ has no broker; :mod:`taskstream.brokers.zeromq_device` is one (``taskstream zmq-device --bind ...``).
-**Capabilities say durable=False: messages held by the device are lost if the device itself dies.** While it
-runs, delivery is at-least-once, like every other backend.
-
-URL: ``zmq://HOST:PORT`` (``tcp://HOST:PORT``) or ``zmq://ipc/PATH`` (``ipc:///PATH``, an absolute path),
-with optional query parameters ``heartbeat`` (seconds, default 1), ``liveness`` (missed heartbeats before the
-device requeues this connection's unacked messages, default 5), ``request_timeout`` (seconds, default 10),
-``max_message_bytes`` (default 16 MiB) and ``hwm`` (socket high-water mark in messages, default 10,000).
-
-================  ==========================================================================================
-Operation         How it maps onto the device (one DEALER socket per broker, frames batched per loop tick)
-================  ==========================================================================================
-publish           ``pub`` frame; returns when the device replies that it queued the message
-publish_batch     one ``pub`` frame for the whole batch, one reply
-ack               tag added to the next ``st`` frame (many acks per frame); fire-and-forget, ordered
-nack(requeue)     ``st`` frame: back to the queue (after ``delay`` on a device timer), attempt + 1
-nack(no requeue)  ``st`` frame: dropped (the runtime dead-letters it first)
-extend            no-op: the device holds a message until ack, nack, unsubscribe or the connection dies
-visibility        none (``visibility_timeout=None``): unacked messages return when the consumer closes,
-                  says bye, stops heartbeating for ``heartbeat * liveness`` s, or its connection drops
-                  (so an event loop blocked that long counts as dead: run blocking work off the loop)
-dead-letter       done by the consumer runtime (``<queue>.dlq``, reason in headers)
-size limit        ``max_message_bytes`` checked here and by the device; over it ``MessageTooLarge``
-topics            ``declare(q, topics=[...])`` + ``publish_topic``: the device copies to bound queues
-durability        none: the device's memory only
-================  ==========================================================================================
-
-Prefetch is credit: the device sends a consumer at most ``prefetch`` unacked messages, in frames of many.
-If the device restarts, each connection gets a ``reset``, replays its declarations and subscriptions and
-carries on; deliveries received before the reset are void (their acks are dropped), and messages the old
-device held are gone.
-
-Streams of records without acks go through the forwarder (:class:`~taskstream.brokers.zeromq_device.Forwarder`,
-``taskstream zmq-device --pubsub-frontend ... --pubsub-backend ...``) with :class:`TopicPublisher` and
-:class:`TopicSubscriber`: prefix topic filters, per-publisher sequence numbers, and losses counted at each
-hop (``TopicPublisher.dropped``, ``Forwarder.stats.dropped``, ``TopicSubscriber.missed``).
+Frames are batched per loop tick (many publishes, acks and nacks per frame); the wire is described in
+:mod:`taskstream.brokers.zeromq.protocol`, the guarantees and URL options in ``docs/brokers.md``.
 """
 
 from __future__ import annotations
@@ -47,28 +13,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, Self
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any
 
 import orjson
 import zmq
 import zmq.asyncio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskstream.brokers.base import Broker, Capabilities, Delivery, OutgoingMessage, Subscription
-from taskstream.brokers.zeromq_device import (
-    DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_HEARTBEAT_LIVENESS,
-    DEFAULT_HWM,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_PUBSUB_HWM,
-    check_endpoint,
-    new_routing_id,
-    recv_nowait,
-    send_nowait,
-)
+from taskstream.brokers.zeromq.config import ZeroMQConfig, check_endpoint, config_from_url, endpoint_from_url
+from taskstream.brokers.zeromq.protocol import DRAIN, new_routing_id, recv_nowait, send_nowait
 from taskstream.errors import (
     BrokerConnectionError,
     BrokerError,
@@ -79,80 +32,9 @@ from taskstream.errors import (
 )
 from taskstream.messages import new_id
 
-__all__ = [
-    "DEFAULT_REQUEST_TIMEOUT",
-    "TopicMessage",
-    "TopicPublisher",
-    "TopicSubscriber",
-    "ZeroMQBroker",
-    "ZeroMQConfig",
-    "endpoint_from_url",
-]
+__all__ = ["ZeroMQBroker"]
 
 log = logging.getLogger("taskstream.zmq")
-
-DEFAULT_REQUEST_TIMEOUT = 10.0
-_DRAIN = 2000
-
-_URL_OPTIONS = {
-    "heartbeat": "heartbeat_interval",
-    "heartbeat_interval": "heartbeat_interval",
-    "liveness": "heartbeat_liveness",
-    "heartbeat_liveness": "heartbeat_liveness",
-    "request_timeout": "request_timeout",
-    "max_message_bytes": "max_message_bytes",
-    "hwm": "hwm",
-}
-
-
-class ZeroMQConfig(BaseModel):
-    """Tuning of one :class:`ZeroMQBroker` connection (see the module docstring for the URL form).
-
-    Attributes:
-        heartbeat_interval: seconds between heartbeats to the device.
-        heartbeat_liveness: missed heartbeats after which the device requeues this connection's unacked
-            messages (so a consumer whose process died loses its messages to others after
-            ``heartbeat_interval * heartbeat_liveness`` seconds at most).
-        request_timeout: seconds to wait for the device to answer a request before
-            :class:`BrokerConnectionError`.
-        max_message_bytes: largest message body published.
-        hwm: high-water mark of the DEALER socket (messages); sends wait when it is reached, never drop.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    heartbeat_interval: float = Field(DEFAULT_HEARTBEAT_INTERVAL, gt=0)
-    heartbeat_liveness: int = Field(DEFAULT_HEARTBEAT_LIVENESS, ge=1)
-    request_timeout: float = Field(DEFAULT_REQUEST_TIMEOUT, gt=0)
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
-    hwm: int = Field(DEFAULT_HWM, ge=0)
-
-
-def endpoint_from_url(url: str) -> str:
-    """The ZeroMQ endpoint of a ``zmq://`` URL.
-
-    Example:
-        >>> endpoint_from_url("zmq://127.0.0.1:5555")
-        'tcp://127.0.0.1:5555'
-        >>> endpoint_from_url("zmq://ipc/tmp/taskstream.sock")
-        'ipc:///tmp/taskstream.sock'
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(f"bad zmq URL {url!r}: {exc}") from exc
-    if parts.scheme != "zmq":
-        raise ConfigurationError(f"bad zmq URL {url!r}: the scheme must be zmq://")
-    if parts.netloc == "ipc":
-        path = unquote(parts.path)
-        if not path or path == "/":
-            raise ConfigurationError(f"bad zmq URL {url!r}: zmq://ipc/PATH needs a socket path")
-        return "ipc://" + path
-    if not parts.hostname or port is None:
-        raise ConfigurationError(f"bad zmq URL {url!r}: expected zmq://HOST:PORT or zmq://ipc/PATH")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"tcp://{host}:{port}"
 
 
 def _device_error(kind: str, text: str) -> BrokerError:
@@ -209,6 +91,7 @@ class _ZmqSubscription(Subscription):
         self._subscribed: asyncio.Future[Any] | None = None
 
     def _start(self) -> None:
+        # t op, s subscription id, q queue, p prefetch (the device's credit for this consumer)
         self._subscribed = self._broker._request({"t": "sub", "s": self.sid, "q": self.queue, "p": self.prefetch})
         self._subscribed.add_done_callback(self._on_subscribed)
 
@@ -260,6 +143,7 @@ class _ZmqSubscription(Subscription):
         broker._subs.pop(self.sid, None)
         if broker._sock is not None and not broker._closing:
             try:
+                # t op, s subscription id
                 await broker._wait(broker._request({"t": "unsub", "s": self.sid}), "unsubscribe")
             except BrokerError as exc:  # the device will requeue them when it drops this connection
                 log.warning("zmq unsubscribe from %r failed: %s", self.queue, exc)
@@ -269,7 +153,7 @@ class _ZmqSubscription(Subscription):
 
 
 class ZeroMQBroker(Broker):
-    """A connection to a taskstream ZeroMQ queue device. See the module docstring for the mapping.
+    """A connection to a taskstream ZeroMQ queue device. See ``docs/brokers.md`` for the mapping.
 
     Example:
         >>> async def example():
@@ -320,16 +204,7 @@ class ZeroMQBroker(Broker):
     def from_url(cls, url: str, **options: Any) -> ZeroMQBroker:
         """Build from ``zmq://HOST:PORT?heartbeat=1&liveness=5`` or ``zmq://ipc/PATH``; ``options`` override."""
         endpoint = endpoint_from_url(url)
-        params: dict[str, Any] = {}
-        for name, value in [*parse_qsl(urlsplit(url).query), *options.items()]:
-            field_name = _URL_OPTIONS.get(name)
-            if field_name is None:
-                raise ConfigurationError(f"unknown zmq URL option {name!r} (known: {', '.join(sorted(_URL_OPTIONS))})")
-            params[field_name] = value
-        try:
-            return cls(endpoint, ZeroMQConfig(**params))
-        except ValidationError as exc:
-            raise ConfigurationError(f"bad zmq URL {url!r}: {exc.errors()[0]['msg']}") from exc
+        return cls(endpoint, config_from_url(url, **options))
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -368,6 +243,7 @@ class ZeroMQBroker(Broker):
 
     def _hello(self) -> asyncio.Future[Any]:
         config = self.config
+        # t op, hb heartbeat interval (s), lv liveness (missed heartbeats before the device requeues our messages)
         return self._request({"t": "hello", "hb": config.heartbeat_interval, "lv": config.heartbeat_liveness})
 
     async def close(self) -> None:
@@ -429,7 +305,7 @@ class ZeroMQBroker(Broker):
         rid = next(self._rids)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[rid] = future
-        header["r"] = rid
+        header["r"] = rid  # r: request id, echoed in the device's reply
         self._command(header, payload)
         return future
 
@@ -462,6 +338,7 @@ class ZeroMQBroker(Broker):
         batch: list[list[bytes]] = []
         if self._acks or self._nacks:
             # settlements first: always safe, and the device then has the credit before anything else
+            # t op "settle", a acked tags, n nacks as [tag, requeue, delay]
             batch.append([orjson.dumps({"t": "st", "a": self._acks, "n": self._nacks})])
             self._acks, self._nacks = [], []
         for header, payload in self._cmds:
@@ -514,7 +391,7 @@ class ZeroMQBroker(Broker):
             frames = await sock.recv_multipart()
             self._last_heard = time.monotonic()
             self._on_frames(frames)
-            for _ in range(_DRAIN):
+            for _ in range(DRAIN):
                 try:
                     frames = recv_nowait(sock)
                 except zmq.Again:
@@ -524,11 +401,11 @@ class ZeroMQBroker(Broker):
     def _on_frames(self, frames: list[bytes]) -> None:
         try:
             header = orjson.loads(frames[0])
-            op = header["t"]
+            op = header["t"]  # t: operation
         except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
             log.warning("zmq broker: ignoring a malformed frame from the device")
             return
-        if op == "d":
+        if op == "d":  # deliveries
             self._on_deliveries(header, frames)
         elif op == "rep":
             for rid, value in header.get("ok", ()):
@@ -543,13 +420,13 @@ class ZeroMQBroker(Broker):
             self._on_reset()
 
     def _on_deliveries(self, header: dict[str, Any], frames: list[bytes]) -> None:
-        sub = self._subs.get(header["s"])
+        sub = self._subs.get(header["s"])  # s: subscription id
         if sub is None or sub._closed:
             return  # the device requeues them on unsubscribe / bye
         epoch = self._epoch
-        tags: list[int] = header["g"]
-        attempts: list[int] = header["a"]
-        lengths: list[int] = header["l"]
+        tags: list[int] = header["g"]  # g: delivery tags
+        attempts: list[int] = header["a"]  # a: attempt (delivery count) of each
+        lengths: list[int] = header["l"]  # l: [meta_len, body_len] of each record
         blob = frames[1]
         loads = orjson.loads
         deliveries = []
@@ -568,6 +445,7 @@ class ZeroMQBroker(Broker):
         self._epoch += 1
         self._acks.clear()
         self._nacks.clear()
+        # the same requests as hello, declare and subscribe (keys as there), sent without waiting for replies
         self._command({"t": "hello", "hb": self.config.heartbeat_interval, "lv": self.config.heartbeat_liveness})
         for queue, topics in self._declared.items():
             self._command({"t": "decl", "q": queue, "topics": topics})
@@ -586,7 +464,8 @@ class ZeroMQBroker(Broker):
         topics: Sequence[str] = (),
     ) -> None:
         self._check_open()
-        await self._wait(self._request({"t": "decl", "q": queue, "topics": list(topics)}), f"declare {queue!r}")
+        request = self._request({"t": "decl", "q": queue, "topics": list(topics)})  # t op, q queue
+        await self._wait(request, f"declare {queue!r}")
         known = self._declared.setdefault(queue, [])
         known.extend(t for t in topics if t not in known)
 
@@ -606,6 +485,7 @@ class ZeroMQBroker(Broker):
         self, queue: str, payload: list[bytes], lengths: list[int], delays: list[float | None]
     ) -> None:
         self._check_open()
+        # t op, q queue, l [meta_len, body_len] per record, d one delay (s) or None per record (only if any)
         header: dict[str, Any] = {"t": "pub", "q": queue, "l": lengths}
         if any(d is not None for d in delays):
             header["d"] = delays
@@ -615,7 +495,7 @@ class ZeroMQBroker(Broker):
         if last is not None and last[0].get("t") == "pub" and last[0]["q"] == queue and "r" in last[0]:
             merged_header, merged_payload = last
             self._cmds.pop()  # the one _request just appended
-            rids = merged_header["r"]
+            rids = merged_header["r"]  # r: one request id, or a list of them once merged
             merged_header["r"] = [*(rids if isinstance(rids, list) else [rids]), header["r"]]
             if "d" in merged_header or "d" in header:
                 before = merged_header.get("d") or [None] * (len(merged_header["l"]) // 2)
@@ -670,6 +550,7 @@ class ZeroMQBroker(Broker):
         self._check_open()
         self._check_size(body)
         meta = self._meta(message_id, {**(headers or {}), "topic": topic}, None)
+        # t op, k topic, l [meta_len, body_len]
         request = self._request({"t": "topic", "k": topic, "l": [len(meta), len(body)]}, [meta, body])
         try:
             await self._wait(request, f"publish to {topic!r}")
@@ -687,7 +568,7 @@ class ZeroMQBroker(Broker):
 
     async def _simple(self, op: str, queue: str) -> Any:
         self._check_open()
-        return await self._wait(self._request({"t": op, "q": queue}), f"{op} {queue!r}")
+        return await self._wait(self._request({"t": op, "q": queue}), f"{op} {queue!r}")  # t op, q queue
 
     async def purge(self, queue: str) -> None:
         await self._simple("purge", queue)
@@ -708,248 +589,3 @@ class ZeroMQBroker(Broker):
     def __repr__(self) -> str:
         state = "connected" if self._sock is not None else "closed"
         return f"<ZeroMQBroker {self.endpoint} {state} subscriptions={len(self._subs)}>"
-
-
-# -- topic pub/sub through the forwarder ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TopicMessage:
-    """One message received by a :class:`TopicSubscriber`."""
-
-    topic: str
-    body: bytes
-    headers: dict[str, Any]
-    publisher: str
-    seq: int
-
-
-class TopicPublisher:
-    """Publishes ``(topic, body)`` to a forwarder's frontend. No acks: PUB/SUB semantics, with losses counted.
-
-    The socket is an XPUB with ``XPUB_NODROP``: at the high-water mark a send fails instead of vanishing, and
-    the publisher either counts the message in :attr:`dropped` (``on_full="drop"``, the default: a publisher
-    never blocks) or waits for room (``on_full="block"``). Every message carries this publisher's id and a
-    sequence number, so subscribers see gaps. The XPUB also sees subscriptions: :meth:`wait_subscribed` waits
-    until someone listens to a topic, so nothing published after it is lost to a late joiner.
-
-    Args:
-        endpoint: the forwarder's frontend (``tcp://...`` or ``ipc://...``).
-        hwm: send high-water mark (messages).
-        on_full: ``"drop"`` (count and go on) or ``"block"`` (wait for room).
-        name: publisher id carried by every message (a random id by default).
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        hwm: int = DEFAULT_PUBSUB_HWM,
-        on_full: Literal["drop", "block"] = "drop",
-        name: str | None = None,
-    ) -> None:
-        if on_full not in ("drop", "block"):
-            raise ConfigurationError(f"on_full must be 'drop' or 'block', got {on_full!r}")
-        self.endpoint = check_endpoint(endpoint)
-        self.hwm = hwm
-        self.on_full = on_full
-        self.name = name or new_id()[:12]
-        self.sent = 0
-        self.dropped = 0
-        self._seq: dict[str, int] = {}
-        self._sock: zmq.asyncio.Socket | None = None
-        self._subscribed: set[bytes] = set()
-        self._changed = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def connect(self) -> None:
-        """Connect to the forwarder (ZeroMQ connects in the background; see :meth:`wait_subscribed`)."""
-        if self._sock is not None:
-            return
-        sock = zmq.asyncio.Context.instance().socket(zmq.XPUB)
-        sock.setsockopt(zmq.LINGER, 1000)  # let queued messages out on close
-        sock.setsockopt(zmq.SNDHWM, self.hwm)
-        sock.setsockopt(zmq.XPUB_NODROP, 1)
-        try:
-            sock.connect(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            raise BrokerConnectionError(f"cannot connect to the forwarder at {self.endpoint}: {exc}") from exc
-        self._sock = sock
-        self._changed = asyncio.Event()
-        self._reader = asyncio.create_task(self._read_subscriptions(), name=f"zmq-pub:{self.name}")
-
-    async def close(self) -> None:
-        """Close the socket (queued messages get up to one second to leave)."""
-        if self._sock is None:
-            return
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        self._sock.close()
-        self._sock = None
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def _read_subscriptions(self) -> None:
-        assert self._sock is not None
-        while True:
-            message = await self._sock.recv()
-            if message[:1] == b"\x01":
-                self._subscribed.add(message[1:])
-            elif message[:1] == b"\x00":
-                self._subscribed.discard(message[1:])
-            self._changed.set()
-
-    def is_subscribed(self, topic: str) -> bool:
-        """True if some subscriber's prefix filter matches ``topic``."""
-        data = topic.encode()
-        return any(data.startswith(prefix) for prefix in self._subscribed)
-
-    async def wait_subscribed(self, *topics: str, timeout: float = 10.0) -> None:
-        """Wait until every one of ``topics`` has a subscriber; :class:`BrokerConnectionError` after ``timeout``."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not all(self.is_subscribed(t) for t in topics):
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            missing = [t for t in topics if not self.is_subscribed(t)]
-            raise BrokerConnectionError(
-                f"no subscriber for {missing} through the forwarder at {self.endpoint} within {timeout} s"
-            ) from None
-
-    async def publish(self, topic: str, body: bytes, *, headers: Mapping[str, Any] | None = None) -> bool:
-        """Send one message; True if it left, False if it was dropped (and counted) at the high-water mark."""
-        if self._sock is None:
-            raise BrokerConnectionError("topic publisher is not connected (use 'async with' or connect())")
-        seq = self._seq[topic] = self._seq.get(topic, 0) + 1
-        frames = [topic.encode(), orjson.dumps([self.name, seq, dict(headers) if headers else {}]), body]
-        try:
-            send_nowait(self._sock, frames)
-        except zmq.Again:
-            if self.on_full == "drop":
-                self.dropped += 1
-                return False
-            await self._sock.send_multipart(frames)
-        self.sent += 1
-        return True
-
-
-class TopicSubscriber:
-    """Receives messages whose topic starts with one of ``topics`` from a forwarder's backend.
-
-    Iterate it (``async for message in subscriber``) or call :meth:`recv`. :attr:`missed` counts messages lost
-    on the way, found as gaps in each publisher's sequence numbers.
-
-    Plain ZeroMQ publishers feed it too: a two-frame ``[topic, body]`` message, or a one-frame message whose
-    topic is its first word (``b"5 21.5"``: topic ``"5"``, body the whole frame). They carry no headers and
-    no sequence numbers (``publisher`` is ``""``, ``seq`` 0), so their losses cannot be counted.
-
-    Args:
-        endpoint: the forwarder's backend.
-        topics: prefix filters (ZeroMQ semantics: ``"3"`` also matches ``"30"``); ``""`` for everything.
-        exact: keep only messages whose topic equals one of ``topics``.
-        hwm: receive high-water mark (messages).
-    """
-
-    def __init__(
-        self, endpoint: str, topics: Sequence[str], *, exact: bool = False, hwm: int = DEFAULT_PUBSUB_HWM
-    ) -> None:
-        if isinstance(topics, str):
-            raise ConfigurationError("topics must be a list of prefixes, not one string")
-        self.endpoint = check_endpoint(endpoint)
-        self.topics = list(topics)
-        self.exact = exact
-        self.hwm = hwm
-        self.received = 0
-        self.missed = 0
-        self._last_seq: dict[tuple[str, str], int] = {}
-        self._sock: zmq.asyncio.Socket | None = None
-
-    async def connect(self) -> None:
-        """Connect and subscribe."""
-        if self._sock is not None:
-            return
-        sock = zmq.asyncio.Context.instance().socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, self.hwm)
-        for topic in self.topics:
-            sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        try:
-            sock.connect(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            raise BrokerConnectionError(f"cannot connect to the forwarder at {self.endpoint}: {exc}") from exc
-        self._sock = sock
-
-    async def close(self) -> None:
-        """Close the socket."""
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> TopicMessage:
-        return await self.recv()
-
-    async def recv(self) -> TopicMessage:
-        """The next message (wrap in ``asyncio.timeout`` to bound the wait)."""
-        if self._sock is None:
-            raise BrokerConnectionError("topic subscriber is not connected (use 'async with' or connect())")
-        while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) < 3:  # from a plain ZeroMQ PUB: [topic, body] or one "topic payload" frame
-                plain = self._plain(frames)
-                if plain is None:
-                    continue
-                self.received += 1
-                return plain
-            if len(frames) != 3:
-                log.warning("topic subscriber: ignoring a message of %d frames (not from TopicPublisher)", len(frames))
-                continue
-            topic = frames[0].decode(errors="replace")
-            try:
-                publisher, seq, headers = orjson.loads(frames[1])
-            except (orjson.JSONDecodeError, ValueError, TypeError):
-                log.warning("topic subscriber: ignoring a message with a malformed header on %r", topic)
-                continue
-            stream = (publisher, topic)
-            last = self._last_seq.get(stream, 0)
-            if seq > last + 1:
-                self.missed += seq - last - 1
-            self._last_seq[stream] = max(seq, last)
-            if self.exact and topic not in self.topics:
-                continue
-            self.received += 1
-            return TopicMessage(topic, frames[2], headers, publisher, seq)
-
-    def _plain(self, frames: list[bytes]) -> TopicMessage | None:
-        """A message from a plain PUB socket: ``[topic, body]``, or one frame whose topic is its first word."""
-        if len(frames) == 2:
-            topic, body = frames[0].decode(errors="replace"), frames[1]
-        else:
-            body = frames[0]
-            topic = body.split(b" ", 1)[0].decode(errors="replace")
-        if self.exact and topic not in self.topics:
-            return None
-        return TopicMessage(topic, body, {}, "", 0)
