@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
+import orjson
 import pytest
 
 from taskstream.errors import ConfigurationError
 from taskstream.messages import Envelope
 from taskstream.tasks import TaskRefused
-from taskstream.tasks.protocol import ShippedCode, function_source, sign_code, verify_code
+from taskstream.tasks.protocol import (
+    SIGNATURE_LIFETIME,
+    TaskRequest,
+    canonical_request,
+    function_source,
+    sign_request,
+    verify_request,
+)
 from tests.tasks.conftest import TaskEnv, quick_settings
 
 
@@ -73,12 +83,69 @@ def test_ship_code_needs_a_key_and_a_def() -> None:
         function_source(lambda x: x)
 
 
-def test_signatures_bind_name_and_source() -> None:
+def _signed(**changes: Any) -> tuple[dict[str, Any], float]:
     name, source = function_source(shipped_square)
+    body: dict[str, Any] = {"task": "square", "args": [3], "kwargs": {"z": b"\x00"}, "retries": 1}
+    body.update(code={"name": name, "source": source}, **changes)
+    now = time.time()
+    return sign_request(b"k", "id-1", "reply-1", body), now
+
+
+def test_the_signature_binds_the_whole_request_and_expires() -> None:
+    _, source = function_source(shipped_square)
     assert source.startswith("def shipped_square(") and "@" not in source.splitlines()[0]
-    sig = sign_code(b"k", "square", name, source)
-    verify_code(b"k", "square", ShippedCode(name=name, source=source, sig=sig))
-    with pytest.raises(TaskRefused):
-        verify_code(b"k", "other-task", ShippedCode(name=name, source=source, sig=sig))
-    with pytest.raises(TaskRefused):
-        verify_code(b"k", "square", ShippedCode(name=name, source=source + "\nimport os", sig=sig))
+    signed, now = _signed()
+    assert now + SIGNATURE_LIFETIME - 5 <= signed["code"]["expires"] <= time.time() + SIGNATURE_LIFETIME
+    request = TaskRequest.model_validate(signed)
+    assert verify_request(b"k", "id-1", "reply-1", request).name == "shipped_square"
+    with pytest.raises(TaskRefused, match="does not match"):
+        verify_request(b"other-key", "id-1", "reply-1", request)
+    with pytest.raises(TaskRefused, match="does not match"):
+        verify_request(b"k", "id-2", "reply-1", request)
+    with pytest.raises(TaskRefused, match="does not match"):
+        verify_request(b"k", "id-1", "reply-2", request)
+    with pytest.raises(TaskRefused, match="does not match"):
+        verify_request(b"k", "id-1", None, request)
+    changes: list[dict[str, Any]] = [
+        {"task": "other-task"},
+        {"args": [4]},
+        {"kwargs": {"z": b"\x01"}},
+        {"retries": 2},
+        {"retry_delay": 9.0},
+        {"timeout": 1.0},
+        {"cpu_bound": True},
+        {"items": [[[3], {}]]},
+        {"code": {**signed["code"], "source": source + "\nimport os"}},
+        {"code": {**signed["code"], "name": "other"}},
+        {"code": {**signed["code"], "expires": signed["code"]["expires"] + 3600}},
+    ]
+    for change in changes:
+        tampered = TaskRequest.model_validate({**signed, **change})
+        with pytest.raises(TaskRefused, match="does not match"):
+            verify_request(b"k", "id-1", "reply-1", tampered)
+    with pytest.raises(TaskRefused, match="expired"):
+        verify_request(b"k", "id-1", "reply-1", request, now=signed["code"]["expires"] + 1)
+
+
+def test_the_canonical_form_is_sorted_json_under_a_v2_domain() -> None:
+    signed, _ = _signed()
+    request = TaskRequest.model_validate(signed)
+    canonical = canonical_request("id-1", "reply-1", request)
+    domain, _, doc = canonical.partition(b"\x00")
+    assert domain == b"taskstream-request-v2"
+    parsed = orjson.loads(doc)
+    assert list(parsed) == sorted(parsed)
+    assert parsed["id"] == "id-1" and parsed["reply_to"] == "reply-1" and parsed["args"] == [3]
+    assert parsed["kwargs"] == {"z": {"__ts__": "bytes", "b64": "AA=="}}  # as it travels
+    assert "sig" not in parsed["code"]
+
+
+def test_a_signature_that_is_not_hex_or_has_no_expiry_is_refused_cleanly() -> None:
+    signed, _ = _signed()
+    for sig in ["é" * 64, "zz" * 32, signed["code"]["sig"].upper(), signed["code"]["sig"][:-1], "\x00" * 64]:
+        request = TaskRequest.model_validate({**signed, "code": {**signed["code"], "sig": sig}})
+        with pytest.raises(TaskRefused, match="not 64 lowercase hex"):
+            verify_request(b"k", "id-1", "reply-1", request)
+    request = TaskRequest.model_validate({**signed, "code": {**signed["code"], "expires": None}})
+    with pytest.raises(TaskRefused, match="no expiry"):
+        verify_request(b"k", "id-1", "reply-1", request)

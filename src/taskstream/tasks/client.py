@@ -19,15 +19,17 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError as PydanticValidationError
+
 from taskstream.brokers.base import Delivery, OutgoingMessage, Subscription
-from taskstream.errors import BrokerConnectionError
+from taskstream.errors import BrokerConnectionError, ConfigurationError, TaskError
 from taskstream.messages import Envelope, decode, encode, new_id
 from taskstream.payloads import PayloadRef, is_reference
 from taskstream.producer import broker_headers
 from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
 from taskstream.tasks.errors import error_from_data, error_to_data
 from taskstream.tasks.future import FutureOwner, TaskFuture
-from taskstream.tasks.protocol import new_task_id
+from taskstream.tasks.protocol import TaskReply, new_task_id, sign_request
 from taskstream.tasks.registry import Task, chunked
 from taskstream.tasks.stores.base import TaskInfo
 
@@ -118,7 +120,14 @@ class TaskClient(FutureOwner):
         now = time.time()
         for group in chunked(calls, chunksize) if chunksize > 1 else ([c] for c in calls):
             task_id = new_task_id()
-            info = TaskInfo(task_id, name=task.name, queue=task.options.queue, status="pending", submitted_at=now)
+            info = TaskInfo(
+                task_id,
+                name=task.name,
+                queue=task.options.queue,
+                status="pending",
+                submitted_at=now,
+                reply_to=self.reply_queue,
+            )
             is_chunk = chunksize > 1
             futures: list[TaskFuture[Any]] = [
                 TaskFuture(self, task_id, task.name, index=i if is_chunk else None) for i in range(len(group))
@@ -154,13 +163,13 @@ class TaskClient(FutureOwner):
         else:
             args, kwargs = calls[0]
             body = task.request_body(list(args), dict(kwargs))
-        envelope = Envelope(
-            id=entry.task_id,
-            kind="task",
-            reply_to=self.reply_queue if reply else None,
-            correlation_id=entry.task_id,
-            body=body,
-        )
+        reply_to = self.reply_queue if reply else None
+        if task.code is not None:  # shipped code: sign this very request (id, reply queue, arguments, expiry)
+            key = self.runtime.signing_key()
+            if key is None:
+                raise ConfigurationError(f"ship_code=True for {task.name!r} needs a signing key on this client")
+            body = sign_request(key, entry.task_id, reply_to, body)
+        envelope = Envelope(id=entry.task_id, kind="task", reply_to=reply_to, correlation_id=entry.task_id, body=body)
         data = encode(envelope)  # sized (and, when large, offloaded to the payload store) in _publish
         return OutgoingMessage(data, broker_headers(envelope), message_id=entry.task_id)
 
@@ -355,40 +364,60 @@ class TaskClient(FutureOwner):
             log.warning("could not ack %d reply(ies) on %s: %s", len(errors), self.reply_queue, errors[0])
 
     def _on_reply(self, envelope: Envelope) -> None:
-        body = envelope.body if isinstance(envelope.body, dict) else {}
-        task_id = envelope.correlation_id or str(body.get("task_id", ""))
+        """Settle the futures of the task a reply names; a reply with broken fields fails them, saying why."""
+        body = envelope.body
+        task_id = envelope.correlation_id or (str(body.get("task_id") or "") if isinstance(body, dict) else "")
         entry = self._waiting.pop(task_id, None)
         if entry is None:
             return  # cancelled here, or a duplicate
+        try:
+            reply = TaskReply.model_validate(body)
+        except PydanticValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: {err['msg']}" for err in exc.errors()[:3]
+            )
+            self._settle_all(entry, TaskError(f"malformed reply for task {entry.task.name} ({task_id}): {problems}"))
+            return
         info = entry.info
-        status = str(body.get("status", "failed"))
-        info.status = status if status in ("success", "failed", "cancelled") else "failed"  # type: ignore[assignment]
-        info.started_at = body.get("started_at")
-        info.finished_at = body.get("finished_at")
-        info.worker = str(body.get("worker", ""))
-        info.attempts = int(body.get("attempts", 0) or 0)
-        if info.status == "cancelled":
+        info.status = reply.status
+        info.started_at = reply.started_at
+        info.finished_at = reply.finished_at
+        info.worker = reply.worker
+        info.attempts = reply.attempts
+        if reply.status == "cancelled":
             for future in entry.futures:
                 future._force_cancel()
             return
-        if info.status == "failed":
-            info.error = body.get("error")
-            error = error_from_data(info.error, task=entry.task.name)
+        if reply.status == "failed":
+            info.error = reply.error
+            error = error_from_data(reply.error, task=entry.task.name)
             for future in entry.futures:
                 future._settle(error=error)
             return
-        result = body.get("result")
         if not entry.chunked:
-            info.result = result
-            entry.futures[0]._settle(result)
+            info.result = reply.result
+            entry.futures[0]._settle(reply.result)
             return
+        self._settle_chunk(entry, task_id, reply.result)
+
+    def _settle_chunk(self, entry: _Pending, task_id: str, result: Any) -> None:
         outcomes = result if isinstance(result, list) else []
         for i, future in enumerate(entry.futures):
-            outcome = outcomes[i] if i < len(outcomes) and isinstance(outcomes[i], dict) else {}
-            if "error" in outcome:
+            outcome = outcomes[i] if i < len(outcomes) else None
+            if isinstance(outcome, dict) and "error" in outcome:
                 future._settle(error=error_from_data(outcome["error"], task=entry.task.name))
+            elif isinstance(outcome, dict) and "ok" in outcome:
+                future._settle(outcome["ok"])
             else:
-                future._settle(outcome.get("ok"))
+                future._settle(
+                    error=TaskError(f"malformed reply for task {entry.task.name} ({task_id}): no outcome for item {i}")
+                )
+
+    def _settle_all(self, entry: _Pending, error: TaskError) -> None:
+        entry.info.status = "failed"
+        entry.info.error = error_to_data(error)
+        for future in entry.futures:
+            future._settle(error=error)
 
     def _fail_all(self, error: BaseException) -> None:
         waiting, self._waiting = self._waiting, {}

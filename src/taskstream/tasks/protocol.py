@@ -6,7 +6,8 @@ A task is an :class:`~taskstream.messages.Envelope` with ``kind="task"``, ``id``
     {"task": "pi", "args": [1000000], "kwargs": {},
      "retries": 0, "timeout": null, "cpu_bound": true,       # options; the worker's registry fills gaps
      "items": [[[1], {}], [[2], {}]],                         # only for map chunks: one call per item
-     "code": {"name": "pi", "source": "def pi(n): ...", "sig": "<hex HMAC-SHA256>"}}   # only when shipped
+     "code": {"name": "pi", "source": "def pi(n): ...",       # only when shipped
+              "expires": 1.7e9, "sig": "<64 hex: HMAC-SHA256>"}}
 
 A result is an envelope with ``kind="result"``, ``correlation_id`` = task id and the body::
 
@@ -16,11 +17,20 @@ A result is an envelope with ``kind="result"``, ``correlation_id`` = task id and
 
 For a map chunk ``result`` is a list with one ``{"ok": value}`` or ``{"error": {...}}`` per item.
 
-Code shipping (opt-in, ``@app.task(ship_code=True)``): the client sends the function's source with an
-HMAC-SHA256 signature made with ``settings.signing_key``. A worker runs shipped code only when its own key
-verifies the signature; unsigned code, a bad signature, or a worker with no key is refused (the client gets
-:class:`~taskstream.tasks.errors.TaskRefused` and the message is dead-lettered with the reason). Nothing is
-ever unpickled. A shipped function must be self-contained (imports inside its body), as with funcX.
+Task ids are 32 random hex characters (128 bits): one id tells nothing about another. A worker answers a
+task id it has finished already (a duplicate delivery) only on the reply queue that submitted it.
+
+Code shipping (opt-in, ``@app.task(ship_code=True)``): the client sends the function's source with every
+call, and signs *each submission* with ``settings.signing_key``: the HMAC-SHA256 covers the canonical form
+(:func:`canonical_request`) of the whole request, that is the task id, ``reply_to``, task name, code name
+and source, ``args``, ``kwargs``, ``retries``, ``retry_delay``, ``timeout``, ``cpu_bound``, ``items`` and
+the expiry ``expires`` (Unix time, :data:`SIGNATURE_LIFETIME` seconds after submission). A captured signature
+is therefore good for that one call, answered to that one reply queue, until it expires. A worker runs
+shipped code only when its own key verifies the signature and the signature has not expired; unsigned code,
+a signature that is not 64 hex characters, a bad or expired signature, or a worker with no key is refused
+(the client gets :class:`~taskstream.tasks.errors.TaskRefused` and the message is dead-lettered with the
+reason). Shipped calls run with ``retries`` capped at ``MAX_RETRIES`` like any other. Nothing is ever
+unpickled. A shipped function must be self-contained (imports inside its body), as with funcX.
 """
 
 from __future__ import annotations
@@ -30,55 +40,71 @@ import builtins
 import hashlib
 import hmac
 import inspect
-import itertools
-import os
 import secrets
 import textwrap
 import threading
-from collections.abc import Callable
-from typing import Any, cast
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
 
 from taskstream.errors import ConfigurationError
+from taskstream.messages import dumps
 from taskstream.tasks.errors import TaskRefused
 
 __all__ = [
+    "SIGNATURE_LIFETIME",
     "ShippedCode",
-    "new_task_id",
+    "TaskReply",
     "TaskRequest",
+    "canonical_request",
     "function_source",
     "load_shipped",
-    "sign_code",
-    "verify_code",
+    "new_task_id",
+    "sign_request",
+    "verify_request",
 ]
 
-_SIGNING_DOMAIN = b"taskstream-code-v1\x00"
+SIGNATURE_LIFETIME = 3600.0
+"""Seconds a shipped-code signature stays valid after submission (``expires`` = submit time + this)."""
 
-_ID_PREFIX: tuple[int, str] = (0, "")
-_ID_COUNTER = itertools.count()
+_SIGNING_DOMAIN = b"taskstream-request-v2\x00"
+_HEX = frozenset("0123456789abcdef")
+_SIG_LENGTH = 64
 
 
 def new_task_id() -> str:
-    """A new task id: 32 hex characters, 80 random bits per process plus a counter.
+    """A new task id: 32 random hex characters (128 bits from the OS's CSPRNG, about half a microsecond)."""
+    return secrets.token_hex(16)
 
-    As unique as a UUID4 in practice, without a ``getrandom`` system call per task.
-    """
-    global _ID_PREFIX
-    pid = os.getpid()
-    if _ID_PREFIX[0] != pid:  # first use, or a forked child
-        _ID_PREFIX = (pid, secrets.token_hex(10))
-    return f"{_ID_PREFIX[1]}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
+
+class TaskReply(BaseModel):
+    """The body of a result message, as a client checks it before settling any future."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: str = ""
+    status: Literal["success", "failed", "cancelled"]
+    result: Any = None
+    error: dict[str, str] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str = ""
+    attempts: int = Field(default=0, ge=0)
 
 
 class ShippedCode(BaseModel):
-    """A function's source and its signature."""
+    """A function's source, the signature of the request that carries it, and when that signature expires."""
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     source: str
     sig: str = ""
+    expires: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class TaskRequest(BaseModel):
@@ -116,14 +142,84 @@ def function_source(func: Callable[..., Any]) -> tuple[str, str]:
     return node.name, ast.unparse(node)
 
 
-def sign_code(key: bytes, task: str, code_name: str, source: str) -> str:
-    """HMAC-SHA256 over the task name, the function name and the source, as hex."""
-    payload = _SIGNING_DOMAIN + task.encode() + b"\x00" + code_name.encode() + b"\x00" + source.encode()
-    return hmac.new(key, payload, hashlib.sha256).hexdigest()
+def canonical_request(task_id: str, reply_to: str | None, request: TaskRequest) -> bytes:
+    """The bytes a shipped-code signature covers: the whole request, domain-separated.
+
+    A JSON object with sorted keys (orjson ``OPT_SORT_KEYS``) of the task id, ``reply_to``, task name, code
+    name and source, ``expires``, ``args``, ``kwargs``, ``retries``, ``retry_delay``, ``timeout``,
+    ``cpu_bound`` and ``items``, as they travel (bytes and arrays in their tagged wire form, tuples as
+    lists). Client and worker build it from the validated :class:`TaskRequest`, so both agree on types.
+
+    Raises:
+        TypeError: a value cannot travel.
+    """
+    code = request.code
+    doc = {
+        "id": task_id,
+        "reply_to": reply_to or None,
+        "task": request.task,
+        "code": None if code is None else {"name": code.name, "source": code.source},
+        "expires": None if code is None else code.expires,
+        "args": request.args,
+        "kwargs": request.call_kwargs,
+        "retries": request.retries,
+        "retry_delay": request.retry_delay,
+        "timeout": request.timeout,
+        "cpu_bound": request.cpu_bound,
+        "items": request.items,
+    }
+    wire = orjson.loads(dumps(doc))  # the wire form: tagged bytes/arrays, str keys
+    return _SIGNING_DOMAIN + orjson.dumps(wire, option=orjson.OPT_SORT_KEYS)
 
 
-def verify_code(key: bytes | None, task: str, code: ShippedCode) -> None:
-    """Raise :class:`TaskRefused` unless ``code`` carries a valid signature under ``key``."""
+def _mac(key: bytes, task_id: str, reply_to: str | None, request: TaskRequest) -> str:
+    return hmac.new(key, canonical_request(task_id, reply_to, request), hashlib.sha256).hexdigest()
+
+
+def sign_request(
+    key: bytes,
+    task_id: str,
+    reply_to: str | None,
+    body: Mapping[str, Any],
+    *,
+    expires: float | None = None,
+) -> dict[str, Any]:
+    """A copy of the task message ``body`` whose ``code`` carries ``expires`` and the signature.
+
+    Args:
+        key: the signing key (``settings.signing_key``).
+        task_id: the envelope's id.
+        reply_to: the envelope's ``reply_to``.
+        body: the request body with ``code: {"name", "source"}``.
+        expires: Unix time the signature stops being valid; ``now + SIGNATURE_LIFETIME`` when ``None``.
+
+    Raises:
+        ConfigurationError: ``body`` carries no code or is not a valid request.
+        TypeError: an argument cannot travel.
+    """
+    code = body.get("code")
+    if not isinstance(code, Mapping) or "name" not in code or "source" not in code:
+        raise ConfigurationError("sign_request: the body carries no code to sign (code: {name, source})")
+    expiry = time.time() + SIGNATURE_LIFETIME if expires is None else expires
+    unsigned = {**body, "code": {"name": code["name"], "source": code["source"], "expires": expiry}}
+    try:
+        request = TaskRequest.model_validate(unsigned)
+    except PydanticValidationError as exc:
+        raise ConfigurationError(f"sign_request: not a valid task request: {exc.errors()[0]['msg']}") from None
+    return {**unsigned, "code": {**unsigned["code"], "sig": _mac(key, task_id, reply_to, request)}}
+
+
+def verify_request(
+    key: bytes | None, task_id: str, reply_to: str | None, request: TaskRequest, *, now: float | None = None
+) -> ShippedCode:
+    """The request's shipped code, or :class:`TaskRefused` unless its signature is valid and unexpired.
+
+    The signature must be 64 lowercase hex characters, match the HMAC of :func:`canonical_request` under
+    ``key``, and ``code.expires`` must lie ahead of ``now``.
+    """
+    task, code = request.task, request.code
+    if code is None:
+        raise TaskRefused(f"task {task!r} carries no shipped code to verify")
     if key is None:
         raise TaskRefused(
             f"refusing shipped code for task {task!r}: this worker has no signing key "
@@ -131,9 +227,28 @@ def verify_code(key: bytes | None, task: str, code: ShippedCode) -> None:
         )
     if not code.sig:
         raise TaskRefused(f"refusing unsigned shipped code for task {task!r}")
-    expected = sign_code(key, task, code.name, code.source)
-    if not hmac.compare_digest(expected, code.sig):
-        raise TaskRefused(f"refusing shipped code for task {task!r}: the signature does not match this worker's key")
+    if len(code.sig) != _SIG_LENGTH or not _HEX.issuperset(code.sig):
+        raise TaskRefused(
+            f"refusing shipped code for task {task!r}: its signature is not {_SIG_LENGTH} lowercase hex characters"
+        )
+    if code.expires is None:
+        raise TaskRefused(f"refusing shipped code for task {task!r}: its signature carries no expiry")
+    try:
+        expected = _mac(key, task_id, reply_to, request)
+    except (TypeError, orjson.JSONDecodeError) as exc:
+        raise TaskRefused(f"refusing shipped code for task {task!r}: the request cannot be verified ({exc})") from None
+    if not hmac.compare_digest(expected.encode("ascii"), code.sig.encode("ascii")):
+        raise TaskRefused(
+            f"refusing shipped code for task {task!r}: the signature does not match this worker's key "
+            "(or the request was changed after it was signed)"
+        )
+    current = time.time() if now is None else now
+    if code.expires <= current:
+        raise TaskRefused(
+            f"refusing shipped code for task {task!r}: its signature expired {current - code.expires:.0f} s ago "
+            f"(signatures last {SIGNATURE_LIFETIME:.0f} s from submission)"
+        )
+    return code
 
 
 _LOADED: dict[str, Callable[..., Any]] = {}
@@ -141,8 +256,8 @@ _LOADED_LOCK = threading.Lock()
 
 
 def load_shipped(code: ShippedCode) -> Callable[..., Any]:
-    """Compile verified shipped code once (cached by signature) and return the function."""
-    cache_key = code.sig or hashlib.sha256(code.source.encode()).hexdigest()
+    """Compile verified shipped code once (cached by name and source) and return the function."""
+    cache_key = hashlib.sha256(code.name.encode() + b"\x00" + code.source.encode()).hexdigest()
     with _LOADED_LOCK:
         func = _LOADED.get(cache_key)
         if func is not None:

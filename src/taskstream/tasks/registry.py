@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 from taskstream.errors import ConfigurationError
-from taskstream.tasks.protocol import ShippedCode, function_source, sign_code
+from taskstream.tasks.protocol import ShippedCode, function_source
 
 if TYPE_CHECKING:
     from taskstream.tasks.future import TaskFuture
@@ -42,7 +42,8 @@ class TaskOptions:
             depends on how it runs (see :mod:`taskstream.tasks`): async calls are cancelled, calls in
             worker processes are killed, sync calls on threads are abandoned.
         cpu_bound: run in a worker process (one core per call) instead of a thread.
-        ship_code: send the function's source with each call, signed with ``settings.signing_key``.
+        ship_code: send the function's source with each call; the client signs each call (the whole request,
+            with an expiry) with ``settings.signing_key`` (see :mod:`taskstream.tasks.protocol`).
     """
 
     queue: str = DEFAULT_TASK_QUEUE
@@ -125,7 +126,7 @@ class Task(Generic[P, R]):
                     "(or Settings(signing_key=...)) on the client and on the workers"
                 )
             code_name, source = function_source(func)
-            self.code = ShippedCode(name=code_name, source=source, sig=sign_code(key, name, code_name, source))
+            self.code = ShippedCode(name=code_name, source=source)  # each submission is signed by the client
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here and now (no broker); an async task returns its coroutine."""
@@ -164,7 +165,7 @@ class Task(Generic[P, R]):
         kwargs: dict[str, Any],
         items: Sequence[tuple[Sequence[Any], dict[str, Any]]] | None = None,
     ) -> dict[str, Any]:
-        """The task message body (see :mod:`taskstream.tasks.protocol`)."""
+        """The task message body (see :mod:`taskstream.tasks.protocol`); shipped code is not signed yet."""
         opts = self.options
         body: dict[str, Any] = {"task": self.name, "retries": opts.retries}
         if items is None:
@@ -177,7 +178,7 @@ class Task(Generic[P, R]):
         if opts.retry_delay != DEFAULT_RETRY_DELAY:
             body["retry_delay"] = opts.retry_delay
         if self.code is not None:
-            body["code"] = self.code.model_dump()
+            body["code"] = {"name": self.code.name, "source": self.code.source}
             body["cpu_bound"] = opts.cpu_bound
         return body
 

@@ -4,10 +4,13 @@ For every task message (through the shared consumer runtime, so malformed messag
 shutdown is graceful):
 
 1. Parse the request; find the function by name in the App's registry, or load verified shipped code.
-   A request the worker cannot run (unknown name, unsigned code) is answered ``failed`` with
-   :class:`TaskRefused` and dead-lettered with the reason.
+   A request the worker cannot run (malformed, unknown name, unsigned, badly signed or expired code) is
+   answered ``failed`` with :class:`TaskRefused` and dead-lettered with the reason. The refusal is recorded
+   in the result store unless that would overwrite a final record or another submitter's record; the
+   answer goes out even when the store cannot be written.
 2. *Claim* it in the result store: a task cancelled while queued, or already finished (a duplicate
-   delivery), is not run again; the stored outcome is sent back instead.
+   delivery), is not run again; the stored outcome is sent back instead, but only to the reply queue that
+   submitted it. A message reusing another submitter's task id is refused without a word about that task.
 3. Run it: async functions on the loop, sync ones on a thread pool, ``cpu_bound`` ones in a worker
    process (:mod:`taskstream.tasks.pool`).
 4. On an exception, while attempts remain (``retries``), record ``pending`` and requeue with backoff;
@@ -40,7 +43,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError as PydanticValidationError
 
@@ -50,7 +53,7 @@ from taskstream.messages import Envelope
 from taskstream.producer import broker_headers
 from taskstream.tasks.errors import TaskRefused, TaskTimeout, error_to_data
 from taskstream.tasks.pool import DEFAULT_IDLE_TIMEOUT, ProcessPool, Target, run_items
-from taskstream.tasks.protocol import TaskRequest, load_shipped, new_task_id, verify_code
+from taskstream.tasks.protocol import TaskRequest, load_shipped, new_task_id, verify_request
 from taskstream.tasks.registry import MAX_RETRIES, TaskOptions, function_ref
 from taskstream.tasks.stores.base import TaskInfo
 
@@ -198,27 +201,29 @@ class TaskWorker:
         try:
             request = TaskRequest.model_validate(envelope.body)
         except PydanticValidationError as exc:
-            reason = f"malformed task request: {_short(exc)}"
-            await self._refuse(envelope, "", TaskRefused(reason))
-            raise Reject(reason) from None
+            await self._refuse_and_reject(envelope, "", TaskRefused(f"malformed task request: {_short(exc)}"))
         try:
-            runnable = self._resolve(request)
+            runnable = self._resolve(envelope, request)
         except TaskRefused as exc:
-            await self._refuse(envelope, request.task, exc)
-            raise Reject(str(exc)) from None
+            await self._refuse_and_reject(envelope, request.task, exc)
         allowed = runnable.retries + 1 + self.runtime.app.settings.max_attempts
         if delivery.attempt > allowed:
             error = TaskRefused(f"delivered {delivery.attempt} times without finishing (the worker died each time?)")
-            await self._refuse(envelope, request.task, error)
-            raise Reject(str(error))
+            await self._refuse_and_reject(envelope, request.task, error)
 
         started = time.time()
         store = self.runtime.store
+        reply_to = envelope.reply_to or ""
         blocker = await store.claim(
-            task_id, name=request.task, queue=delivery.queue, worker=self.worker_id, started_at=started
+            task_id,
+            name=request.task,
+            queue=delivery.queue,
+            worker=self.worker_id,
+            started_at=started,
+            reply_to=reply_to,
         )
         if blocker is not None:
-            await self._replay(envelope, blocker)
+            await self._blocked(envelope, blocker)
             return
         info = TaskInfo(
             task_id,
@@ -229,6 +234,7 @@ class TaskWorker:
             started_at=started,
             attempts=delivery.attempt,
             worker=self.worker_id,
+            reply_to=reply_to,
         )
         try:
             value = await self._execute(runnable, request)
@@ -246,19 +252,19 @@ class TaskWorker:
         info.finished_at = time.time()
         await self._finish(envelope, info)
 
-    def _resolve(self, request: TaskRequest) -> _Runnable:
+    def _resolve(self, envelope: Envelope, request: TaskRequest) -> _Runnable:
         if request.code is not None:
-            verify_code(self._key, request.task, request.code)
-            func = load_shipped(request.code)
-            code = request.code
+            code = verify_request(self._key, envelope.id, envelope.reply_to, request)
+            func = load_shipped(code)
             opts = TaskOptions()
+            retries = request.retries if request.retries is not None else opts.retries
             return _Runnable(
                 name=request.task,
                 func=func,
-                target=("code", code.name, code.source, code.sig),
+                target=("code", code.name, code.source, ""),  # stable across calls: processes cache by it
                 is_async=asyncio.iscoroutinefunction(func),
                 cpu_bound=bool(request.cpu_bound),
-                retries=request.retries if request.retries is not None else opts.retries,
+                retries=min(MAX_RETRIES, retries),
                 retry_delay=request.retry_delay if request.retry_delay is not None else opts.retry_delay,
                 timeout=request.timeout,
             )
@@ -387,24 +393,64 @@ class TaskWorker:
         except Exception as exc:  # the client is gone; the store still has the outcome
             log.warning("could not reply to %s for task %s: %s", envelope.reply_to, envelope.id, exc)
 
-    async def _replay(self, envelope: Envelope, record: TaskInfo) -> None:
-        """Answer a task that is cancelled or already finished without running it again."""
-        if envelope.reply_to:
-            await self._publish_reply(envelope, await self._encode_reply(envelope, record))
+    async def _blocked(self, envelope: Envelope, record: TaskInfo) -> None:
+        """Answer a task the store will not let run: replay its outcome to its submitter, refuse anyone else.
 
-    async def _refuse(self, envelope: Envelope, name: str, error: TaskRefused) -> None:
-        now = time.time()
-        info = TaskInfo(
+        A finished (or cancelled) task's stored outcome goes back only to the reply queue that submitted it
+        (a duplicate delivery). A message reusing the id of another submitter's task gets a refusal that
+        says nothing about that task, is dead-lettered, and leaves the record alone.
+        """
+        reply_to = envelope.reply_to or ""
+        same = record.reply_to == reply_to or (record.status == "cancelled" and not record.reply_to)
+        if same and record.done:
+            if envelope.reply_to:
+                await self._publish_reply(envelope, await self._encode_reply(envelope, record))
+            return
+        error = TaskRefused(f"task id {envelope.id} belongs to another submission; refusing to run or answer it")
+        await self._answer_refusal(envelope, self._refusal_info(envelope, "", error))
+        raise Reject(str(error))
+
+    def _refusal_info(self, envelope: Envelope, name: str, error: TaskRefused) -> TaskInfo:
+        return TaskInfo(
             envelope.id,
             name=name,
             status="failed",
             submitted_at=envelope.created_at,
-            finished_at=now,
+            finished_at=time.time(),
             worker=self.worker_id,
             error=error_to_data(error),
+            reply_to=envelope.reply_to or "",
         )
-        with contextlib.suppress(Exception):
-            await self._finish(envelope, info)
+
+    async def _refuse_and_reject(self, envelope: Envelope, name: str, error: TaskRefused) -> NoReturn:
+        """Refuse the task (see :meth:`refuse`), then have the consumer runtime dead-letter it with the reason."""
+        await self.refuse(envelope, name, error)
+        raise Reject(str(error))
+
+    async def refuse(self, envelope: Envelope, name: str, error: TaskRefused) -> None:
+        """Record a refusal (never over a final or another submitter's record) and answer the client.
+
+        The reply goes out even when the store write fails, so the client's future always learns why.
+        """
+        info = self._refusal_info(envelope, name, error)
+        try:
+            await self.runtime.store.record_refusal(info)
+        except Exception as exc:
+            log.warning("could not record the refusal of task %s in the result store: %s", envelope.id, exc)
+            info.error = error_to_data(
+                TaskRefused(f"{error} (the refusal could not be recorded in the result store: {type(exc).__name__})")
+            )
+        await self._answer_refusal(envelope, info)
+
+    async def _answer_refusal(self, envelope: Envelope, info: TaskInfo) -> None:
+        if not envelope.reply_to:
+            return
+        try:
+            reply = await self._encode_reply(envelope, info)
+        except Exception as exc:
+            log.warning("could not encode the refusal of task %s: %s", envelope.id, exc)
+            return
+        await self._publish_reply(envelope, reply)
 
 
 def _short(exc: PydanticValidationError) -> str:

@@ -5,7 +5,12 @@ A store keeps one :class:`TaskInfo` per task id. Three writers touch it:
 * the submitting client records ``pending`` (``add_pending``; never overwrites a newer state),
 * the worker *claims* the task before running it (``claim``: ``pending``/``running`` -> ``running``,
   atomically, so a cancelled or finished task is never run again),
-* the worker records the outcome (``finish``: ``success``/``failed``, or ``pending`` again before a retry).
+* the worker records the outcome (``finish``: ``success``/``failed``, or ``pending`` again before a retry),
+  or a refusal (``record_refusal``: never over a final record, nor over another submitter's record).
+
+Each record names the reply queue that submitted it (``reply_to``; empty for fire-and-forget calls and
+records written before the field existed). ``claim`` refuses a message whose ``reply_to`` differs from a
+record's non-empty one, so a reused task id never runs over, or is answered with, another client's task.
 
 ``try_cancel`` flips ``pending`` (or an unknown id) to ``cancelled`` atomically and says whether it did.
 
@@ -73,6 +78,7 @@ class TaskInfo:
         result: the return value (JSON-compatible, as it travelled) once ``success``.
         error: ``{"type", "message", "traceback"}`` once ``failed`` (or the last error before a retry).
         expires_at: when the store forgets it.
+        reply_to: the reply queue of the client that submitted it (``""``: none, or unknown).
     """
 
     task_id: str
@@ -87,6 +93,7 @@ class TaskInfo:
     result: Any = None
     error: dict[str, str] | None = None
     expires_at: float | None = None
+    reply_to: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -133,6 +140,7 @@ class TaskInfo:
             "result": self.result,
             "error": self.error,
             "expires_at": self.expires_at,
+            "reply_to": self.reply_to,
         }
 
 
@@ -147,17 +155,34 @@ class ResultStore(abc.ABC):
         """Record newly submitted tasks; a record that already exists (claimed, cancelled) is left alone."""
 
     @abc.abstractmethod
-    async def claim(self, task_id: str, *, name: str, queue: str, worker: str, started_at: float) -> TaskInfo | None:
+    async def claim(
+        self, task_id: str, *, name: str, queue: str, worker: str, started_at: float, reply_to: str = ""
+    ) -> TaskInfo | None:
         """Mark the task ``running`` if it is pending, running (a redelivery) or unknown.
+
+        A record whose ``reply_to`` is set and differs from ``reply_to`` is never claimed (a reused id).
 
         Returns:
             ``None`` when the caller may run the task; otherwise the record that forbids it
-            (``cancelled``, or already ``success``/``failed``: a duplicate delivery).
+            (``cancelled``, already ``success``/``failed``: a duplicate delivery, or another submitter's).
         """
 
     @abc.abstractmethod
     async def finish(self, info: TaskInfo) -> None:
         """Write the outcome (or ``pending`` before a retry), replacing the record."""
+
+    @abc.abstractmethod
+    async def record_refusal(self, info: TaskInfo) -> bool:
+        """Record a refused task (``info.status == "failed"``) unless that would overwrite something.
+
+        Nothing is written over a final record (``success``, ``failed``, ``cancelled``) nor over a record
+        whose non-empty ``reply_to`` differs from ``info.reply_to`` (another submitter's task). Over a pending
+        or running record of the same submitter, the status, ``finished_at``, ``worker`` and ``error`` are
+        replaced and the rest is kept.
+
+        Returns:
+            Whether the refusal was written.
+        """
 
     @abc.abstractmethod
     def get(self, task_id: str) -> TaskInfo | None:

@@ -70,11 +70,13 @@ class MemoryResultStore(ResultStore):
                 if self._live(record.task_id, now) is None:
                     self._records[record.task_id] = record.with_ttl(self.ttl, now)
 
-    async def claim(self, task_id: str, *, name: str, queue: str, worker: str, started_at: float) -> TaskInfo | None:
+    async def claim(
+        self, task_id: str, *, name: str, queue: str, worker: str, started_at: float, reply_to: str = ""
+    ) -> TaskInfo | None:
         now = time.time()
         with self._lock:
             record = self._live(task_id, now)
-            if record is not None and record.status in FINAL_STATES:
+            if record is not None and (record.status in FINAL_STATES or _other_submitter(record, reply_to)):
                 return replace(record)
             base = record or TaskInfo(task_id, name=name, queue=queue, submitted_at=started_at)
             self._records[task_id] = replace(
@@ -84,6 +86,7 @@ class MemoryResultStore(ResultStore):
                 attempts=base.attempts + 1,
                 worker=worker,
                 expires_at=now + self.ttl,
+                reply_to=base.reply_to or reply_to,
             )
             return None
 
@@ -91,6 +94,28 @@ class MemoryResultStore(ResultStore):
         now = time.time()
         with self._lock:
             self._records[info.task_id] = info.with_ttl(self.ttl, now)
+
+    async def record_refusal(self, info: TaskInfo) -> bool:
+        now = time.time()
+        with self._lock:
+            record = self._live(info.task_id, now)
+            if record is None:
+                self._records[info.task_id] = info.with_ttl(self.ttl, now)
+                return True
+            if record.status in FINAL_STATES or _other_submitter(record, info.reply_to):
+                return False
+            self._records[info.task_id] = replace(
+                record,
+                name=record.name or info.name,
+                status=info.status,
+                finished_at=info.finished_at,
+                worker=info.worker,
+                error=info.error,
+                result=None,
+                reply_to=record.reply_to or info.reply_to,
+                expires_at=now + self.ttl,
+            )
+            return True
 
     def get(self, task_id: str) -> TaskInfo | None:
         with self._lock:
@@ -106,3 +131,8 @@ class MemoryResultStore(ResultStore):
             base = record or TaskInfo(task_id)
             self._records[task_id] = replace(base, status="cancelled", finished_at=now, expires_at=now + self.ttl)
             return True
+
+
+def _other_submitter(record: TaskInfo, reply_to: str) -> bool:
+    """True when ``record`` names a submitting reply queue and it is not ``reply_to``."""
+    return bool(record.reply_to) and record.reply_to != reply_to

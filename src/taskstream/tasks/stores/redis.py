@@ -30,16 +30,23 @@ MAX_CONNECTIONS = 32
 
 _PENDING_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'status', 'pending', 'name', ARGV[1], 'queue', ARGV[2], 'submitted_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'status', 'pending', 'name', ARGV[1], 'queue', ARGV[2], 'submitted_at', ARGV[3],
+             'reply_to', ARGV[5])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 return 1
 """
+# A record's non-empty reply_to must match the message's (a reused id never runs over another client's task).
 _CLAIM_LUA = """
 local s = redis.call('HGET', KEYS[1], 'status')
-if (not s) or s == 'pending' or s == 'running' then
+local r = redis.call('HGET', KEYS[1], 'reply_to')
+local same = (not r) or r == '' or r == ARGV[6]
+if ((not s) or s == 'pending' or s == 'running') and same then
   if not s then
     redis.call('HSET', KEYS[1], 'name', ARGV[3], 'queue', ARGV[4], 'submitted_at', ARGV[1])
+  end
+  if (not r) or r == '' then
+    redis.call('HSET', KEYS[1], 'reply_to', ARGV[6])
   end
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -47,6 +54,32 @@ if (not s) or s == 'pending' or s == 'running' then
   return 1
 end
 return 0
+"""
+# ARGV: finished_at, worker, error (JSON), name, queue, submitted_at, reply_to, ttl ms, attempts
+_REFUSE_LUA = """
+local s = redis.call('HGET', KEYS[1], 'status')
+local r = redis.call('HGET', KEYS[1], 'reply_to')
+if s == 'success' or s == 'failed' or s == 'cancelled' then
+  return 0
+end
+if r and r ~= '' and r ~= ARGV[7] then
+  return 0
+end
+if not s then
+  redis.call('HSET', KEYS[1], 'name', ARGV[4], 'queue', ARGV[5], 'attempts', ARGV[9])
+  if ARGV[6] ~= '' then
+    redis.call('HSET', KEYS[1], 'submitted_at', ARGV[6])
+  end
+end
+local n = redis.call('HGET', KEYS[1], 'name')
+if (not n) or n == '' then
+  redis.call('HSET', KEYS[1], 'name', ARGV[4])
+end
+redis.call('HDEL', KEYS[1], 'result')
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'worker', ARGV[2], 'error', ARGV[3],
+           'reply_to', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+return 1
 """
 _CANCEL_LUA = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -84,6 +117,7 @@ def _hash_to_info(task_id: str, data: dict[Any, Any]) -> TaskInfo | None:
         worker=_text(get(b"worker", b"")),
         result=loads(get(b"result", b"null")) if status == "success" else None,
         error=loads(get(b"error", b"null")),
+        reply_to=_text(get(b"reply_to", b"")),
     )
 
 
@@ -115,6 +149,7 @@ class RedisResultStore(ResultStore):
             self._scripts = {
                 "pending": self._async.register_script(_PENDING_LUA),
                 "claim": self._async.register_script(_CLAIM_LUA),
+                "refuse": self._async.register_script(_REFUSE_LUA),
             }
         return self._async
 
@@ -135,19 +170,20 @@ class RedisResultStore(ResultStore):
                 for r in records:
                     await script(
                         keys=[_PREFIX + r.task_id],
-                        args=[r.name, r.queue, repr(r.submitted_at or time.time()), self._ttl_ms],
+                        args=[r.name, r.queue, repr(r.submitted_at or time.time()), self._ttl_ms, r.reply_to],
                         client=pipe,
                     )
                 await pipe.execute()
 
         await self._guard(run)
 
-    async def claim(self, task_id: str, *, name: str, queue: str, worker: str, started_at: float) -> TaskInfo | None:
+    async def claim(
+        self, task_id: str, *, name: str, queue: str, worker: str, started_at: float, reply_to: str = ""
+    ) -> TaskInfo | None:
         client = self._client()
         key = _PREFIX + task_id
-        claimed = await self._guard(
-            lambda: self._scripts["claim"](keys=[key], args=[repr(started_at), worker, name, queue, self._ttl_ms])
-        )
+        args = [repr(started_at), worker, name, queue, self._ttl_ms, reply_to]
+        claimed = await self._guard(lambda: self._scripts["claim"](keys=[key], args=args))
         if int(claimed):
             return None
         data = await self._guard(lambda: client.hgetall(key))
@@ -162,6 +198,7 @@ class RedisResultStore(ResultStore):
             "queue": info.queue,
             "attempts": info.attempts,
             "worker": info.worker,
+            "reply_to": info.reply_to,
         }
         for name in ("submitted_at", "started_at", "finished_at"):
             value = getattr(info, name)
@@ -180,6 +217,22 @@ class RedisResultStore(ResultStore):
                 await pipe.execute()
 
         await self._guard(run)
+
+    async def record_refusal(self, info: TaskInfo) -> bool:
+        self._client()
+        args = [
+            repr(info.finished_at or time.time()),
+            info.worker,
+            dumps(info.error),
+            info.name,
+            info.queue,
+            repr(info.submitted_at) if info.submitted_at is not None else "",
+            info.reply_to,
+            self._ttl_ms,
+            info.attempts,
+        ]
+        written = await self._guard(lambda: self._scripts["refuse"](keys=[_PREFIX + info.task_id], args=args))
+        return bool(int(written))
 
     def get(self, task_id: str) -> TaskInfo | None:
         try:

@@ -33,7 +33,8 @@ log = logging.getLogger("taskstream.tasks.sqlite")
 
 _TABLE = "taskstream_tasks"
 _COLUMNS = (
-    "task_id, name, queue, status, submitted_at, started_at, finished_at, attempts, worker, result, error, expires_at"
+    "task_id, name, queue, status, submitted_at, started_at, finished_at, attempts, worker, result, error, expires_at, "
+    "reply_to"
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {_TABLE} (
@@ -48,25 +49,40 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     worker TEXT NOT NULL DEFAULT '',
     result BLOB,
     error BLOB,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    reply_to TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS {_TABLE}_expiry ON {_TABLE}(expires_at);
 """
+# Files made before reply_to existed get the column (existing rows read as '', "submitter unknown").
+_ADDED_COLUMNS = (("reply_to", "TEXT NOT NULL DEFAULT ''"),)
+_SAME_SUBMITTER = "(reply_to = '' OR reply_to = excluded.reply_to)"
 _PENDING = (
-    f"INSERT INTO {_TABLE} (task_id, name, queue, status, submitted_at, expires_at) VALUES (?, ?, ?, 'pending', ?, ?) "
+    f"INSERT INTO {_TABLE} (task_id, name, queue, status, submitted_at, expires_at, reply_to) "
+    "VALUES (?, ?, ?, 'pending', ?, ?, ?) "
     "ON CONFLICT(task_id) DO UPDATE SET name = excluded.name, queue = excluded.queue, status = 'pending', "
-    "submitted_at = excluded.submitted_at, expires_at = excluded.expires_at WHERE expires_at < ?"
+    "submitted_at = excluded.submitted_at, expires_at = excluded.expires_at, reply_to = excluded.reply_to "
+    "WHERE expires_at < ?"
 )
 _CLAIM = (
-    f"INSERT INTO {_TABLE} (task_id, name, queue, status, submitted_at, started_at, attempts, worker, expires_at) "
-    "VALUES (?, ?, ?, 'running', ?, ?, 1, ?, ?) "
+    f"INSERT INTO {_TABLE} (task_id, name, queue, status, submitted_at, started_at, attempts, worker, expires_at, "
+    "reply_to) VALUES (?, ?, ?, 'running', ?, ?, 1, ?, ?, ?) "
     "ON CONFLICT(task_id) DO UPDATE SET status = 'running', started_at = excluded.started_at, "
     "attempts = attempts + 1, worker = excluded.worker, expires_at = excluded.expires_at, "
     "name = CASE WHEN name = '' THEN excluded.name ELSE name END, "
-    "queue = CASE WHEN queue = '' THEN excluded.queue ELSE queue END "
-    "WHERE status IN ('pending', 'running') OR expires_at < ?"
+    "queue = CASE WHEN queue = '' THEN excluded.queue ELSE queue END, "
+    "reply_to = CASE WHEN reply_to = '' THEN excluded.reply_to ELSE reply_to END "
+    f"WHERE (status IN ('pending', 'running') AND {_SAME_SUBMITTER}) OR expires_at < ?"
 )
-_FINISH = f"INSERT OR REPLACE INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_FINISH = f"INSERT OR REPLACE INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_REFUSE = (
+    f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(task_id) DO UPDATE SET status = excluded.status, finished_at = excluded.finished_at, "
+    "worker = excluded.worker, error = excluded.error, result = NULL, expires_at = excluded.expires_at, "
+    "name = CASE WHEN name = '' THEN excluded.name ELSE name END, "
+    "reply_to = CASE WHEN reply_to = '' THEN excluded.reply_to ELSE reply_to END "
+    f"WHERE (status IN ('pending', 'running') AND {_SAME_SUBMITTER}) OR expires_at < ?"
+)
 _GET = f"SELECT {_COLUMNS} FROM {_TABLE} WHERE task_id = ? AND expires_at >= ?"
 _CANCEL = (
     f"INSERT INTO {_TABLE} (task_id, status, finished_at, expires_at) VALUES (?, 'cancelled', ?, ?) "
@@ -88,8 +104,36 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create the table, or add the columns a file made by an older version lacks (safe to race)."""
+    conn.executescript(_SCHEMA)
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}
+    for column, declaration in _ADDED_COLUMNS:
+        if column in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {_TABLE} ADD COLUMN {column} {declaration}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc).lower():  # another process added it first
+                raise
+
+
 def _row_to_info(row: Sequence[Any]) -> TaskInfo:
-    (task_id, name, queue_, status, submitted, started, finished, attempts, worker, result, error, expires) = row
+    (
+        task_id,
+        name,
+        queue_,
+        status,
+        submitted,
+        started,
+        finished,
+        attempts,
+        worker,
+        result,
+        error,
+        expires,
+        reply_to,
+    ) = row
     return TaskInfo(
         task_id=task_id,
         name=name,
@@ -103,6 +147,7 @@ def _row_to_info(row: Sequence[Any]) -> TaskInfo:
         result=loads(result) if result is not None else None,
         error=loads(error) if error is not None else None,
         expires_at=expires,
+        reply_to=reply_to or "",
     )
 
 
@@ -121,7 +166,7 @@ class SQLiteResultStore(ResultStore):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = _connect(str(self.path))
-            self._conn.executescript(_SCHEMA)
+            _migrate(self._conn)
         except (sqlite3.Error, OSError) as exc:
             raise ResultStoreError(f"cannot open the SQLite result store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
@@ -184,16 +229,18 @@ class SQLiteResultStore(ResultStore):
         if not records:
             return
         now = time.time()
-        rows = [(r.task_id, r.name, r.queue, r.submitted_at, now + self.ttl, now) for r in records]
+        rows = [(r.task_id, r.name, r.queue, r.submitted_at, now + self.ttl, r.reply_to, now) for r in records]
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(_PENDING, rows)
 
         await self._submit(op)
 
-    async def claim(self, task_id: str, *, name: str, queue: str, worker: str, started_at: float) -> TaskInfo | None:
+    async def claim(
+        self, task_id: str, *, name: str, queue: str, worker: str, started_at: float, reply_to: str = ""
+    ) -> TaskInfo | None:
         now = time.time()
-        params = (task_id, name, queue, started_at, started_at, worker, now + self.ttl, now)
+        params = (task_id, name, queue, started_at, started_at, worker, now + self.ttl, reply_to, now)
 
         def op(conn: sqlite3.Connection) -> TaskInfo | None:
             if conn.execute(_CLAIM, params).rowcount:
@@ -204,9 +251,8 @@ class SQLiteResultStore(ResultStore):
         result: TaskInfo | None = await self._submit(op)
         return result
 
-    async def finish(self, info: TaskInfo) -> None:
-        now = time.time()
-        row = (
+    def _row(self, info: TaskInfo, now: float) -> tuple[Any, ...]:
+        return (
             info.task_id,
             info.name,
             info.queue,
@@ -219,12 +265,26 @@ class SQLiteResultStore(ResultStore):
             dumps(info.result) if info.status == "success" else None,
             dumps(info.error) if info.error is not None else None,
             now + self.ttl,
+            info.reply_to,
         )
+
+    async def finish(self, info: TaskInfo) -> None:
+        row = self._row(info, time.time())
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(_FINISH, row)
 
         await self._submit(op)
+
+    async def record_refusal(self, info: TaskInfo) -> bool:
+        now = time.time()
+        params = (*self._row(info, now), now)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            return bool(conn.execute(_REFUSE, params).rowcount)
+
+        written: bool = await self._submit(op)
+        return written
 
     def get(self, task_id: str) -> TaskInfo | None:
         try:
