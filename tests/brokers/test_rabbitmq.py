@@ -11,6 +11,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -559,3 +560,45 @@ async def test_queues_deleted_during_an_outage_are_declared_again_with_their_dea
     assert (d.body, d.headers["x-first-death-reason"]) == (b"replayed", "rejected")
     await d.ack()
     await sub.close()
+
+
+# -- the package's surface -----------------------------------------------------------------------------------
+
+
+def test_url_scheme_loads_the_package_and_its_exports_stay() -> None:
+    import taskstream.brokers.rabbitmq as package
+    from taskstream.brokers.base import broker_from_url
+
+    broker = broker_from_url("amqps://guest:hunter2@127.0.0.1/?queue_type=quorum&heartbeat=5")
+    assert isinstance(broker, RabbitMQBroker) and broker.config.queue_type == "quorum"
+    assert "hunter2" not in repr(broker)
+    assert sorted(package.__all__) == [
+        "DEFAULT_MAX_MESSAGE_BYTES",
+        "DEFAULT_PUBLISH_TIMEOUT",
+        "DEFAULT_TOPIC_EXCHANGE",
+        "DELAY_EXCHANGE",
+        "DLX_EXCHANGE",
+        "RabbitMQBroker",
+        "RabbitMQConfig",
+    ]
+    assert all(hasattr(package, name) for name in package.__all__)
+
+
+def test_docs_table_lists_every_url_option_with_its_default() -> None:
+    from taskstream.brokers.rabbitmq import RabbitMQConfig
+
+    text = (Path(__file__).parents[2] / "docs" / "brokers.md").read_text()
+    section = text.split("## RabbitMQ", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for row in section.splitlines():
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if row.startswith("| `") and len(cells) == 3:
+            documented[cells[0].strip("`")] = cells[2].strip("`")
+    defaults = RabbitMQConfig()
+    assert set(documented) == set(RabbitMQConfig.model_fields)
+    for name, shown in documented.items():
+        value = getattr(defaults, name)
+        expected = (
+            str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+        )
+        assert shown == expected, f"docs/brokers.md shows {name}={shown}, the default is {value!r}"
