@@ -64,7 +64,7 @@ class RabbitMQBroker(Broker):
         )
         self._delivery_mode = 2 if self.config.persistent else 1
         self._subscriptions: set[RabbitSubscription] = set()
-        self._link = ConnectionManager(url, self.config, self._restored, self._gone)
+        self._link = ConnectionManager(url, self.config, self._restored, self._wake_subscriptions)
         self._topology = Topology(self.config, self._link)
         self._batch_slots = asyncio.Semaphore(2)
 
@@ -92,7 +92,7 @@ class RabbitMQBroker(Broker):
     async def _restored(self) -> None:
         await self._topology.replay()
 
-    def _gone(self) -> None:
+    def _wake_subscriptions(self) -> None:
         for subscription in list(self._subscriptions):
             subscription.wake()
 
