@@ -65,7 +65,9 @@ async def test_dry_run_changes_nothing_and_filters_select(orders: Orders) -> Non
     await dead_letter_three(orders)
     letters = await list_dead_letters(orders.inspect, orders.queue)
     bug_ids = sorted(letter.message_id for letter in letters if "KeyError" in (letter.reason or ""))
-    number = {letter.message_id: orjson.loads(letter.body)["body"]["n"] for letter in letters if letter.reason}
+    number = {
+        letter.message_id: orjson.loads(letter.body)["body"]["n"] for letter in letters if letter.message_id in bug_ids
+    }
 
     dry = await replay_dead_letters(orders.inspect, orders.queue, reason_contains="KeyError", dry_run=True)
     assert dry.dry_run and sorted(letter.message_id for letter in dry.replayed) == bug_ids
