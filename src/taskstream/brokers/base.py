@@ -33,13 +33,14 @@ from __future__ import annotations
 import abc
 import difflib
 import importlib
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 from taskstream.errors import ConfigurationError, MissingExtraError, NotSupported
-from taskstream.settings import redact_url
+from taskstream.settings import Settings, redact_url
 
 __all__ = [
     "Broker",
@@ -315,8 +316,11 @@ _BACKENDS: dict[str, tuple[str, str, str | None, str]] = {
 }
 
 
-def broker_from_url(url: str, **options: Any) -> Broker:
+def broker_from_url(url: str, *, settings: Settings | None = None, **options: Any) -> Broker:
     """Build (not connect) the broker for ``url``; ``options`` override the URL's query parameters.
+
+    ``settings`` reach the backends whose ``from_url`` takes them (SQS derives its redrive count from
+    ``max_attempts``); a backend never reads the environment's settings itself.
 
     Example:
         >>> broker_from_url("memory://").capabilities.name
@@ -342,5 +346,7 @@ def broker_from_url(url: str, **options: Any) -> Broker:
             raise MissingExtraError(scheme, extra or scheme, driver.split(".")[0]) from exc
     module = importlib.import_module(module_name)
     cls = getattr(module, class_name)
+    if settings is not None and "settings" in inspect.signature(cls.from_url).parameters:
+        options["settings"] = settings
     broker: Broker = cls.from_url(url, **options)
     return broker
