@@ -28,8 +28,7 @@ from typing import Any
 
 import orjson
 
-from taskstream.brokers.zeromq import TopicPublisher, TopicSubscriber
-from taskstream.brokers.zeromq import Forwarder
+from taskstream.brokers.zeromq import Forwarder, TopicPublisher, TopicSubscriber
 
 TOPICS = ("3", "5")
 PUBLISHERS = {"fast": 2.0, "slow": 1.0}  # name -> rate relative to the base rate

@@ -22,8 +22,7 @@ from taskstream.brokers.azure_queues import native_queue_name
 from taskstream.brokers.base import broker_from_url
 from taskstream.brokers.rabbitmq import DLX_EXCHANGE
 from taskstream.brokers.sqs import SQSBroker
-from taskstream.brokers.zeromq import TopicPublisher, TopicSubscriber
-from taskstream.brokers.zeromq import Forwarder
+from taskstream.brokers.zeromq import Forwarder, TopicPublisher, TopicSubscriber
 from taskstream.messages import CONTENT_TYPE
 from tests.e2e.conftest import SQS_ENDPOINT, URLS, Served, connected, wait_until
 

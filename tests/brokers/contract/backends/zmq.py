@@ -10,8 +10,7 @@ import atexit
 import threading
 
 from taskstream.brokers.base import Broker
-from taskstream.brokers.zeromq import ZeroMQBroker, ZeroMQConfig
-from taskstream.brokers.zeromq import DeviceThread
+from taskstream.brokers.zeromq import DeviceThread, ZeroMQBroker, ZeroMQConfig
 from tests.brokers.contract.backends import BackendSpec
 
 _lock = threading.Lock()
