@@ -356,6 +356,10 @@ class Runner:
             except MessageError as exc:
                 self.raw_dead.append(intake.dead_letter_message(delivery, str(exc)))
                 continue
+            except Exception as exc:  # nothing a message holds may stop a stage
+                reason = f"unreadable message: {type(exc).__name__}: {exc}"
+                self.raw_dead.append(intake.dead_letter_message(delivery, reason))
+                continue
             if opened.ref is not None:
                 refs.append(opened.ref)
             if routed is None:  # a duplicate
@@ -398,6 +402,8 @@ class Runner:
         if record.kind == "control":
             self._control(record.body)
             return record.id, None, None
+        if record.kind != "record":
+            raise MalformedMessage(f"malformed message: a stage reads records, not envelopes of kind {record.kind!r}")
         to = record.to or (entries[0] if len(entries) == 1 else "")
         entry = tuple(to) if isinstance(to, list) else to
         targets = entry if isinstance(entry, tuple) else (entry,)
@@ -409,10 +415,20 @@ class Runner:
         return record.id, entry, item
 
     def _control(self, body: Any) -> None:
+        """Apply a control message.
+
+        Raises:
+            MalformedMessage: an end-of-stream whose ``from`` is not a string or ``sent`` not a count.
+        """
         control = body.get("control") if isinstance(body, dict) else None
         if control == "eos":
-            source = str(body.get("from"))
-            self.eos[source] = int(body.get("sent", 0))
+            source, sent = body.get("from"), body.get("sent", 0)
+            if not isinstance(source, str) or type(sent) is not int or sent < 0:
+                raise MalformedMessage(
+                    "malformed message: end-of-stream needs 'from' (a string) and 'sent' (a count), "
+                    f"got from={source!r:.40}, sent={sent!r:.40}"
+                )
+            self.eos[source] = sent
         elif control == "stop":
             log.info("%s: Stop received", self.namespace)
             self.stop_requested = True
