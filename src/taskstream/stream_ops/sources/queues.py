@@ -17,12 +17,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, get_args
 
 from taskstream.brokers.base import Broker, Delivery, Subscription, broker_from_url
-from taskstream.errors import ConfigurationError, MessageError
+from taskstream.errors import ConfigurationError, MalformedMessage, MessageError
 from taskstream.intake import Intake, IntakeStats, Refused
-from taskstream.messages import is_envelope_document
+from taskstream.messages import Kind, is_envelope_document
 from taskstream.payloads.claimcheck import PayloadRef
 from taskstream.stream_ops.runtime_context import RuntimeContext
 from taskstream.stream_ops.sources.base import Source, SourceBatch, is_stop
@@ -31,6 +31,9 @@ from taskstream.stream_ops.wire import read_record
 __all__ = ["QueueSource"]
 
 log = logging.getLogger("taskstream.stream_ops.sources")
+
+#: the envelope kinds a queue source reads (others are dead-lettered)
+KINDS = frozenset(get_args(Kind))
 
 
 class QueueSource(Source):
@@ -182,6 +185,8 @@ class QueueSource(Source):
         """
         if is_envelope_document(doc):
             record = read_record(doc, None)
+            if record.kind not in KINDS:
+                raise MalformedMessage(f"malformed message: unknown envelope kind {record.kind!r:.60}")
             if record.kind == "control":
                 control = record.body.get("control") if isinstance(record.body, dict) else None
                 return None, str(control or "unknown")
