@@ -309,6 +309,10 @@ class Intake:
         """The dead letter of ``delivery`` (for readers that publish it with their own outputs, then ack)."""
         self.stats.dead_lettered += 1
         log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
+        body = delivery.body
+        if len(body) > self.broker.capabilities.max_message_bytes:  # cannot travel: keep the reason and a preview
+            extra = {**extra, "x-truncated-from": len(body)}
+            body = body[:DEAD_LETTER_PREVIEW]
         headers = dead_letter_headers(
             delivery.headers,
             reason,
@@ -317,7 +321,7 @@ class Intake:
             attempts=delivery.attempt,
             **extra,
         )
-        return OutgoingMessage(delivery.body, headers, message_id=delivery.message_id, key=delivery.key)
+        return OutgoingMessage(body, headers, message_id=delivery.message_id, key=delivery.key)
 
     async def dead_letter(self, delivery: Delivery, reason: str, *, envelope: Envelope | None = None) -> None:
         """Publish ``delivery`` to the dead-letter queue with ``reason``, then ack it.
