@@ -1,5 +1,6 @@
 """The ZeroMQ backend beyond the contract suite: consumer processes that die or freeze holding messages,
-tcp and ipc, device restarts, high-water marks, the topic forwarder and its drop counting, the CLI verb.
+tcp and ipc, device restarts, high-water marks, the topic forwarder and its drop counting, a topic subscriber
+fed malformed frames and endless publisher ids by a plain pyzmq socket, the CLI verb.
 """
 
 from __future__ import annotations
