@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -25,9 +25,24 @@ SPECS = all_specs()
 BUGGY = (13, 14)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def only_on(*names: str) -> Callable[[F], F]:
+    """Run the decorated test only on these backends of the suite (by name)."""
+
+    def mark(func: F) -> F:
+        func.backends = names  # type: ignore[attr-defined]
+        return func
+
+    return mark
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "spec" in metafunc.fixturenames:
-        metafunc.parametrize("spec", [pytest.param(s, id=s.name, marks=getattr(pytest.mark, s.name)) for s in SPECS])
+        only = getattr(metafunc.function, "backends", None)
+        specs = [s for s in SPECS if only is None or s.name in only]
+        metafunc.parametrize("spec", [pytest.param(s, id=s.name, marks=getattr(pytest.mark, s.name)) for s in specs])
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:

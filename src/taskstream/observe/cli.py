@@ -25,7 +25,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from taskstream.brokers.base import Broker, broker_from_url
 from taskstream.errors import ConfigurationError
@@ -114,7 +114,14 @@ def queues_command(
 
 
 def _queues_table(infos: list[QueueInfo]) -> None:
-    table = Table("queue", "depth", "in flight", "consumers", "dead letters", "dead-letter queue")
+    table = Table(
+        Column("queue", no_wrap=True),
+        "depth",
+        "in flight",
+        "consumers",
+        "dead letters",
+        Column("dead-letter queue", no_wrap=True),
+    )
     for info in infos:
         table.add_row(
             info.queue,
@@ -144,7 +151,15 @@ def list_command(
     if as_json:
         _print_json([letter.summary() for letter in letters])
         return
-    table = Table("message id", "reason", "attempts", "original queue", "dead-lettered at", "bytes", "preview")
+    table = Table(
+        Column("message id", no_wrap=True),
+        "reason",
+        "attempts",
+        Column("original queue", no_wrap=True),
+        "dead-lettered at",
+        "bytes",
+        "preview",
+    )
     for letter in letters:
         row = letter.summary()
         table.add_row(
