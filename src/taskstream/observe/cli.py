@@ -18,6 +18,7 @@ unless the URL sets ``wait_time`` (a closing subscription waits for its long pol
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -72,7 +73,18 @@ def _make_broker(url: str) -> Broker:
     return broker_from_url(url, **options)
 
 
+def _quiet_drivers() -> None:
+    """Warnings to stderr; the brokers' client libraries as quiet as for ``taskstream run``."""
+    from taskstream.cli import QUIET_LOGGERS
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def _run(url: str | None, work: Callable[[Broker], Awaitable[T]]) -> T:
+    _quiet_drivers()
+
     async def go() -> T:
         async with _make_broker(_broker_url(url)) as broker:
             return await work(broker)
@@ -135,7 +147,7 @@ def _queues_table(infos: list[QueueInfo]) -> None:
     console.print(table)
     for info in infos:
         if info.error:
-            console.print(f"[yellow]{info.queue}: {info.error}[/yellow]")
+            console.print(f"[yellow]{info.error}[/yellow]", highlight=False)
 
 
 @dlq_cli.command("list")
