@@ -110,8 +110,8 @@ class Backend:
     # brokers
 
     def reader_broker(self) -> Broker:
-        """An unconnected broker for a reader: ``max_message_bytes`` is :data:`LIMIT` where the backend allows
-        setting it (memory, RabbitMQ, ZeroMQ); on SQS and Azure the App's setting limits the consumer instead."""
+        """An unconnected broker for a reader, its ``max_message_bytes`` :data:`LIMIT` (the consumer's App
+        setting is :data:`LIMIT` too)."""
         if self.name == "memory":
             broker: Broker = MemoryBroker(self.hub, max_message_bytes=LIMIT)
         elif self.name == "rabbitmq":
@@ -126,8 +126,17 @@ class Backend:
             endpoint = device().device
             assert endpoint is not None
             broker = ZeroMQBroker(endpoint.endpoints[0], ZeroMQConfig(max_message_bytes=LIMIT))
+        elif self.name == "sqs":
+            from taskstream.brokers.sqs import HEADER_ALLOWANCE
+
+            broker = self.spec.make(max_message_bytes=LIMIT + HEADER_ALLOWANCE)  # the queue's size, headers too
         else:
-            broker = self.spec.make()
+            from taskstream.brokers.azure_queues import AzureQueueBroker
+
+            broker = AzureQueueBroker.from_url(
+                "azurequeue://", connection_string="UseDevelopmentStorage=true", max_message_bytes=LIMIT
+            )
+        assert broker.capabilities.max_message_bytes == LIMIT
         self.made.append(broker)
         return broker
 
@@ -215,7 +224,7 @@ class Backend:
     # dead letters
 
     async def dead_letters(
-        self, dlq: str, sent: list[Hostile], *, original_queue: str | None = None
+        self, dlq: str, sent: list[Hostile], *, original_queue: str | None = None, patience: float = PATIENCE
     ) -> dict[str, Delivery]:
         """Read ``dlq`` until each of ``sent`` is there (matched by its bytes); fails naming what is missing.
 
@@ -226,7 +235,7 @@ class Backend:
         await broker.declare(dlq)  # as the readers declare it (they may not have dead-lettered anything yet)
         subscription = broker.consume(dlq, prefetch=64)
         try:
-            async with asyncio.timeout(PATIENCE):
+            async with asyncio.timeout(patience):
                 while len(found) < len(sent):
                     delivery = await subscription.__anext__()
                     if original_queue is not None and delivery.headers.get("x-original-queue") != original_queue:
@@ -241,7 +250,7 @@ class Backend:
                         pytest.fail(f"unexpected dead letter {delivery.body[:80]!r}: {delivery.headers}")
         except TimeoutError:
             missing = sorted({h.name for h in sent} - set(found))
-            pytest.fail(f"not dead-lettered to {dlq!r} within {PATIENCE} s: {missing}")
+            pytest.fail(f"not dead-lettered to {dlq!r} within {patience} s: {missing}")
         finally:
             await subscription.close()
         return found

@@ -234,12 +234,8 @@ READERS: dict[str, Callable[[Backend], Awaitable[None]]] = {
     "service": service,
     "reply_queue": reply_queue,
 }
-#: every reader on memory and RabbitMQ; the consumer on every broker
-CASES = [(reader, name) for reader in READERS for name in ("memory", "rabbitmq")] + [
-    ("consumer", "sqs"),
-    ("consumer", "azure"),
-    ("consumer", "zmq"),
-]
+#: every reader on every broker
+CASES = [(reader, name) for reader in READERS for name in ("memory", "rabbitmq", "sqs", "azure", "zmq")]
 
 
 @pytest.mark.parametrize(
