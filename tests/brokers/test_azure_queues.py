@@ -427,6 +427,33 @@ async def test_publish_through_the_same_broker_wakes_a_sleeping_poller(az: Azure
         await d.ack()
 
 
+async def test_an_outage_is_logged_once_and_receiving_resumes(az: Azure, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.e2e.private_servers import TcpProxy
+
+    proxy = TcpProxy(10001)
+    await proxy.up()
+    url = f"azurequeue://devstoreaccount1:{quote(DEV_KEY, safe='')}@127.0.0.1:{proxy.port}/devstoreaccount1"
+    broker = await az.broker(url, poll_interval=0.2)
+    queue = await az.queue(await az.broker())
+    caplog.set_level(logging.DEBUG, logger="taskstream.brokers.azure")
+    try:
+        async with broker.consume(queue, prefetch=2) as sub:
+            await receive_none(sub, 0.5)
+            await proxy.down()
+            # The SDK retries each receive a few times; wait for the second failed receive of the outage.
+            await wait_for(lambda: "failed again" in caplog.text, timeout=90, what="two failed receives")
+            await proxy.up()
+            await az.raw_client(queue).send_message("back")
+            [d] = await receive(sub, 1, timeout=60)
+            assert d.body == b"back"
+            await d.ack()
+    finally:
+        await proxy.down()
+    failed = [r for r in caplog.records if r.levelno == logging.WARNING and "failed" in r.getMessage()]
+    again = [r for r in caplog.records if "work again" in r.getMessage()]
+    assert len(failed) == 1 and len(again) == 1, caplog.text
+
+
 # -- configuration and secrets --------------------------------------------------------------------------------
 
 

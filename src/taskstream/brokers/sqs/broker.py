@@ -79,6 +79,11 @@ class SQSBroker(Broker):
         self._stragglers: set[asyncio.Task[None]] = set()  # receives still running for closed subscriptions
 
     @property
+    def redrive_count(self) -> int:
+        """``maxReceiveCount`` of the RedrivePolicy ``declare`` sets: ``max_receive_count``, else ``max_attempts``."""
+        return self.options.redrive_count(self._max_attempts)
+
+    @property
     def _limit(self) -> int:
         return self.capabilities.max_message_bytes
 
@@ -248,9 +253,7 @@ class SQSBroker(Broker):
             if dead_letter not in self._queues:
                 await self.declare(dead_letter)
             target = await self._lookup(dead_letter)
-            redrive = orjson.dumps(
-                {"deadLetterTargetArn": target.arn, "maxReceiveCount": self.options.redrive_count(self._max_attempts)}
-            ).decode()
+            redrive = orjson.dumps({"deadLetterTargetArn": target.arn, "maxReceiveCount": self.redrive_count}).decode()
             attributes["RedrivePolicy"] = redrive
         info = await self._lookup(queue, create=attributes if self.options.create_queues else None)
         if redrive is not None and info.redrive is None and self.options.create_queues:
