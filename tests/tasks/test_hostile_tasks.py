@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from taskstream.app import App
+from taskstream.brokers.memory import MemoryBroker
 from taskstream.errors import TaskError
 from taskstream.messages import Envelope, decode, encode
+from taskstream.settings import Settings
 from taskstream.tasks import TaskRefused
 from taskstream.tasks.protocol import function_source, new_task_id
 from taskstream.tasks.registry import MAX_RETRIES
 from tests.tasks import library
-from tests.tasks.conftest import TaskEnv, quick_settings
+from tests.tasks.conftest import TaskEnv, eventually, quick_settings
 
 KEY = "k-hostile"
 SECRET_RESULT = "the secret result of client A"
@@ -67,6 +71,18 @@ async def _next(app: App, queue: str, timeout: float = 20.0) -> tuple[Envelope, 
         await subscription.close()
 
 
+async def _dead_reason(app: App, queue: str) -> str:
+    """The ``x-death-reason`` of the next dead letter of ``queue`` (its body may not even be JSON)."""
+    subscription = app.broker.consume(app.broker.dead_letter_name(queue), prefetch=1)
+    try:
+        async with asyncio.timeout(20):
+            delivery = await subscription.__anext__()
+        await delivery.ack()
+        return str(delivery.headers.get("x-death-reason"))
+    finally:
+        await subscription.close()
+
+
 async def _send(app: App, queue: str, envelope: Envelope) -> None:
     await app.broker.publish(queue, encode(envelope), message_id=envelope.id)
 
@@ -101,8 +117,7 @@ async def test_a_captured_signature_does_not_replay_with_other_arguments_or_repl
         await _send(worker, queue, forged_reply_to)
         reply, _ = await _next(worker, mine)
         assert reply.body["status"] == "failed" and "signature" in reply.body["error"]["message"]
-        _, headers = await _next(worker, worker.broker.dead_letter_name(queue))
-        assert "signature does not match" in str(headers.get("x-death-reason"))
+        assert "signature does not match" in await _dead_reason(worker, queue)
 
 
 async def test_a_signature_over_the_code_alone_is_refused(env: TaskEnv) -> None:
@@ -187,8 +202,7 @@ async def test_a_signature_that_is_not_hex_is_refused_not_retried(env: TaskEnv, 
         assert reply.body["status"] == "failed" and reply.body["attempts"] <= 1
         assert reply.body["error"]["type"].endswith("TaskRefused")
         assert "signature" in reply.body["error"]["message"]
-        _, headers = await _next(worker, worker.broker.dead_letter_name(queue))
-        assert "signature" in str(headers.get("x-death-reason"))
+        assert "signature" in await _dead_reason(worker, queue)
 
 
 def test_task_ids_are_random() -> None:
@@ -258,8 +272,7 @@ async def test_a_malformed_message_never_overwrites_a_finished_record(env: TaskE
         await _send(worker, queue, Envelope(id=fut.task_id, kind="task", reply_to=mine, body=body))
         reply, _ = await _next(worker, mine)
         assert reply.body["status"] == "failed" and SECRET_RESULT not in str(reply.body)
-        _, headers = await _next(worker, worker.broker.dead_letter_name(queue))
-        assert "malformed task request" in str(headers.get("x-death-reason"))
+        assert "malformed task request" in await _dead_reason(worker, queue)
         kept = worker.get_task(fut.task_id)
         assert kept.status == "success" and kept.result == SECRET_RESULT
 
@@ -325,3 +338,40 @@ async def test_a_reply_that_is_not_an_object_settles_the_future(env: TaskEnv) ->
         with pytest.raises(TaskError, match="malformed reply"):
             async with asyncio.timeout(20):
                 await fut
+
+
+async def test_a_task_that_is_dead_lettered_unread_fails_the_clients_future(tmp_path: Path) -> None:
+    # The worker reads payloads from another store than the client wrote to (a misconfiguration): the
+    # large call cannot be opened, the runtime dead-letters it, and the client learns why.
+    hub = f"hostile-{uuid.uuid4().hex[:8]}"
+
+    def settings(store: str) -> Settings:
+        return quick_settings(payload_store_url=f"file://{tmp_path / store}")
+
+    worker = App(broker=MemoryBroker(hub, max_message_bytes=16_384), settings=settings("worker"), workers=True)
+    worker.task(queue="tq", name="size")(len)
+    client = App(broker=MemoryBroker(hub, max_message_bytes=16_384), settings=settings("client"), workers=False)
+    size = client.tasks.remote("size", queue="tq")
+    async with worker, client:
+        fut = size.submit("x" * 50_000)
+        with pytest.raises(TaskRefused, match="dead-lettered: payload"):
+            async with asyncio.timeout(20):
+                await fut
+        record = await eventually(lambda: (r := client.get_task(fut.task_id)).status == "failed" and r)
+        assert "payload" in record.error["message"]
+        assert await size.submit("small") == 5  # the worker goes on
+
+
+async def test_an_unreadable_message_with_task_headers_is_answered(env: TaskEnv) -> None:
+    queue = env.queue()
+    worker = env.app()
+    worker.task(queue=queue, name="placeholder")(len)
+    async with worker:
+        mine = await _declared(worker, env.queue("reply"))
+        task_id = new_task_id()
+        headers = {"ts_kind": "task", "correlation_id": task_id, "reply_to": mine}
+        await worker.broker.publish(queue, b'{"ts": 1, "kind": "task", "id": [', headers=headers, message_id=task_id)
+        reply, _ = await _next(worker, mine)
+        assert reply.correlation_id == task_id and reply.body["status"] == "failed"
+        assert "dead-lettered: malformed message" in reply.body["error"]["message"]
+        assert "malformed message" in await _dead_reason(worker, queue)

@@ -47,9 +47,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError as PydanticValidationError
 
+from taskstream.brokers.base import Delivery
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import MessageTooLarge, Reject, Retry
-from taskstream.messages import Envelope
+from taskstream.messages import Envelope, header_str
 from taskstream.producer import broker_headers
 from taskstream.tasks.errors import TaskRefused, TaskTimeout, error_to_data
 from taskstream.tasks.pool import DEFAULT_IDLE_TIMEOUT, ProcessPool, Target, run_items
@@ -65,6 +66,7 @@ __all__ = ["TaskWorker", "WorkerConfig"]
 log = logging.getLogger("taskstream.tasks.worker")
 
 MAX_RETRY_DELAY = 60.0
+MAX_ANSWERED = 10_000  # deliveries remembered between a refusal and its dead-letter hook
 DEPTH_INTERVAL = 0.5
 
 
@@ -116,6 +118,7 @@ class TaskWorker:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._depth_task: asyncio.Task[None] | None = None
         self._key = runtime.signing_key()
+        self._answered: set[tuple[str, str, int]] = set()  # deliveries refused (and answered) by handle
 
     @property
     def queues(self) -> list[str]:
@@ -157,6 +160,7 @@ class TaskWorker:
                 shutdown_grace=self.config.shutdown_grace,
             ),
             claim_check=self.runtime.producer.claim_check,
+            on_dead_letter=self._on_dead_letter,
         )
         self.consumers[queue] = consumer
         await consumer.start()
@@ -201,15 +205,16 @@ class TaskWorker:
         try:
             request = TaskRequest.model_validate(envelope.body)
         except PydanticValidationError as exc:
-            await self._refuse_and_reject(envelope, "", TaskRefused(f"malformed task request: {_short(exc)}"))
+            error = TaskRefused(f"malformed task request: {_short(exc)}")
+            await self._refuse_and_reject(delivery, envelope, "", error)
         try:
             runnable = self._resolve(envelope, request)
         except TaskRefused as exc:
-            await self._refuse_and_reject(envelope, request.task, exc)
+            await self._refuse_and_reject(delivery, envelope, request.task, exc)
         allowed = runnable.retries + 1 + self.runtime.app.settings.max_attempts
         if delivery.attempt > allowed:
             error = TaskRefused(f"delivered {delivery.attempt} times without finishing (the worker died each time?)")
-            await self._refuse_and_reject(envelope, request.task, error)
+            await self._refuse_and_reject(delivery, envelope, request.task, error)
 
         started = time.time()
         store = self.runtime.store
@@ -223,7 +228,7 @@ class TaskWorker:
             reply_to=reply_to,
         )
         if blocker is not None:
-            await self._blocked(envelope, blocker)
+            await self._blocked(delivery, envelope, blocker)
             return
         info = TaskInfo(
             task_id,
@@ -393,7 +398,7 @@ class TaskWorker:
         except Exception as exc:  # the client is gone; the store still has the outcome
             log.warning("could not reply to %s for task %s: %s", envelope.reply_to, envelope.id, exc)
 
-    async def _blocked(self, envelope: Envelope, record: TaskInfo) -> None:
+    async def _blocked(self, delivery: Delivery, envelope: Envelope, record: TaskInfo) -> None:
         """Answer a task the store will not let run: replay its outcome to its submitter, refuse anyone else.
 
         A finished (or cancelled) task's stored outcome goes back only to the reply queue that submitted it
@@ -408,6 +413,7 @@ class TaskWorker:
             return
         error = TaskRefused(f"task id {envelope.id} belongs to another submission; refusing to run or answer it")
         await self._answer_refusal(envelope, self._refusal_info(envelope, "", error))
+        self._mark_answered(delivery)
         raise Reject(str(error))
 
     def _refusal_info(self, envelope: Envelope, name: str, error: TaskRefused) -> TaskInfo:
@@ -422,10 +428,37 @@ class TaskWorker:
             reply_to=envelope.reply_to or "",
         )
 
-    async def _refuse_and_reject(self, envelope: Envelope, name: str, error: TaskRefused) -> NoReturn:
+    async def _refuse_and_reject(
+        self, delivery: Delivery, envelope: Envelope, name: str, error: TaskRefused
+    ) -> NoReturn:
         """Refuse the task (see :meth:`refuse`), then have the consumer runtime dead-letter it with the reason."""
         await self.refuse(envelope, name, error)
+        self._mark_answered(delivery)
         raise Reject(str(error))
+
+    def _mark_answered(self, delivery: Delivery) -> None:
+        if len(self._answered) >= MAX_ANSWERED:  # dead-letter publishes failed many times: forget (a duplicate
+            self._answered.clear()  # failed reply is harmless, the client takes the first)
+        self._answered.add(_delivery_key(delivery))
+
+    async def _on_dead_letter(self, delivery: Delivery, envelope: Envelope | None, reason: str) -> None:
+        """Answer the client of a task the consumer runtime dead-lettered, unless :meth:`handle` did already.
+
+        A message that did not decode (``envelope`` is ``None``: unreadable body, payload gone) is answered
+        when its broker headers name a task (``ts_kind``, ``correlation_id``, ``reply_to``), as a task
+        client's messages do.
+        """
+        key = _delivery_key(delivery)
+        if key in self._answered:
+            self._answered.discard(key)
+            return
+        if envelope is None:
+            envelope = _envelope_from_headers(delivery)
+        if envelope is None or envelope.kind != "task":
+            return
+        body = envelope.body
+        name = body.get("task") if isinstance(body, dict) else None
+        await self.refuse(envelope, name if isinstance(name, str) else "", TaskRefused(f"dead-lettered: {reason}"))
 
     async def refuse(self, envelope: Envelope, name: str, error: TaskRefused) -> None:
         """Record a refusal (never over a final or another submitter's record) and answer the client.
@@ -451,6 +484,21 @@ class TaskWorker:
             log.warning("could not encode the refusal of task %s: %s", envelope.id, exc)
             return
         await self._publish_reply(envelope, reply)
+
+
+def _delivery_key(delivery: Delivery) -> tuple[str, str, int]:
+    return (delivery.queue, delivery.message_id, delivery.attempt)
+
+
+def _envelope_from_headers(delivery: Delivery) -> Envelope | None:
+    """What the broker headers of an undecodable task message say: its task id and reply queue."""
+    headers = delivery.headers
+    if header_str(headers, "ts_kind") != "task":
+        return None
+    task_id, reply_to = header_str(headers, "correlation_id"), header_str(headers, "reply_to")
+    if not task_id or not reply_to:
+        return None
+    return Envelope(id=task_id, kind="task", reply_to=reply_to)
 
 
 def _short(exc: PydanticValidationError) -> str:
