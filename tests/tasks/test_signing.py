@@ -132,7 +132,7 @@ def test_the_canonical_form_is_sorted_json_under_a_v2_domain() -> None:
     request = TaskRequest.model_validate(signed)
     canonical = canonical_request("id-1", "reply-1", request)
     domain, _, doc = canonical.partition(b"\x00")
-    assert domain == b"taskstream-request-v2"
+    assert domain == b"taskstream-code-v2"
     parsed = orjson.loads(doc)
     assert list(parsed) == sorted(parsed)
     assert parsed["id"] == "id-1" and parsed["reply_to"] == "reply-1" and parsed["args"] == [3]

@@ -71,7 +71,7 @@ __all__ = [
 SIGNATURE_LIFETIME = 3600.0
 """Seconds a shipped-code signature stays valid after submission (``expires`` = submit time + this)."""
 
-_SIGNING_DOMAIN = b"taskstream-request-v2\x00"
+_SIGNING_DOMAIN = b"taskstream-code-v2\x00"
 _HEX = frozenset("0123456789abcdef")
 _SIG_LENGTH = 64
 
@@ -143,7 +143,7 @@ def function_source(func: Callable[..., Any]) -> tuple[str, str]:
 
 
 def canonical_request(task_id: str, reply_to: str | None, request: TaskRequest) -> bytes:
-    """The bytes a shipped-code signature covers: the whole request, domain-separated.
+    """The bytes a shipped-code signature covers: the whole request, after the domain ``taskstream-code-v2``.
 
     A JSON object with sorted keys (orjson ``OPT_SORT_KEYS``) of the task id, ``reply_to``, task name, code
     name and source, ``expires``, ``args``, ``kwargs``, ``retries``, ``retry_delay``, ``timeout``,
