@@ -40,6 +40,18 @@ async def test_signed_code_runs_on_a_worker_that_lacks_the_function(env: TaskEnv
         assert await square.submit(square.submit(2)) == 16
 
 
+async def test_signed_code_runs_in_chunks_and_in_worker_processes(env: TaskEnv) -> None:
+    queue = env.queue()
+    worker = env.app(settings=quick_settings(signing_key="k-123"))
+    worker.task(queue=queue, name="placeholder")(len)
+    client = env.app(workers=False, settings=quick_settings(signing_key="k-123"))
+    square = client.task(queue=queue, ship_code=True)(shipped_square)
+    in_processes = client.task(queue=queue, ship_code=True, cpu_bound=True, timeout=60)(shipped_square)
+    async with worker, client:
+        assert [await f for f in square.map(range(5), chunksize=2)] == [0, 1, 4, 9, 16]
+        assert [await f for f in in_processes.map([3, 4])] == [9, 16]
+
+
 async def test_a_wrong_key_or_no_key_is_refused(env: TaskEnv) -> None:
     queue_a, queue_b = env.queue(), env.queue()
     other_key = env.app(settings=quick_settings(signing_key="someone-else"))

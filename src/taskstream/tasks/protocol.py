@@ -15,7 +15,9 @@ A result is an envelope with ``kind="result"``, ``correlation_id`` = task id and
      "error": {"type": "ZeroDivisionError", "message": "...", "traceback": "..."},
      "started_at": 1.7e9, "finished_at": 1.7e9, "worker": "host:pid", "attempts": 1}
 
-For a map chunk ``result`` is a list with one ``{"ok": value}`` or ``{"error": {...}}`` per item.
+For a map chunk ``result`` is a list with one ``{"ok": value}`` or ``{"error": {...}}`` per item. A client
+checks every result body against :class:`TaskReply` before it settles a future: a reply with broken fields
+fails the task's futures with a :class:`~taskstream.errors.TaskError` naming the field.
 
 Task ids are 32 random hex characters (128 bits): one id tells nothing about another. A worker answers a
 task id it has finished already (a duplicate delivery) only on the reply queue that submitted it.
