@@ -116,6 +116,7 @@ def run(
     health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
 ) -> None:
     """Run an App's consumers until SIGTERM or SIGINT, then stop cleanly (exit 0)."""
+    import asyncio
     import os
 
     from taskstream.app import App
@@ -126,11 +127,10 @@ def run(
     app = load_object(target)
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}, not a taskstream App")
+    asyncio.run(app.check_configuration())  # bad store URLs stop here, named by their setting
     if health_port is None:
         app.run()
     else:
-        import asyncio
-
         from taskstream.health import serve_with_health
 
         asyncio.run(serve_with_health(app, health_port, health_host))

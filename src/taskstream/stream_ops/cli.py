@@ -75,23 +75,39 @@ def run_command(
 ) -> None:
     """Run a pipeline fused in this process, or one replica of one stage."""
     from taskstream.cli import _setup_logging
+    from taskstream.config_check import check_broker_url, claim_check_from_settings, open_state_store
+    from taskstream.settings import Settings, env_name
     from taskstream.stream_ops.runner import RunConfig
 
     _setup_logging(verbose)
     if broker:
         os.environ["TASKSTREAM_BROKER_URL"] = broker
+    if replica and stage is None:
+        raise ConfigurationError("--replica needs --stage")
     pipeline = load_pipeline(target)
     config = RunConfig(batch_size=batch_size, fresh=fresh)
-    if stage is None:
-        if replica:
-            raise ConfigurationError("--replica needs --stage")
-        result = asyncio.run(_run_until_signal(pipeline.run(broker, config=config)))
-    else:
-        result = asyncio.run(
-            _run_until_signal(pipeline.run_stage(stage, replica, broker=broker, store=state, config=config))
-        )
+    # Every URL is checked before anything runs; an error names its setting (or option).
+    settings = Settings()
+    bus = check_broker_url(broker, name="--broker" if broker else env_name("broker_url"))
+    claim_check = claim_check_from_settings(settings)
+    store = None if stage is None else open_state_store(state, settings, name="--state" if state else None)
+    result = asyncio.run(
+        _run_until_signal(_run(pipeline, stage, replica, bus, store, config=config, claim_check=claim_check))
+    )
     if result is not None:
         typer.echo(result.summary())
+
+
+async def _run(pipeline: Any, stage: str | None, replica: int, broker: Any, store: Any, **options: Any) -> Any:
+    """Run fused (``stage=None``) or one replica of one stage; close the broker and store this process built."""
+    try:
+        if stage is None:
+            return await pipeline.run(broker, **options)
+        return await pipeline.run_stage(stage, replica, broker=broker, store=store, **options)
+    finally:
+        await broker.close()
+        if store is not None:
+            await store.close()
 
 
 @pipeline_cli.command("graph")
@@ -124,13 +140,14 @@ def stop_command(
     key: Annotated[str | None, typer.Option(help="Message group (FIFO queues).")] = None,
 ) -> None:
     """Put a Stop control message on QUEUE; the component consuming it ends cleanly."""
-    from taskstream.brokers.base import broker_from_url
-    from taskstream.settings import Settings
+    from taskstream.config_check import check_broker_url
+    from taskstream.settings import env_name
     from taskstream.stream_ops.wire import send_stop
 
+    bus = check_broker_url(broker, name="--broker" if broker else env_name("broker_url"))
+
     async def go() -> None:
-        url = broker or Settings().broker_url.get_secret_value()
-        async with broker_from_url(url) as b:
+        async with bus as b:
             await b.declare(queue, fifo=queue.endswith(".fifo"))
             await send_stop(b, queue, key=key)
 

@@ -25,8 +25,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
+from taskstream.config_check import setting
 from taskstream.errors import ConfigurationError
-from taskstream.settings import Settings
+from taskstream.settings import Settings, env_name
 
 __all__ = ["parse_autoscale", "register"]
 
@@ -91,6 +92,7 @@ def worker(
     app = load_object(target)
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}, not a taskstream App")
+    asyncio.run(app.check_configuration())  # a bad store URL stops here, before the worker announces itself
     served = tuple(q.strip() for q in queues.split(",") if q.strip()) if queues else None
     if autoscale is not None:
         low, high = parse_autoscale(autoscale)
@@ -215,7 +217,8 @@ def status(
         if settings.result_store_url is not None
         else f"sqlite:///{default_sqlite_path()}"
     )
-    store = store_from_url(url, ttl=settings.result_ttl)
+    with setting("--result-store" if result_store else env_name("result_store_url")):
+        store = store_from_url(url, ttl=settings.result_ttl)
     info = store.get(task_id)
     if info is None:
         raise TaskNotFound(f"no task {task_id!r} in {store!r} (never submitted there, or expired)")

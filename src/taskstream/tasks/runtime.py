@@ -26,8 +26,10 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from taskstream.config_check import setting
 from taskstream.errors import ConfigurationError
 from taskstream.producer import Producer
+from taskstream.settings import env_name
 from taskstream.tasks.client import TaskClient
 from taskstream.tasks.errors import TaskNotFound
 from taskstream.tasks.future import TaskFuture
@@ -105,21 +107,41 @@ class TaskRuntime:
                     self._store = self._make_store()
         return self._store
 
+    def _store_source(self) -> tuple[str | None, str]:
+        """The configured result store URL (``None``: the default) and what error messages call it."""
+        if isinstance(self._store_arg, str):
+            return self._store_arg, "App(result_store=...)"
+        if self.app.settings.result_store_url is not None:
+            return self.app.settings.result_store_url.get_secret_value(), env_name("result_store_url")
+        return None, "the default result store"
+
     def _make_store(self) -> ResultStore:
         arg = self._store_arg
         ttl = self.app.settings.result_ttl
         if isinstance(arg, ResultStore):
             return arg
-        url = arg
-        if url is None and self.app.settings.result_store_url is not None:
-            url = self.app.settings.result_store_url.get_secret_value()
+        url, name = self._store_source()
         if url is None:
             if self.app.broker.capabilities.name == "memory":
                 hub = getattr(self.app.broker, "hub_name", None) or ""
                 url = f"memory://{hub}"
             else:
                 url = f"sqlite:///{default_sqlite_path()}"
-        return store_from_url(url, ttl=ttl)
+        with setting(name):
+            return store_from_url(url, ttl=ttl)
+
+    def open_store(self) -> None:
+        """Open the result store now if it was configured or this App runs tasks, so a bad URL fails the start.
+
+        A client that only consumes and never configured a store does not create the default SQLite file.
+
+        Raises:
+            ConfigurationError: led by the setting's name, e.g. ``TASKSTREAM_RESULT_STORE_URL: unknown result
+                store URL scheme 'foo' ...`` or ``...: cannot open the SQLite result store ...``.
+        """
+        configured = self._store_arg is not None or self.app.settings.result_store_url is not None
+        if configured or self.runs_workers():
+            _ = self.store
 
     def signing_key(self) -> bytes | None:
         """``settings.signing_key`` as bytes, or ``None``."""
