@@ -109,11 +109,16 @@ class Backend:
 
     # brokers
 
-    def reader_broker(self) -> Broker:
-        """An unconnected broker for a reader, its ``max_message_bytes`` :data:`LIMIT` (the consumer's App
-        setting is :data:`LIMIT` too)."""
+    def reader_broker(self, *, limited: bool = True) -> Broker:
+        """An unconnected broker for a reader, its ``max_message_bytes`` :data:`LIMIT` (``limited=False``: the
+        backend's default, for a reader limited by its App's ``max_message_bytes`` setting instead)."""
+        broker: Broker
+        if not limited:
+            broker = MemoryBroker(self.hub) if self.name == "memory" else self.spec.make()
+            self.made.append(broker)
+            return broker
         if self.name == "memory":
-            broker: Broker = MemoryBroker(self.hub, max_message_bytes=LIMIT)
+            broker = MemoryBroker(self.hub, max_message_bytes=LIMIT)
         elif self.name == "rabbitmq":
             from taskstream.brokers.rabbitmq import RabbitMQBroker
             from tests.brokers.contract.backends.rabbitmq import URL

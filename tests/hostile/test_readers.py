@@ -64,7 +64,10 @@ async def _send_all(backend: Backend, queue: str, hostile: list[Hostile], valid:
 async def consumer(backend: Backend) -> None:
     queue = backend.queue("consumer")
     seen: list[int] = []
-    app = App(broker=backend.reader_broker(), settings=_settings(), workers=False, result_store="memory://")
+    # limited by the App's max_message_bytes setting (TASKSTREAM_MAX_MESSAGE_BYTES), not the broker's
+    app = App(
+        broker=backend.reader_broker(limited=False), settings=_settings(), workers=False, result_store="memory://"
+    )
 
     @app.consumer(queue)
     def handle(body: dict[str, int]) -> None:
