@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, get_typ
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
-from taskstream.brokers.base import Broker, broker_from_url
+from taskstream.brokers.base import Broker
+from taskstream.config_check import check_broker_url, claim_check_from_settings, open_state_store
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import ConfigurationError, ValidationFailed
 from taskstream.messages import Envelope
-from taskstream.payloads import ClaimCheck
 from taskstream.producer import Producer
-from taskstream.settings import Settings, redact_url
+from taskstream.settings import Settings, env_name, redact_url
 from taskstream.tasks.registry import DEFAULT_TASK_QUEUE
 from taskstream.tasks.runtime import TaskRuntime
 
@@ -107,12 +107,12 @@ class App:
             self.broker_url = f"<{type(broker).__name__}>"
         else:
             url = broker or self.settings.broker_url.get_secret_value()
-            self.broker = broker_from_url(url)
+            self.broker = check_broker_url(url, name="App(broker=...)" if broker else env_name("broker_url"))
             self.broker_url = redact_url(url)
         self.producer = Producer(
             self.broker,
             max_message_bytes=self.settings.max_message_bytes,
-            claim_check=ClaimCheck.from_settings(self.settings),
+            claim_check=claim_check_from_settings(self.settings),
         )
         self.specs: list[ConsumerSpec] = []
         self.consumers: list[Consumer] = []
@@ -327,6 +327,7 @@ class App:
         """
         if self._started:
             return
+        await self.check_configuration()
         await self.broker.connect()
         started: list[Component] = []
         try:
@@ -363,6 +364,20 @@ class App:
             len(self.tasks.registry),
             f", serving task queue(s) {', '.join(worker.queues)}" if worker is not None and worker.queues else "",
         )
+
+    async def check_configuration(self) -> None:
+        """Open the result store and check the state store URL, before anything connects or takes work.
+
+        The broker and payload store URLs were checked when the App was built. :meth:`start` calls this;
+        ``taskstream worker`` and ``run`` call it before they announce themselves.
+
+        Raises:
+            ConfigurationError: led by the setting's name, e.g. ``TASKSTREAM_RESULT_STORE_URL: unknown result
+                store URL scheme 'foo' in 'foo://x' (known: memory, sqlite, redis)``.
+        """
+        self.tasks.open_store()
+        if self.settings.state_url is not None:
+            await open_state_store(None, self.settings).close()  # parsed and built; opened when a stage runs
 
     async def stop(self) -> None:
         """Stop components and consumers (finishing in-flight work), run shutdown hooks, close."""
