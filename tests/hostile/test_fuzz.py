@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -136,7 +137,7 @@ def test_decode_blob_returns_an_envelope_or_raises_malformed_message(data: bytes
 
 def test_intake_read_and_decode_never_raise_on_the_memory_broker() -> None:
     loop = asyncio.new_event_loop()
-    broker = MemoryBroker(max_message_bytes=64 * 1024)
+    broker = MemoryBroker(f"fuzz-{uuid.uuid4().hex[:8]}", max_message_bytes=64 * 1024)
     loop.run_until_complete(broker.connect())
     loop.run_until_complete(broker.declare("fuzz"))
     subscription = broker.consume("fuzz", prefetch=1)
