@@ -215,3 +215,12 @@ def test_empty_variables_mean_unset_so_tasks_run(tmp_path: Path) -> None:
         assert stop(process) == 0
     assert submitted.returncode == 0, submitted.stderr + log.read_text(errors="replace")[-3000:]
     assert submitted.stdout.splitlines()[-1] == "5"
+
+
+def test_payload_store_url_errors_never_show_its_query() -> None:
+    from taskstream.payloads import store_from_url
+
+    for url in (f"s3:///prefix?aws_secret_access_key={SECRET}", f"azureblob:///p?connection_string={SECRET}"):
+        with pytest.raises(ConfigurationError) as info:
+            store_from_url(url)
+        assert SECRET not in str(info.value)

@@ -203,7 +203,9 @@ def store_from_url(url: str, **options: Any) -> BlobStore | None:
         from taskstream.payloads.s3 import S3Store
 
         if not parts.netloc:
-            raise ConfigurationError(f"S3 payload store URL needs a bucket: s3://bucket/prefix, got {url!r}")
+            raise ConfigurationError(
+                f"S3 payload store URL needs a bucket: s3://bucket/prefix, got {redact_store_url(url)!r}"
+            )
         return S3Store(
             parts.netloc,
             unquote(parts.path).lstrip("/"),
