@@ -25,7 +25,7 @@ from taskstream.stream_ops import (
     TumblingWindow,
 )
 from taskstream.stream_ops.aggregators import Named
-from taskstream.stream_ops.window_logic import WindowLogic, WindowSpec
+from taskstream.stream_ops.windows.logic import WindowLogic, WindowSpec
 
 
 def r(key: str, t: float, v: float = 1.0) -> dict[str, Any]:

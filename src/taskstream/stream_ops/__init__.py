@@ -16,12 +16,11 @@ Example:
     [5, 5, 5, 5, 5, 5, 5, 5]
 
 The model: :mod:`~taskstream.stream_ops.core` (primitives), :mod:`~taskstream.stream_ops.plan` (stages and
-queues), :mod:`~taskstream.stream_ops.runner` (acks, snapshots, end-of-stream), :mod:`~taskstream.stream_ops.clock`
-and :mod:`~taskstream.stream_ops.window_logic` (event time, watermarks, lateness).
+queues), :mod:`~taskstream.stream_ops.runner` (acks, snapshots, end-of-stream) and
+:mod:`~taskstream.stream_ops.windows` (clock, windowers and logic: event time, watermarks, lateness).
 """
 
 from taskstream.stream_ops.aggregators import Aggregator, Collect, Count, Max, Mean, Min, Reduce, Sum
-from taskstream.stream_ops.clock import Clock, EventClock, ManualTime, SystemClock
 from taskstream.stream_ops.pipeline import Pipeline, PipelineComponent, StageSpec
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runner import RunConfig, RunResult
@@ -57,7 +56,8 @@ from taskstream.stream_ops.state import (
 )
 from taskstream.stream_ops.stateful import KeyedLogic
 from taskstream.stream_ops.stream import BranchOut, Stream, WindowOut
-from taskstream.stream_ops.windowers import SessionWindow, SlidingWindow, TumblingWindow, Windower
+from taskstream.stream_ops.windows.clock import Clock, EventClock, ManualTime, SystemClock
+from taskstream.stream_ops.windows.windowers import SessionWindow, SlidingWindow, TumblingWindow, Windower
 from taskstream.stream_ops.wire import Stop, send_stop
 
 __all__ = [

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from taskstream.errors import ConfigurationError
-from taskstream.stream_ops.clock import field_getter
+from taskstream.stream_ops.windows.clock import field_getter
 
 __all__ = ["Aggregator", "Collect", "Count", "Max", "Mean", "Min", "Named", "Reduce", "Sum", "as_aggregator"]
 

@@ -9,7 +9,7 @@ replica); they leave as plain lists.
 ``rate_limit(per_second, burst)`` passes at most ``per_second`` items per second on average, ``burst`` at a
 time, by waiting: the wait holds up the source (backpressure), nothing is dropped. The limit is per runtime
 (per replica when the stage is spread). It keeps the run's time (``run(now=...)``) unless given its own, and
-waits with that clock's ``sleep`` when it has one (:class:`~taskstream.stream_ops.clock.ManualTime` does).
+waits with that clock's ``sleep`` when it has one (:class:`~taskstream.stream_ops.windows.clock.ManualTime` does).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from taskstream.stream_ops.aggregators import Count, Max, Mean, Min
-from taskstream.stream_ops.clock import EventClock
 from taskstream.stream_ops.pipeline import Pipeline
 from taskstream.stream_ops.sources.instruments import SimulatedSensor
-from taskstream.stream_ops.windowers import TumblingWindow
+from taskstream.stream_ops.windows.clock import EventClock
+from taskstream.stream_ops.windows.windowers import TumblingWindow
 
 __all__ = ["stream_section"]
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from taskstream.errors import ConfigurationError
 from taskstream.stream_ops.aggregators import Aggregator
-from taskstream.stream_ops.clock import Clock, EventClock, SystemClock
 from taskstream.stream_ops.core import is_keyed
-from taskstream.stream_ops.windowers import Windower
-from taskstream.stream_ops.windows import window_builder
+from taskstream.stream_ops.windows.clock import Clock, SystemClock
+from taskstream.stream_ops.windows.operator import window_builder
+from taskstream.stream_ops.windows.windowers import Windower
 
 if TYPE_CHECKING:
     from taskstream.stream_ops.stream import Stream, WindowOut
@@ -80,6 +80,10 @@ def _late_side(item: Any) -> Any:
     return (key, {"side": "left" if tagged[0] == "l" else "right", "value": tagged[1]})
 
 
+def _untagged(tagged: Any) -> Any:
+    return tagged[1]
+
+
 def _finish(key: str, start: float, end: float, sides: Any) -> dict[str, Any]:
     return {"key": key, "start": start, "end": end, "sides": sides}
 
@@ -102,11 +106,7 @@ def join_streams(
     if left.pipeline is not right.pipeline:
         raise ConfigurationError("join() needs two streams of the same pipeline")
     clock = clock or SystemClock()
-    if isinstance(clock, EventClock):
-        get = clock.getter()
-        inner_clock: Clock = EventClock(lambda tagged: get(tagged[1]), clock.allowed_lateness)
-    else:
-        inner_clock = clock
+    inner_clock = clock.over(_untagged)  # the time of a tagged value is the time of the value
     tag_l = left.map(_tag("l"), name=f"{name}-left" if name else None)
     tag_r = right.map(_tag("r"), name=f"{name}-right" if name else None)
     tag_l.keyed = tag_r.keyed = True  # the tags let only keyed items through
@@ -115,7 +115,7 @@ def join_streams(
         label="join",
         name=name,
         stage=stage,
-        uses_timers=isinstance(clock, SystemClock),
+        uses_timers=clock.uses_timers,
         extra_inputs=[tag_r],
     )
     out = joined.flat_map(_pairs(how))

@@ -22,11 +22,11 @@ from taskstream.stream_ops.runtime_context import RuntimeContext
 from taskstream.stream_ops.stateful import KeyedLogic
 
 if TYPE_CHECKING:
-    from taskstream.stream_ops.clock import Clock
     from taskstream.stream_ops.pipeline import Pipeline
     from taskstream.stream_ops.sinks import Sink
-    from taskstream.stream_ops.windowers import Windower
-    from taskstream.stream_ops.windows import WindowedStream
+    from taskstream.stream_ops.windows.clock import Clock
+    from taskstream.stream_ops.windows.operator import WindowedStream
+    from taskstream.stream_ops.windows.windowers import Windower
 
 __all__ = ["BranchOut", "Stream", "WindowOut"]
 
@@ -239,7 +239,7 @@ class Stream:
         stage: str | None = None,
     ) -> WindowedStream:
         """Cut a keyed stream into windows (processing time unless ``clock`` is an ``EventClock``)."""
-        from taskstream.stream_ops.windows import WindowedStream
+        from taskstream.stream_ops.windows.operator import WindowedStream
 
         return WindowedStream(self, windower, clock, name=name, stage=stage)
 

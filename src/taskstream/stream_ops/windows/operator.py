@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from taskstream.errors import ConfigurationError
 from taskstream.stream_ops.aggregators import Aggregator, Collect, Named, Reduce, as_aggregator
-from taskstream.stream_ops.clock import Clock, SystemClock
 from taskstream.stream_ops.runtime_context import RuntimeContext
 from taskstream.stream_ops.stateful import KeyedLogic
-from taskstream.stream_ops.window_logic import SessionLogic, WindowLogic, WindowSpec
-from taskstream.stream_ops.windowers import SessionWindow, Windower
+from taskstream.stream_ops.windows.clock import Clock, SystemClock
+from taskstream.stream_ops.windows.logic import WindowLogic, WindowSpec
+from taskstream.stream_ops.windows.windowers import Windower
 
 if TYPE_CHECKING:
     from taskstream.stream_ops.stream import Stream, WindowOut
@@ -42,12 +42,9 @@ def window_builder(
     finish: Callable[[str, float, float, Any], Any] = _finish,
 ) -> Callable[[RuntimeContext], Callable[[str, Any], KeyedLogic]]:
     """The stateful builder of a window step (used by ``window`` and ``join``)."""
-    session = isinstance(windower, SessionWindow)
 
     def build(ctx: RuntimeContext) -> Callable[[str, Any], KeyedLogic]:
         spec = WindowSpec.build(clock, windower, aggregator, finish, ctx.now)
-        if session:
-            return lambda key, state: SessionLogic(spec, key, state)
         return lambda key, state: WindowLogic(spec, key, state)
 
     return build
@@ -95,11 +92,10 @@ class WindowedStream:
         return self._build(Named({"values": Collect(field)}), "collect")
 
     def _build(self, aggregator: Aggregator, label: str) -> WindowOut:
-        timers = isinstance(self.clock, SystemClock)
         return self.up.stateful_window(
             window_builder(self.clock, self.windower, aggregator),
             label=label,
             name=self.name,
             stage=self.stage,
-            uses_timers=timers,
+            uses_timers=self.clock.uses_timers,
         )
