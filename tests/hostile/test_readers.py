@@ -141,14 +141,16 @@ async def stream_stage(backend: Backend) -> None:
             "sent",
         ),
     ]
-    await _send_all(backend, queue, hostile, [b'{"n": %d}' % i for i in range(VALID)])
-    await backend.send(queue, Stop.message().body)
-    result = await asyncio.wait_for(
-        p.run_stage("work", broker=broker, store=MemoryStateStore(), claim_check=ClaimCheck.disabled()), PATIENCE
+    run = asyncio.create_task(
+        p.run_stage("work", broker=broker, store=MemoryStateStore(), claim_check=ClaimCheck.disabled())
     )
+    await _send_all(backend, queue, hostile, [b'{"n": %d}' % i for i in range(VALID)])
+    found = await backend.dead_letters(dlq, hostile)
+    await eventually(lambda: len(got) == VALID or run.done(), f"{VALID} valid records through the stage")
+    await backend.send(queue, Stop.message().body)  # only now: SQS does not keep the order of what was sent
+    result = await asyncio.wait_for(run, PATIENCE)
     assert result.ended_by == "stop"
     assert sorted(item["n"] for item in got) == list(range(VALID))
-    found = await backend.dead_letters(dlq, hostile)
     assert_reasons(found, hostile, queue)
 
 
@@ -164,11 +166,13 @@ async def queue_source(backend: Backend) -> None:
         Hostile("wrong-types", envelope(kind="record", id=5, headers=[1], body=1), "wrong type"),
         Hostile("key-a-number", envelope(kind="record", id="k1", key=7, body=1), "key must be a string"),
     ]
+    run = asyncio.create_task(p.run(claim_check=ClaimCheck.disabled()))
     await _send_all(backend, queue, hostile, [_valid(i) for i in range(VALID)])
-    await backend.send(queue, b'{"control": "stop"}')
-    await asyncio.wait_for(p.run(claim_check=ClaimCheck.disabled()), PATIENCE)
-    assert sorted(item["n"] for item in got) == list(range(VALID))
     found = await backend.dead_letters(broker.dead_letter_name(queue), hostile)
+    await eventually(lambda: len(got) == VALID or run.done(), f"{VALID} valid items from the source")
+    await backend.send(queue, b'{"control": "stop"}')  # only now: SQS does not keep the order of what was sent
+    await asyncio.wait_for(run, PATIENCE)
+    assert sorted(item["n"] for item in got) == list(range(VALID))
     assert_reasons(found, hostile, queue)
 
 
