@@ -40,7 +40,7 @@ from pydantic import ValidationError as PydanticValidationError
 from taskstream.brokers.base import Broker
 from taskstream.config_check import check_broker_url, claim_check_from_settings, open_state_store
 from taskstream.consumer import Consumer, ConsumerConfig, Message
-from taskstream.errors import ConfigurationError, ValidationFailed
+from taskstream.errors import BrokerConnectionError, ConfigurationError, ValidationFailed
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from taskstream.settings import Settings, env_name, redact_url
@@ -102,12 +102,15 @@ class App:
         workers: bool | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        self._broker_setting: str | None = None
+        """Where the broker URL came from, for errors (``None`` for a Broker instance)."""
         if isinstance(broker, Broker):
             self.broker = broker
             self.broker_url = f"<{type(broker).__name__}>"
         else:
             url = broker or self.settings.broker_url.get_secret_value()
-            self.broker = check_broker_url(url, name="App(broker=...)" if broker else env_name("broker_url"))
+            self._broker_setting = "App(broker=...)" if broker else env_name("broker_url")
+            self.broker = check_broker_url(url, name=self._broker_setting)
             self.broker_url = redact_url(url)
         self.producer = Producer(
             self.broker,
@@ -328,7 +331,12 @@ class App:
         if self._started:
             return
         await self.check_configuration()
-        await self.broker.connect()
+        try:
+            await self.broker.connect()
+        except BrokerConnectionError as exc:
+            if self._broker_setting is None:
+                raise
+            raise BrokerConnectionError(f"{self._broker_setting}: {exc}") from exc  # a wrong host or port
         started: list[Component] = []
         try:
             self._threads = concurrent.futures.ThreadPoolExecutor(
