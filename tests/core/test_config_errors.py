@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,7 +59,7 @@ def run(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.Complet
 
 def assert_refused(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("taskstream: error: "), result.stderr
+    assert result.stderr.splitlines()[-1].startswith("taskstream: error: "), result.stderr
     for fragment in fragments:
         assert fragment in result.stderr
     assert "Traceback" not in result.stderr
@@ -224,3 +225,13 @@ def test_payload_store_url_errors_never_show_its_query() -> None:
         with pytest.raises(ConfigurationError) as info:
             store_from_url(url)
         assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["worker", "run"])
+def test_a_broker_nobody_answers_on_stops_the_process_naming_the_setting(tmp_path: Path, command: str) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = clean_env(tmp_path, TASKSTREAM_BROKER_URL=f"amqp://guest:{SECRET}@127.0.0.1:{port}/")
+    args = WORKER if command == "worker" else ("run", "tests.tasks.cli_app:app")
+    assert_refused(run(*args, env=env), "TASKSTREAM_BROKER_URL: cannot connect to RabbitMQ at amqp://guest:***@")
