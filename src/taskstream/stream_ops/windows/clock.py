@@ -192,7 +192,9 @@ class IdleEventClockLogic(EventClockLogic):
     """:class:`EventClockLogic` whose watermark moves with the runtime's time once the key is quiet.
 
     After ``idle`` seconds without a value, the watermark is the newest event time plus the time since that
-    value arrived (the key is taken to have moved on at the pace of the clock); it never goes back.
+    value arrived (the key is taken to have moved on at the pace of the clock); it never goes back. A window
+    ending at ``end`` therefore closes ``max(idle, end - newest)`` after the key's last value: within
+    ``idle`` plus one window length. A restored key starts a fresh idle period.
     """
 
     __slots__ = ("idle", "newest", "now", "seen_at")
@@ -209,8 +211,9 @@ class IdleEventClockLogic(EventClockLogic):
         super().__init__(get_ts, lateness, state)
         self.idle = idle
         self.now = now
-        seen = state.get("seen") if state else None
-        self.newest, self.seen_at = (float(seen[0]), float(seen[1])) if seen else (NEG_INF, now())
+        newest = state.get("newest") if state else None
+        self.newest = NEG_INF if newest is None else float(newest)
+        self.seen_at = now()  # a restored key gets a fresh idle period: the downtime is not its silence
 
     def before_batch(self) -> None:
         self.seen_at = self.now()
@@ -234,7 +237,7 @@ class IdleEventClockLogic(EventClockLogic):
     def snapshot(self) -> dict[str, Any]:
         out = super().snapshot()
         if self.newest != NEG_INF:
-            out["seen"] = [self.newest, self.seen_at]
+            out["newest"] = self.newest
         return out
 
 
