@@ -16,13 +16,6 @@ from taskstream.intake import reply_dead_letter_queue
 from taskstream.settings import Settings
 from tests.hostile.conftest import PATIENCE, VALID, Backend, Hostile, assert_reasons, common_bodies, envelope
 
-DROPS_REPLIES = (
-    "tasks/client.py: the reply listener logs and drops an unreadable reply ('dropping an unreadable reply') "
-    "instead of dead-lettering it to reply_dead_letter_queue(broker) through the intake"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=DROPS_REPLIES)
 @pytest.mark.parametrize(
     "backend",
     [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("memory", "rabbitmq")],

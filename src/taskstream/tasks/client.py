@@ -23,8 +23,9 @@ from pydantic import ValidationError as PydanticValidationError
 
 from taskstream.brokers.base import Delivery, OutgoingMessage, Subscription
 from taskstream.errors import BrokerConnectionError, ConfigurationError, TaskError
-from taskstream.messages import Envelope, decode, encode, new_id
-from taskstream.payloads import PayloadRef, is_reference
+from taskstream.intake import Intake, Refused, reply_dead_letter_queue
+from taskstream.messages import Envelope, encode, new_id
+from taskstream.payloads import PayloadRef
 from taskstream.producer import broker_headers
 from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
 from taskstream.tasks.errors import error_from_data, error_to_data
@@ -327,19 +328,26 @@ class TaskClient(FutureOwner):
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._subscription))
 
     async def _listen(self, subscription: Subscription) -> None:
+        broker = self.runtime.app.broker
+        intake = Intake(
+            broker,
+            self.reply_queue,
+            claim_check=self.runtime.producer.claim_check,
+            dead_letter_queue=reply_dead_letter_queue(broker),
+        )
         try:
-            claim_check = self.runtime.producer.claim_check
             async for delivery in subscription:
+                opened = await intake.decode(delivery)
+                if isinstance(opened, Refused):  # dead-lettered with the reason (or retried: store down)
+                    await intake.refuse(delivery, opened)
+                    continue
+                if opened.ref is not None:  # a large result, by reference: its payload goes after the ack
+                    self._to_release.append(opened.ref)
+                assert opened.envelope is not None
                 try:
-                    if is_reference(delivery.body):  # a large result, by reference
-                        envelope, ref = await claim_check.open(delivery.body, message_id=delivery.message_id)
-                        if ref is not None:
-                            self._to_release.append(ref)
-                    else:
-                        envelope = decode(delivery.body, message_id=delivery.message_id)
-                    self._on_reply(envelope)
-                except Exception as exc:
-                    log.warning("dropping an unreadable reply on %s: %s", self.reply_queue, exc)
+                    self._on_reply(opened.envelope)
+                except Exception as exc:  # a bug here must not stop the listener for every other task
+                    log.exception("could not apply a reply on %s: %s", self.reply_queue, exc)
                 if not self._to_ack:
                     asyncio.get_running_loop().call_soon(self._ack_replies)
                 self._to_ack.append(delivery)
