@@ -16,6 +16,7 @@ from taskstream.intake import reply_dead_letter_queue
 from taskstream.settings import Settings
 from tests.hostile.conftest import PATIENCE, VALID, Backend, Hostile, assert_reasons, common_bodies, envelope
 
+
 @pytest.mark.parametrize(
     "backend",
     [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("memory", "rabbitmq")],
