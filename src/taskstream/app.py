@@ -354,6 +354,7 @@ class App:
                     self._make_handler(spec),
                     spec.config,
                     claim_check=self.producer.claim_check,
+                    max_message_bytes=self.settings.max_message_bytes,
                 )
                 await consumer.start()
                 self.consumers.append(consumer)
