@@ -38,6 +38,7 @@ from taskstream.messages import Envelope
 from taskstream.producer import Producer, broker_headers
 from tests.brokers.contract.backends.azure import setup as azurite_up
 from tests.brokers.contract.conftest import receive, receive_none
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.azure
 
@@ -97,15 +98,6 @@ async def az() -> AsyncIterator[Azure]:
         yield helper
     finally:
         await helper.close()
-
-
-async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 # -- crash safety ---------------------------------------------------------------------------------------------

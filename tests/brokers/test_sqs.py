@@ -32,6 +32,7 @@ from taskstream.producer import Producer
 from tests.brokers.contract.backends.sqs import ENDPOINT, make
 from tests.brokers.contract.conftest import receive as take
 from tests.brokers.contract.conftest import receive_none as nothing
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.sqs
 
@@ -118,15 +119,6 @@ def unique(stem: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 async def in_flight(broker: SQSBroker, queue: str, raw: Any) -> tuple[int, int]:
     """(visible, not visible) message counts of ``queue`` straight from the server."""
     url = (await raw.get_queue_url(QueueName=broker.sqs_name(queue)))["QueueUrl"]
@@ -175,7 +167,9 @@ async def test_fifo_keeps_order_within_each_group_across_two_consumers(
     await Producer(first).send_many(queue, envelopes)
     for consumer in consumers:
         await consumer.start()
-    await wait_for(lambda: sum(len(set(seq)) for seq in arrivals.values()) == groups * per_group, "all 200 messages")
+    await wait_for(
+        lambda: sum(len(set(seq)) for seq in arrivals.values()) == groups * per_group, what="all 200 messages"
+    )
     for consumer in consumers:
         await consumer.stop()
 
@@ -256,11 +250,11 @@ async def test_handler_running_three_visibility_timeouts_runs_once(new_broker: M
     consumer = Consumer(broker, queue, slow("holder"), ConsumerConfig(prefetch=1, concurrency=1))
     await broker.publish(queue, Envelope(body="slow").to_bytes())
     await consumer.start()
-    await wait_for(lambda: len(runs) == 1, "the first run")
+    await wait_for(lambda: len(runs) == 1, what="the first run")
     # Only now a rival polls: it would get the message the moment its visibility lapsed.
     rival = Consumer(rival_broker, queue, slow("rival"), ConsumerConfig(prefetch=1, concurrency=1))
     await rival.start()
-    await wait_for(lambda: consumer.stats.acked == 1, "the slow handler to finish")
+    await wait_for(lambda: consumer.stats.acked == 1, what="the slow handler to finish")
     await asyncio.sleep(timeout + 1)
     await consumer.stop()
     await rival.stop()
@@ -282,7 +276,7 @@ async def test_messages_waiting_behind_a_slow_handler_keep_their_first_attempt(n
     consumer = Consumer(broker, queue, handle, ConsumerConfig(prefetch=4, concurrency=1))
     await Producer(broker).send_many(queue, [Envelope(body=i) for i in range(3)])
     await consumer.start()
-    await wait_for(lambda: consumer.stats.acked == 3, "three messages")
+    await wait_for(lambda: consumer.stats.acked == 3, what="three messages")
     await asyncio.sleep(2.5)  # anything that lapsed would be back by now
     await consumer.stop()
     assert sorted(runs) == [(0, 1), (1, 1), (2, 1)], f"a waiting message lapsed and ran again: {runs}"
@@ -360,7 +354,7 @@ async def test_runtime_dead_letter_carries_the_reason_to_the_sqs_dlq(new_broker:
     consumer = Consumer(broker, queue, _fail, ConsumerConfig(max_attempts=2, retry_delay=0.1))
     await consumer.start()  # declares <queue>-dlq and the RedrivePolicy (maxReceiveCount 5 > max_attempts)
     await broker.publish(queue, Envelope(body=1).to_bytes())
-    await wait_for(lambda: consumer.stats.dead_lettered == 1, "the dead-letter")
+    await wait_for(lambda: consumer.stats.dead_lettered == 1, what="the dead-letter")
     await consumer.stop()
     async with broker.consume(broker.dead_letter_name(queue), prefetch=1) as sub:
         [dead] = await take(sub, 1)
@@ -451,7 +445,7 @@ async def test_plain_sqs_producers_are_read(new_broker: MakeBroker, raw: Any) ->
     consumer = Consumer(broker, queue, handle)
     await consumer.start()
     await raw.send_message(QueueUrl=url, MessageBody='{"reading": 22.0}')
-    await wait_for(lambda: handled == [{"reading": 22.0}], "the raw message through the runtime")
+    await wait_for(lambda: handled == [{"reading": 22.0}], what="the raw message through the runtime")
     await consumer.stop()
 
 

@@ -40,16 +40,6 @@ def unique(stem: str) -> str:
     return f"e2e.{stem}-{uuid.uuid4().hex[:8]}"
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 class Served:
     """One ``taskstream run|worker TARGET --broker URL`` process started the way a user starts it.
 

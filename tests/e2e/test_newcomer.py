@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.conftest import ROOT, SQS_ENDPOINT, TASKSTREAM, Served, connected, wait_until
+from tests.e2e.conftest import ROOT, SQS_ENDPOINT, TASKSTREAM, Served, connected
+from tests.waiting import wait_for
 
 SHARED = {"rabbitmq": "amqp://guest:guest@127.0.0.1:5672/", "sqs": "", "azure": "azurequeue://devstorage"}
 
@@ -31,7 +32,7 @@ async def test_readme_two_stage_app_fed_by_plain_clients(backend: str, serve: Ca
             await broker.declare(queue)
             await broker.purge(queue)
     served = serve(url, "unused", target="examples.two_stage:app").start()
-    await wait_until(lambda: "app started" in served.output() or not served.alive(), 60, "the app to start")
+    await wait_for(lambda: "app started" in served.output() or not served.alive(), timeout=60, what="the app to start")
     assert served.alive(), served.output()
     feed = await asyncio.to_thread(
         subprocess.run,

@@ -24,7 +24,8 @@ from taskstream.brokers.rabbitmq import DLX_EXCHANGE
 from taskstream.brokers.sqs import SQSBroker
 from taskstream.brokers.zeromq import Forwarder, TopicPublisher, TopicSubscriber
 from taskstream.messages import CONTENT_TYPE
-from tests.e2e.conftest import SQS_ENDPOINT, URLS, Served, connected, wait_until
+from tests.e2e.conftest import SQS_ENDPOINT, URLS, Served, connected
+from tests.waiting import wait_for
 
 ITEMS = 5
 
@@ -139,7 +140,9 @@ async def test_plain_boto3_sender_and_receiver(serve: Callable[..., Served], que
         except sqs.exceptions.QueueDoesNotExist:
             return None
 
-    await wait_until(lambda: None not in (queue_url(queue), queue_url(out)), 30, "the app to create its queues")
+    await wait_for(
+        lambda: None not in (queue_url(queue), queue_url(out)), timeout=30, what="the app to create its queues"
+    )
     inbound, outbound = queue_url(queue), queue_url(out)
     assert inbound and outbound and names.sqs_name(queue).endswith(queue.replace(".", "-"))
     for n in range(ITEMS):

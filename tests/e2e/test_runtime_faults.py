@@ -15,7 +15,8 @@ from taskstream.brokers.base import broker_from_url
 from taskstream.consumer import Consumer, Message
 from taskstream.errors import BrokerConnectionError, ConfigurationError
 from taskstream.settings import redact_url
-from tests.e2e.conftest import URLS, wait_until
+from tests.e2e.conftest import URLS
+from tests.waiting import wait_for
 
 
 @pytest.mark.memory
@@ -68,7 +69,7 @@ async def test_an_ack_the_broker_refuses_is_reported_not_raised(queues: Callable
                 await started.wait()
             await broker.delete_queue(queue)  # gone while its message is being handled: the ack must fail
             release.set()
-            await wait_until(lambda: consumer.stats.in_flight == 0, 30, "the handler to finish")
+            await wait_for(lambda: consumer.stats.in_flight == 0, timeout=30, what="the handler to finish")
             await consumer.stop(grace=0)
             gc.collect()  # an exception left in a finished task is reported when the task is collected
     finally:

@@ -24,8 +24,9 @@ from taskstream.brokers.base import broker_from_url
 from taskstream.errors import BrokerConnectionError, PublishError
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
-from tests.e2e.conftest import SQS_ENDPOINT, SQS_PREFIX, Served, unique, wait_until
+from tests.e2e.conftest import SQS_ENDPOINT, SQS_PREFIX, Served, unique
 from tests.e2e.private_servers import PrivateAzurite, PrivateRabbitMQ, TcpProxy, Unavailable
+from tests.waiting import wait_for
 
 BEFORE = 80  # confirmed publishes before the server goes down
 AFTER = 80  # confirmed publishes after it is back
@@ -80,12 +81,14 @@ async def publish_through(url: str, queue: str, worker: Served, outages: list[Ou
 
         producing = asyncio.create_task(produce())
         try:
-            await wait_until(lambda: bool(worker.seen()), 60, "the worker to process its first message")
+            await wait_for(lambda: bool(worker.seen()), timeout=60, what="the worker to process its first message")
             for outage in outages:
-                await wait_until(lambda t=target: len(traffic.confirmed) >= t, 120, f"{target} confirmed publishes")
+                await wait_for(
+                    lambda t=target: len(traffic.confirmed) >= t, timeout=120, what=f"{target} confirmed publishes"
+                )
                 await outage(send_during_outage)
                 target = len(traffic.confirmed) + AFTER
-            await wait_until(lambda: len(traffic.confirmed) >= target, 120, f"{target} confirmed publishes")
+            await wait_for(lambda: len(traffic.confirmed) >= target, timeout=120, what=f"{target} confirmed publishes")
         finally:
             stop.set()
             await producing
@@ -96,10 +99,10 @@ async def publish_through(url: str, queue: str, worker: Served, outages: list[Ou
 
 
 async def check_worker_got_everything(worker: Served, traffic: Traffic) -> None:
-    await wait_until(
+    await wait_for(
         lambda: set(traffic.confirmed) <= set(worker.seen()) or not worker.alive(),
-        90,
-        "the worker to process every confirmed message",
+        timeout=90,
+        what="the worker to process every confirmed message",
     )
     assert worker.alive(), f"the worker exited instead of resuming:\n{worker.output()[-3000:]}"
     lost = sorted(set(traffic.confirmed) - set(worker.seen()))
@@ -213,7 +216,9 @@ async def test_sqs_outage_is_logged_once_not_per_receive_and_retry(serve: Callab
     queue = unique("outage-log")
     worker = serve(url, queue).start()
     try:
-        await wait_until(lambda: "app started" in worker.output() or not worker.alive(), 60, "the worker to start")
+        await wait_for(
+            lambda: "app started" in worker.output() or not worker.alive(), timeout=60, what="the worker to start"
+        )
         await asyncio.sleep(0.5)
         await proxy.down()
         await asyncio.sleep(4)

@@ -12,7 +12,8 @@ import pytest
 from taskstream import App, gather
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
-from tests.e2e.conftest import URLS, Served, connected, wait_until
+from tests.e2e.conftest import URLS, Served, connected
+from tests.waiting import wait_for
 
 BACKENDS = [pytest.param(name, marks=getattr(pytest.mark, name), id=name) for name in ("rabbitmq", "sqs", "azure")]
 COUNT = 200
@@ -54,13 +55,15 @@ async def test_worker_killed_mid_run_then_replaced_loses_nothing(
         await producer.send_many(queue, [Envelope(body={"n": i}) for i in range(half, COUNT)])
 
     worker = serve(url, queue).start()
-    await wait_until(lambda: len(worker.seen()) >= COUNT // 3, 90, "the first worker to get going")
+    await wait_for(lambda: len(worker.seen()) >= COUNT // 3, timeout=90, what="the first worker to get going")
     worker.kill()
     done_before_kill = set(worker.seen())
     assert len(done_before_kill) < COUNT, "the worker finished before it was killed: nothing was tested"
 
     worker.start()  # a new process, same app, same queue
-    await wait_until(lambda: set(worker.seen()) >= set(range(COUNT)), 120, f"all {COUNT} messages after the kill")
+    await wait_for(
+        lambda: set(worker.seen()) >= set(range(COUNT)), timeout=120, what=f"all {COUNT} messages after the kill"
+    )
     seen = worker.seen()
     assert set(seen) == set(range(COUNT))  # nothing lost, nothing invented (duplicates are allowed)
     assert sorted(set(await drain_ids(url, dead_letters, expected=len(POISON)))) == sorted(POISON)
@@ -79,7 +82,7 @@ async def test_task_worker_killed_mid_run_every_future_still_resolves(
     client = App(url, workers=False, result_store=f"sqlite:///{tmp_path / 'results.sqlite3'}")  # the worker's
     async with client:
         futures = client.remote("square", queue=task_queue).map(range(COUNT))
-        await wait_until(lambda: len(worker.seen()) >= COUNT // 3, 90, "the first worker to get going")
+        await wait_for(lambda: len(worker.seen()) >= COUNT // 3, timeout=90, what="the first worker to get going")
         worker.kill()
         assert len(set(worker.seen())) < COUNT, "the worker finished before it was killed: nothing was tested"
         worker.start()

@@ -15,7 +15,8 @@ import boto3
 import pytest
 
 from taskstream.brokers.sqs import SQSBroker
-from tests.e2e.conftest import SQS_ENDPOINT, SQS_PREFIX, Served, connected, unique, wait_until
+from tests.e2e.conftest import SQS_ENDPOINT, SQS_PREFIX, Served, connected, unique
+from tests.waiting import wait_for
 
 BASE = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={SQS_PREFIX}&visibility_timeout=30"
 
@@ -24,7 +25,9 @@ async def hidden_after_stop(url: str, serve: Callable[..., Served]) -> tuple[int
     """Start a worker, stop it while it long-polls, publish 5 messages: (visible, hidden) on the server."""
     queue = unique("stopped")
     worker = serve(url, queue).start()
-    await wait_until(lambda: "app started" in worker.output() or not worker.alive(), 60, "the worker to start")
+    await wait_for(
+        lambda: "app started" in worker.output() or not worker.alive(), timeout=60, what="the worker to start"
+    )
     await asyncio.sleep(1)  # its receives now wait on the server
     assert await worker.terminate() == 0, worker.output()[-3000:]
     sqs = boto3.client("sqs", endpoint_url=SQS_ENDPOINT, region_name="us-east-1")

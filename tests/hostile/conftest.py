@@ -14,7 +14,7 @@ import base64
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,16 +295,6 @@ def assert_reasons(found: dict[str, Delivery], sent: list[Hostile], queue: str) 
         assert hostile.reason.lower() in reason, f"{hostile.name}: reason {reason!r} lacks {hostile.reason!r}"
         assert headers.get("x-original-queue") == queue, (hostile.name, headers)
         assert "x-attempts" in headers and "x-dead-lettered-at" in headers, (hostile.name, headers)
-
-
-async def eventually(predicate: Callable[[], bool], what: str) -> None:
-    """Wait until ``predicate()`` holds; fail naming ``what`` after :data:`PATIENCE` seconds."""
-    try:
-        async with asyncio.timeout(PATIENCE):
-            while not predicate():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        pytest.fail(f"timed out after {PATIENCE} s waiting for {what}")
 
 
 @pytest.fixture

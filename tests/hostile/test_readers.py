@@ -23,17 +23,8 @@ from taskstream.settings import Settings
 from taskstream.stream_ops import MemoryStateStore, Pipeline, QueueSource
 from taskstream.stream_ops.service import Service, ServiceClient, service_queue
 from taskstream.stream_ops.wire import Stop
-from tests.hostile.conftest import (
-    LIMIT,
-    PATIENCE,
-    VALID,
-    Backend,
-    Hostile,
-    assert_reasons,
-    common_bodies,
-    envelope,
-    eventually,
-)
+from tests.hostile.conftest import LIMIT, PATIENCE, VALID, Backend, Hostile, assert_reasons, common_bodies, envelope
+from tests.waiting import wait_for
 
 WRONG_TYPES = Hostile(
     "wrong-types", envelope(kind="record", id=5, headers=[1], body={"n": -1}), "broken taskstream envelope"
@@ -81,7 +72,9 @@ async def consumer(backend: Backend) -> None:
     async with app:
         await _send_all(backend, queue, hostile, [_valid(i) for i in range(VALID)])
         found = await backend.dead_letters(app.broker.dead_letter_name(queue), hostile)
-        await eventually(lambda: len(seen) == VALID, f"{VALID} valid messages handled (got {sorted(seen)})")
+        await wait_for(
+            lambda: len(seen) == VALID, what=f"{VALID} valid messages handled (got {sorted(seen)})", timeout=PATIENCE
+        )
     assert sorted(seen) == list(range(VALID))
     assert_reasons(found, hostile, queue)
 
@@ -111,7 +104,9 @@ async def task_worker(backend: Backend) -> None:
     async with app:
         await _send_all(backend, queue, hostile, [request(i) for i in range(VALID)])
         found = await backend.dead_letters(app.broker.dead_letter_name(queue), hostile)
-        await eventually(lambda: len(calls) == VALID, f"{VALID} valid tasks run (got {sorted(calls)})")
+        await wait_for(
+            lambda: len(calls) == VALID, what=f"{VALID} valid tasks run (got {sorted(calls)})", timeout=PATIENCE
+        )
     assert sorted(calls) == list(range(VALID))
     assert_reasons(found, hostile, queue)
 
@@ -146,7 +141,9 @@ async def stream_stage(backend: Backend) -> None:
     )
     await _send_all(backend, queue, hostile, [b'{"n": %d}' % i for i in range(VALID)])
     found = await backend.dead_letters(dlq, hostile)
-    await eventually(lambda: len(got) == VALID or run.done(), f"{VALID} valid records through the stage")
+    await wait_for(
+        lambda: len(got) == VALID or run.done(), what=f"{VALID} valid records through the stage", timeout=PATIENCE
+    )
     await backend.send(queue, Stop.message().body)  # only now: SQS does not keep the order of what was sent
     result = await asyncio.wait_for(run, PATIENCE)
     assert result.ended_by == "stop"
@@ -169,7 +166,9 @@ async def queue_source(backend: Backend) -> None:
     run = asyncio.create_task(p.run(claim_check=ClaimCheck.disabled()))
     await _send_all(backend, queue, hostile, [_valid(i) for i in range(VALID)])
     found = await backend.dead_letters(broker.dead_letter_name(queue), hostile)
-    await eventually(lambda: len(got) == VALID or run.done(), f"{VALID} valid items from the source")
+    await wait_for(
+        lambda: len(got) == VALID or run.done(), what=f"{VALID} valid items from the source", timeout=PATIENCE
+    )
     await backend.send(queue, b'{"control": "stop"}')  # only now: SQS does not keep the order of what was sent
     await asyncio.wait_for(run, PATIENCE)
     assert sorted(item["n"] for item in got) == list(range(VALID))
@@ -199,7 +198,9 @@ async def service(backend: Backend) -> None:
     try:
         await _send_all(backend, queue, hostile, [_valid(i) for i in range(VALID)])
         found = await backend.dead_letters(broker.dead_letter_name(queue), hostile)
-        await eventually(lambda: len(seen) == VALID, f"{VALID} valid requests handled (got {sorted(seen)})")
+        await wait_for(
+            lambda: len(seen) == VALID, what=f"{VALID} valid requests handled (got {sorted(seen)})", timeout=PATIENCE
+        )
     finally:
         await answering.stop()
     assert sorted(seen) == list(range(VALID))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from taskstream import App
 from taskstream.brokers.base import Broker
 from taskstream.consumer import Message
 from tests.brokers.contract.backends import BackendSpec, all_specs
+from tests.waiting import wait_for
 
 SPECS = all_specs()
 BUGGY = (13, 14)
@@ -45,16 +46,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("spec", [pytest.param(s, id=s.name, marks=getattr(pytest.mark, s.name)) for s in specs])
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
-    """Wait until ``check()`` is true; fail saying ``what`` did not happen within ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await check():
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        pytest.fail(f"not within {timeout} s: {what}")
-
-
 @dataclass
 class Orders:
     """The running app, its queue and what its handler saw."""
@@ -77,13 +68,13 @@ class Orders:
         async def check() -> bool:
             return await self.dlq_depth() == n
 
-        await eventually(check, f"{n} message(s) in {self.dead_letter}")
+        await wait_for(check, what=f"{n} message(s) in {self.dead_letter}")
 
     async def wait_handled(self, *numbers: int) -> None:
         async def check() -> bool:
             return all(n in self.handled for n in numbers)
 
-        await eventually(check, f"orders {numbers} handled (handled so far: {self.handled})")
+        await wait_for(check, what=f"orders {numbers} handled (handled so far: {self.handled})")
 
 
 @pytest.fixture

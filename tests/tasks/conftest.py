@@ -7,10 +7,9 @@ these tests by adding its contract-suite name to ``TASK_BACKENDS``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -91,15 +90,3 @@ async def env(backend: BackendSpec, tmp_path: Path) -> AsyncIterator[TaskEnv]:
         yield context
     finally:
         await context.close()
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds saying what."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s (last value: {value!r})")
-        await asyncio.sleep(0.02)

@@ -12,7 +12,8 @@ import taskstream
 from taskstream.errors import TaskError
 from taskstream.tasks import DependencyFailed, TaskFuture, TaskNotFound, as_completed, gather
 from tests.tasks import library
-from tests.tasks.conftest import TaskEnv, eventually
+from tests.tasks.conftest import TaskEnv
+from tests.waiting import wait_for
 
 
 async def test_submit_returns_at_once_then_result_arrives(env: TaskEnv) -> None:
@@ -128,11 +129,11 @@ async def test_get_task_reports_pending_running_success_with_timestamps(env: Tas
     async with client:
         fut = gate.submit(60)
         assert client.get_task(fut.task_id).status == "pending"
-        await eventually(lambda: client.tasks.store.get(fut.task_id), what="the pending record")
+        await wait_for(lambda: client.tasks.store.get(fut.task_id), what="the pending record")
         worker = env.app()
         worker.task(queue=queue)(library.wait_for_gate)
         async with worker:
-            running = await eventually(
+            running = await wait_for(
                 lambda: (i := client.get_task(fut.task_id)).status == "running" and i, what="running"
             )
             assert running.started_at is not None and running.finished_at is None
@@ -195,7 +196,7 @@ async def test_cancel_a_queued_task(env: TaskEnv) -> None:
     counted = client.task(queue=queue)(library.counted)
     async with client:
         fut = counted.submit(str(marker))
-        await eventually(lambda: client.tasks.store.get(fut.task_id), what="the pending record")
+        await wait_for(lambda: client.tasks.store.get(fut.task_id), what="the pending record")
         assert fut.cancel() and fut.cancelled() and fut.status == "cancelled"
         with pytest.raises(concurrent.futures.CancelledError):
             await fut
@@ -206,7 +207,7 @@ async def test_cancel_a_queued_task(env: TaskEnv) -> None:
         async with worker:
             # The worker takes the cancelled message off the queue without running it.
             assert await client.remote("after", queue=queue).submit(1, 1) == 2
-            await eventually(lambda: _acked(worker) >= 2, what="both messages taken off the queue")
+            await wait_for(lambda: _acked(worker) >= 2, what="both messages taken off the queue")
         assert done_after.name == "after"
     assert not marker.exists()  # the cancelled call never ran
     assert fut.cancel()  # cancelling again reports that it is cancelled

@@ -24,7 +24,8 @@ from taskstream.tasks import TaskRefused
 from taskstream.tasks.protocol import function_source, new_task_id
 from taskstream.tasks.registry import MAX_RETRIES
 from tests.tasks import library
-from tests.tasks.conftest import TaskEnv, eventually, quick_settings
+from tests.tasks.conftest import TaskEnv, quick_settings
+from tests.waiting import wait_for
 
 KEY = "k-hostile"
 SECRET_RESULT = "the secret result of client A"
@@ -357,7 +358,7 @@ async def test_a_task_that_is_dead_lettered_unread_fails_the_clients_future(tmp_
         with pytest.raises(TaskRefused, match="dead-lettered: payload"):
             async with asyncio.timeout(20):
                 await fut
-        record = await eventually(lambda: (r := client.get_task(fut.task_id)).status == "failed" and r)
+        record = await wait_for(lambda: (r := client.get_task(fut.task_id)).status == "failed" and r)
         assert "payload" in record.error["message"]
         assert await size.submit("small") == 5  # the worker goes on
 

@@ -10,7 +10,7 @@ import pytest
 from taskstream.errors import TaskError
 from taskstream.tasks import TaskRefused, TaskTimeout, WorkerLost
 from taskstream.tasks.pool import ProcessPool
-from tests.tasks.conftest import eventually
+from tests.waiting import wait_for
 
 LIB = "tests.tasks.library"
 
@@ -56,7 +56,7 @@ async def test_autoscale_grows_under_load_and_shrinks_when_idle() -> None:
         assert pool.size == 0
         await asyncio.gather(*(pool.run(ref("sleep_for"), (0.2,)) for _ in range(6)))
         assert pool.stats.peak == 2  # grew to the cap while calls waited, never beyond
-        await eventually(lambda: pool.size == 0, what="idle processes stopping")
+        await wait_for(lambda: pool.size == 0, what="idle processes stopping")
         assert pool.stats.stopped_idle == 2
         pool.want(5)  # a deep broker queue asks for processes ahead of the calls
         assert pool.size == 2
@@ -96,7 +96,7 @@ async def test_cancelled_caller_frees_its_process() -> None:
     await pool.start()
     try:
         call = asyncio.ensure_future(pool.run(ref("sleep_for"), (60,)))
-        await eventually(lambda: pool.busy == 1, what="the call starting")
+        await wait_for(lambda: pool.busy == 1, what="the call starting")
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call

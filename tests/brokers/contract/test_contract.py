@@ -18,6 +18,7 @@ from taskstream.messages import Envelope
 from taskstream.payloads import ClaimCheck
 from taskstream.producer import Producer
 from tests.brokers.contract.conftest import Ctx, receive, receive_none
+from tests.waiting import wait_for
 
 
 def env_bytes(body: object, **fields: object) -> bytes:
@@ -200,16 +201,6 @@ async def test_topic_fanout_reaches_every_matching_queue(ctx: Ctx) -> None:
 
 
 # -- the consumer runtime on top of each backend ------------------------------------------------------
-
-
-async def wait_for(predicate: object, timeout: float = 60.0, what: str = "condition") -> None:
-    assert callable(predicate)
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 async def test_competing_consumers_share_the_work(ctx: Ctx) -> None:
