@@ -110,7 +110,7 @@ class App:
         else:
             url = broker or self.settings.broker_url.get_secret_value()
             self._broker_setting = "App(broker=...)" if broker else env_name("broker_url")
-            self.broker = check_broker_url(url, name=self._broker_setting)
+            self.broker = check_broker_url(url, name=self._broker_setting, settings=self.settings)
             self.broker_url = redact_url(url)
         self.producer = Producer(
             self.broker,

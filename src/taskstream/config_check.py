@@ -54,12 +54,18 @@ def setting(name: str) -> Iterator[None]:
         raise ConfigurationError(f"{name}: {text}") from exc
 
 
-def check_broker_url(url: str | None, *, name: str = env_name("broker_url")) -> Broker:
-    """Build (not connect) the broker for ``url`` (default: the settings'), failing with ``name`` in front."""
+def check_broker_url(
+    url: str | None, *, name: str = env_name("broker_url"), settings: Settings | None = None
+) -> Broker:
+    """Build (not connect) the broker for ``url`` (default: the settings'), failing with ``name`` in front.
+
+    ``settings`` reach the backends that take them (SQS's redrive count follows ``max_attempts``).
+    """
     from taskstream.brokers.base import broker_from_url
 
+    settings = settings or Settings()
     with setting(name):
-        return broker_from_url(url or Settings().broker_url.get_secret_value())
+        return broker_from_url(url or settings.broker_url.get_secret_value(), settings=settings)
 
 
 def claim_check_from_settings(settings: Settings) -> ClaimCheck:
