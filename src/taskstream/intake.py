@@ -45,7 +45,7 @@ from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage
 from taskstream.errors import MessageError, MessageTooLarge
-from taskstream.messages import MAX_DEPTH, Envelope, is_envelope_document, loads
+from taskstream.messages import MAX_DEPTH, Envelope, envelope_document, is_envelope_document, loads
 from taskstream.payloads.base import PayloadStoreError
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, is_reference, open_failure_reason
 from taskstream.settings import DEFAULT_MAX_ATTEMPTS
@@ -377,21 +377,7 @@ class Intake:
 
 def _document(envelope: Envelope) -> Any:
     """The document :func:`~taskstream.messages.loads` gives for the inline bytes of ``envelope``."""
-    if envelope.kind == "raw":
-        return envelope.body
-    doc: dict[str, Any] = {
-        "ts": 1,
-        "id": envelope.id,
-        "kind": envelope.kind,
-        "headers": envelope.headers,
-        "body": envelope.body,
-        "created_at": envelope.created_at,
-    }
-    for name in ("correlation_id", "reply_to", "key", "event_time", "deadline"):
-        value = getattr(envelope, name)
-        if value is not None:
-            doc[name] = value
-    return doc
+    return envelope.body if envelope.kind == "raw" else envelope_document(envelope)
 
 
 def _short(exc: Exception) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "dumps",
     "encode",
     "encode_value",
+    "envelope_document",
     "header_str",
     "is_envelope_document",
     "loads",
@@ -251,6 +252,11 @@ def decode_value(data: bytes) -> Any:
 
 def encode(envelope: Envelope) -> bytes:
     """Encode an envelope to wire bytes."""
+    return dumps(envelope_document(envelope))
+
+
+def envelope_document(envelope: Envelope) -> dict[str, Any]:
+    """The JSON object an envelope travels as (before encoding): fields left at ``None`` are left out."""
     doc: dict[str, Any] = {
         "ts": WIRE_VERSION,
         "id": envelope.id,
@@ -264,7 +270,7 @@ def encode(envelope: Envelope) -> bytes:
         field = getattr(envelope, name)
         if field is not None:
             doc[name] = field
-    return dumps(doc)
+    return doc
 
 
 def decode(data: bytes, *, message_id: str | None = None) -> Envelope:

@@ -24,30 +24,22 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from taskstream.errors import MalformedMessage
-from taskstream.messages import MAX_DEPTH, WIRE_VERSION, Envelope, decode, loads, rebuild, restore_binary
+from taskstream.messages import (
+    MAX_DEPTH,
+    WIRE_VERSION,
+    Envelope,
+    decode,
+    envelope_document,
+    loads,
+    rebuild,
+    restore_binary,
+)
 
 __all__ = ["MAGIC", "decode_blob", "encode_blob"]
 
 MAGIC = b"TSB1"
 TAG = "__ts__"
 _HEADER = struct.Struct("<4sI")
-
-
-def _document(envelope: Envelope) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "ts": WIRE_VERSION,
-        "id": envelope.id,
-        "kind": envelope.kind,
-        "created_at": envelope.created_at,
-        "body": envelope.body,
-    }
-    if envelope.headers:
-        doc["headers"] = envelope.headers
-    for name in ("correlation_id", "reply_to", "key", "event_time", "deadline"):
-        value = getattr(envelope, name)
-        if value is not None:
-            doc[name] = value
-    return doc
 
 
 def encode_blob(envelope: Envelope) -> bytes:
@@ -80,7 +72,7 @@ def encode_blob(envelope: Envelope) -> bytes:
         raise TypeError(f"cannot encode a value of type {type(obj).__qualname__} in a taskstream message")
 
     try:
-        envelope_json = orjson.dumps(_document(envelope), default=default, option=orjson.OPT_NON_STR_KEYS)
+        envelope_json = orjson.dumps(envelope_document(envelope), default=default, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError as exc:
         cause = exc.__cause__  # orjson keeps what ``default`` raised here; its message says more
         raise TypeError(str(cause) if isinstance(cause, TypeError) else str(exc)) from exc
