@@ -46,6 +46,8 @@ from typing import Any
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage
 from taskstream.errors import MessageError, MessageTooLarge
 from taskstream.messages import MAX_DEPTH, Envelope, envelope_document, is_envelope_document, loads
+from taskstream.observe.metrics import recorder_for
+from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.base import PayloadStoreError
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef, is_reference, open_failure_reason
 from taskstream.settings import DEFAULT_MAX_ATTEMPTS
@@ -227,6 +229,10 @@ class Intake:
         self.stats = stats if stats is not None else IntakeStats()
         self.on_dead_letter = on_dead_letter
         self._dead_letter_declared = False
+        self.metrics = recorder_for(broker).for_intake(self)
+        """This queue's metrics (a no-op unless the broker has a recorder, :mod:`taskstream.observe.metrics`)."""
+        self.tracing = tracing_for(broker)
+        """Trace spans of this reader (a no-op unless a tracer provider is set, :mod:`taskstream.observe.tracing`)."""
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -235,6 +241,7 @@ class Intake:
 
         Never raises (but ``CancelledError``): whatever goes wrong is a :class:`Refused` with the reason.
         """
+        self.metrics.received()
         body = delivery.body
         if len(body) > self.max_bytes:
             return Refused(f"message of {len(body)} bytes is over the limit of {self.max_bytes} bytes")
@@ -292,6 +299,7 @@ class Intake:
     async def retry_later(self, delivery: Delivery, delay: float | None = None) -> None:
         """Requeue ``delivery`` after the policy's delay (or ``delay``)."""
         self.stats.retried += 1
+        self.metrics.retried()
         pause = self.retry.delay(delivery.attempt) if delay is None else delay
         await self.settle_quietly(delivery.nack(requeue=True, delay=pause))
 
@@ -307,6 +315,10 @@ class Intake:
 
     def dead_letter_message(self, delivery: Delivery, reason: str, **extra: Any) -> OutgoingMessage:
         """The dead letter of ``delivery`` (for readers that publish it with their own outputs, then ack)."""
+        self.metrics.dead_lettered(reason)
+        return self._dead_letter_message(delivery, reason, **extra)
+
+    def _dead_letter_message(self, delivery: Delivery, reason: str, **extra: Any) -> OutgoingMessage:
         self.stats.dead_lettered += 1
         log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
         body = delivery.body
@@ -329,7 +341,7 @@ class Intake:
         When even the dead-letter publish fails, the message stays on its queue (requeued after the policy's
         longest delay) rather than being lost.
         """
-        message = self.dead_letter_message(delivery, reason)
+        message = self._dead_letter_message(delivery, reason)
         try:
             await self._publish_dead_letter(message)
         except Exception as exc:
@@ -337,6 +349,7 @@ class Intake:
             log.error("dead-letter publish to %r failed (%s); requeueing", self.dead_letter_queue, exc)
             await self.settle_quietly(delivery.nack(requeue=True, delay=self.retry.max_delay))
             return
+        self.metrics.dead_lettered(reason)
         await self.settle_quietly(delivery.ack())
         if self.on_dead_letter is not None:
             try:
