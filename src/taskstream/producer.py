@@ -14,6 +14,10 @@ Large payloads (claim-check, :mod:`taskstream.payloads`): an encoded envelope ov
 (the broker's ``max_message_bytes`` minus headroom, or ``TASKSTREAM_PAYLOAD_THRESHOLD``) is stored in the
 payload store and the message carries a reference instead; consumers resolve it before the handler runs.
 Topic publishes mark the reference ``shared`` (several queues read one blob; expiry removes it).
+
+Observability (:mod:`taskstream.observe`): every publish here counts into the metrics of the broker's recorder
+(messages published, publish-to-confirm time, errors) and, with a tracer configured, carries a ``publish`` span's
+``traceparent`` in its headers. Both are no-ops otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 from taskstream.brokers.base import Broker, OutgoingMessage
 from taskstream.errors import MessageError, MessageTooLarge, NotSupported, QueueNotFound
 from taskstream.messages import CONTENT_TYPE, Envelope, encode
+from taskstream.observe.metrics import recorder_for
+from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
 
 # Publish errors after which the broker surely does not hold the message, so its offloaded payload can go.
@@ -68,6 +74,8 @@ class Producer:
         self.max_message_bytes = min(limit, max_message_bytes) if max_message_bytes else limit
         self.claim_check = claim_check if claim_check is not None else ClaimCheck.from_settings()
         self.inline_limit = self.claim_check.threshold_for(self.max_message_bytes)
+        self.metrics = recorder_for(broker)
+        self.tracing = tracing_for(broker)
 
     def encode(self, envelope: Envelope) -> bytes:
         """Encode inline (never offloaded) and check the size; raises :class:`MessageTooLarge` naming the limit."""
@@ -110,19 +118,34 @@ class Producer:
     async def send(self, queue: str, envelope: Envelope, *, delay: float | None = None) -> None:
         """Publish one envelope; returns when the broker has it."""
         data, ref = await self.prepare(envelope)
+        headers = broker_headers(envelope)
         try:
             async with self._slots:
-                await self.broker.publish(
-                    queue,
-                    data,
-                    headers=broker_headers(envelope),
-                    message_id=envelope.id,
-                    key=envelope.key,
-                    delay=delay,
-                )
+                started = self.metrics.timer()
+                with self.tracing.publish(queue, headers, envelope.id):
+                    await self.broker.publish(
+                        queue, data, headers=headers, message_id=envelope.id, key=envelope.key, delay=delay
+                    )
+                self.metrics.published(queue, 1, started)
         except _REJECTED:
+            self.metrics.publish_failed(queue)
             await self._discard(ref)
             raise
+        except Exception:
+            self.metrics.publish_failed(queue)
+            raise
+
+    async def publish_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
+        """Publish messages encoded elsewhere (task calls, stream records) in batches of the broker's
+        ``max_batch``: bodies over the inline limit are offloaded first (:meth:`offload_outgoing`).
+
+        Raises:
+            MessageTooLarge: a body is over the broker's limit and no payload store is configured.
+        """
+        ready = await self.offload_outgoing(messages)
+        step = max(1, self.broker.capabilities.max_batch)
+        for i in range(0, len(ready), step):
+            await self._send_batch(queue, ready[i : i + step])
 
     async def send_many(self, queue: str, envelopes: Iterable[Envelope]) -> None:
         """Publish many envelopes in batches of the broker's ``max_batch``, batches pipelined."""
@@ -146,14 +169,26 @@ class Producer:
     async def _send_batch(self, queue: str, batch: Sequence[OutgoingMessage]) -> None:
         # No discard on failure here: part of a batch may be on the broker already; expiry removes leftovers.
         async with self._slots:
-            await self.broker.publish_batch(queue, batch)
+            started = self.metrics.timer()
+            try:
+                with self.tracing.publish_batch(queue, list(batch)) as traced:
+                    await self.broker.publish_batch(queue, traced)
+            except Exception:
+                self.metrics.publish_failed(queue)
+                raise
+            self.metrics.published(queue, len(batch), started)
 
     async def send_topic(self, topic: str, envelope: Envelope) -> None:
         """Publish one envelope to every queue bound to ``topic`` (needs ``capabilities.fanout``)."""
         data, ref = await self.prepare(envelope, shared=True)
+        headers = broker_headers(envelope)
         try:
             async with self._slots:
-                await self.broker.publish_topic(topic, data, headers=broker_headers(envelope), message_id=envelope.id)
+                started = self.metrics.timer()
+                with self.tracing.publish(topic, headers, envelope.id):
+                    await self.broker.publish_topic(topic, data, headers=headers, message_id=envelope.id)
+                self.metrics.published(topic, 1, started)
         except _REJECTED:
+            self.metrics.publish_failed(topic)
             await self._discard(ref)
             raise
