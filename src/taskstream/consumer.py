@@ -218,9 +218,10 @@ class Consumer:
     async def _process(self, delivery: Delivery) -> None:
         heartbeat = self._start_heartbeat(delivery)  # loading a large payload can take a while too
         try:
-            opened = await self.intake.open(delivery)
-            if opened is not None:
-                await self._run(opened)
+            with self.intake.tracing.process(self.queue, delivery):
+                opened = await self.intake.open(delivery)
+                if opened is not None:
+                    await self._run(opened)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug on this path must not leave the delivery unsettled
@@ -233,6 +234,7 @@ class Consumer:
     async def _run(self, opened: Opened) -> None:
         delivery, envelope, intake = opened.delivery, opened.envelope, self.intake
         assert envelope is not None
+        started = intake.metrics.timer()
         try:
             if self.config.handler_timeout is not None:
                 await asyncio.wait_for(self.handler(Message(envelope, delivery)), self.config.handler_timeout)
@@ -262,6 +264,7 @@ class Consumer:
             )
             await intake.retry_or_dead_letter(delivery, f"{type(exc).__name__}: {exc}", envelope=envelope)
         else:
+            intake.metrics.handler_time(started)
             await self._ack(delivery, opened.ref)
 
     async def _ack(self, delivery: Delivery, ref: PayloadRef | None) -> None:
@@ -280,6 +283,7 @@ class Consumer:
             )
             return
         self.stats.acked += 1
+        self.intake.metrics.handled()
         if ref is not None:
             await self.claim_check.release(ref)
 

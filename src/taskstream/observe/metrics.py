@@ -66,7 +66,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("queue", "reason"),
         "Deliveries sent to the dead-letter queue, by reason class.",
     ),
-    "taskstream_handler_duration_seconds": ("histogram", ("queue",), "Time a handler ran (success or failure)."),
+    "taskstream_handler_duration_seconds": ("histogram", ("queue",), "Time a handler took, when it succeeded."),
     "taskstream_messages_in_flight": ("gauge", ("queue",), "Deliveries being handled now."),
     "taskstream_messages_published_total": ("counter", ("queue",), "Messages the broker accepted."),
     "taskstream_publish_errors_total": ("counter", ("queue",), "Publish calls that failed."),
@@ -127,14 +127,18 @@ class QueueMetrics:
 
     __slots__ = ()
 
+    def timer(self) -> float:
+        """A start time for :meth:`handler_time` (``0.0`` when off, so nothing is measured)."""
+        return 0.0
+
     def received(self) -> None:
         """A delivery was read."""
 
-    def handled(self, started: float, count: int = 1) -> None:
-        """``count`` deliveries were handled and acked; ``started`` from :meth:`Recorder.timer`."""
+    def handled(self, count: int = 1) -> None:
+        """``count`` deliveries were handled and acked."""
 
     def handler_time(self, started: float) -> None:
-        """A handler ran since ``started`` (it failed; :meth:`handled` records successful runs)."""
+        """A handler returned; it started at ``started`` (from :meth:`timer`)."""
 
     def retried(self) -> None:
         """A delivery was requeued for another attempt."""
@@ -237,13 +241,14 @@ class _LiveQueue(QueueMetrics):
         self._dead_counter = recorder.m_dead
         self._dead: dict[str, Any] = {}
 
+    def timer(self) -> float:
+        return time.perf_counter()
+
     def received(self) -> None:
         self._received.inc()
 
-    def handled(self, started: float, count: int = 1) -> None:
+    def handled(self, count: int = 1) -> None:
         self._handled.inc(count)
-        if count == 1:
-            self._duration.observe(time.perf_counter() - started)
 
     def handler_time(self, started: float) -> None:
         self._duration.observe(time.perf_counter() - started)
