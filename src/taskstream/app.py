@@ -42,12 +42,15 @@ from taskstream.config_check import check_broker_url, claim_check_from_settings,
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import BrokerConnectionError, ConfigurationError, ValidationFailed
 from taskstream.messages import Envelope
+from taskstream.observe.metrics import Recorder, attach, resolve
 from taskstream.producer import Producer
 from taskstream.settings import Settings, env_name, redact_url
 from taskstream.tasks.registry import DEFAULT_TASK_QUEUE
 from taskstream.tasks.runtime import TaskRuntime
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from taskstream.tasks.registry import Task
     from taskstream.tasks.stores.base import ResultStore, TaskInfo
 
@@ -91,6 +94,9 @@ class App:
             the memory broker and a SQLite file under ``~/.cache/taskstream`` on real brokers.
         workers: run task workers in this process; ``None`` means yes on the memory broker and no on real
             brokers (where ``taskstream worker`` runs them).
+        metrics: Prometheus metrics of everything this app reads and publishes (:mod:`taskstream.observe.metrics`):
+            ``False`` (default) off, ``True`` into a registry of the app's own (``app.metrics.registry``), or a
+            ``prometheus_client.CollectorRegistry`` of yours. Needs ``pip install 'taskstream[metrics]'``.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class App:
         settings: Settings | None = None,
         result_store: str | ResultStore | None = None,
         workers: bool | None = None,
+        metrics: bool | CollectorRegistry | Recorder = False,
     ) -> None:
         self.settings = settings or Settings()
         self._broker_setting: str | None = None
@@ -112,6 +119,11 @@ class App:
             self._broker_setting = "App(broker=...)" if broker else env_name("broker_url")
             self.broker = check_broker_url(url, name=self._broker_setting, settings=self.settings)
             self.broker_url = redact_url(url)
+        self.metrics = resolve(metrics)
+        """Where this app's metrics go (a no-op recorder when off)."""
+        if self.metrics.enabled:
+            attach(self.broker, self.metrics)  # every intake and producer on this broker records into it
+        self._depth_poller: asyncio.Task[None] | None = None
         self.producer = Producer(
             self.broker,
             max_message_bytes=self.settings.max_message_bytes,
@@ -365,6 +377,8 @@ class App:
             await self._undo_start(started)
             raise
         self._started = True
+        if self.metrics.enabled:
+            self._depth_poller = asyncio.create_task(self.metrics.poll_depths(self.broker), name="taskstream:depths")
         worker = self.tasks.worker
         log.info(
             "app started on %s with %d consumer(s), %d task(s)%s",
@@ -393,6 +407,11 @@ class App:
         if not self._started:
             return
         self._started = False
+        if self._depth_poller is not None:
+            self._depth_poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._depth_poller
+            self._depth_poller = None
         for component in reversed(self.components):
             await component.stop()
         await asyncio.gather(*(consumer.stop() for consumer in self.consumers))

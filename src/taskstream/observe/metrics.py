@@ -200,7 +200,9 @@ def recorder_for(broker: Broker) -> Recorder:
     return _attached.get(broker, NOOP)
 
 
-def resolve(metrics: object, *, depth_interval: float = DEFAULT_DEPTH_INTERVAL) -> Recorder:
+def resolve(
+    metrics: bool | CollectorRegistry | Recorder | None, *, depth_interval: float = DEFAULT_DEPTH_INTERVAL
+) -> Recorder:
     """The recorder ``App(metrics=...)`` asks for: ``False``/``None`` off, ``True`` a registry of its own, a
     ``CollectorRegistry`` to register into, or a :class:`Recorder`.
 

@@ -145,6 +145,7 @@ class TaskClient(FutureOwner):
         for entry in entries:
             self._waiting[entry.task_id] = entry
         self.runtime.call_soon(self._accept, ready, held)
+        self.runtime.app.metrics.tasks_submitted(task.name, len(entries))
         return [f for entry in entries for f in entry.futures]
 
     async def send_without_reply(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]) -> str:
@@ -155,6 +156,7 @@ class TaskClient(FutureOwner):
         await self._ensure_queue(task.options.queue)
         await self.runtime.store.add_pending([info])
         await self._publish(task.options.queue, [message])
+        self.runtime.app.metrics.tasks_submitted(task.name)
         return info.task_id
 
     def _encode(self, entry: _Pending, calls: Sequence[Call], reply: bool = True) -> OutgoingMessage:
@@ -172,7 +174,9 @@ class TaskClient(FutureOwner):
             body = sign_request(key, entry.task_id, reply_to, body)
         envelope = Envelope(id=entry.task_id, kind="task", reply_to=reply_to, correlation_id=entry.task_id, body=body)
         data = encode(envelope)  # sized (and, when large, offloaded to the payload store) in _publish
-        return OutgoingMessage(data, broker_headers(envelope), message_id=entry.task_id)
+        headers = broker_headers(envelope)
+        self.runtime.producer.tracing.created(task.options.queue, headers, entry.futures, entry.calls)
+        return OutgoingMessage(data, headers, message_id=entry.task_id)
 
     # -- on the loop ---------------------------------------------------------------------------------
 
@@ -256,7 +260,7 @@ class TaskClient(FutureOwner):
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
         """Publish a batch; arguments over the broker's threshold travel by reference (taskstream.payloads)."""
-        await self.runtime.app.broker.publish_batch(queue, await self.runtime.producer.offload_outgoing(messages))
+        await self.runtime.producer.publish_batch(queue, messages)
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue in self._declared:

@@ -382,6 +382,8 @@ class TaskWorker:
                 info.error = error_to_data(TypeError(f"the result of task {info.name} cannot travel: {exc}"))
         # Stored first, so a client that sees the result can also read it by id (read-your-writes).
         await self.runtime.store.finish(info)
+        run_time = info.finished_at - info.started_at if info.finished_at and info.started_at else None
+        self.runtime.app.metrics.task_finished(info.name, info.status, run_time)
         await self._publish_reply(envelope, reply)
 
     async def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
