@@ -283,6 +283,9 @@ def purge_command(
 
 
 def register(cli: typer.Typer) -> None:
-    """Add ``queues`` and ``dlq`` to the ``taskstream`` command."""
+    """Add ``queues``, ``dlq`` and ``console`` to the ``taskstream`` command."""
+    from taskstream.observe.console.cli import console_command
+
     cli.command("queues")(queues_command)
     cli.add_typer(dlq_cli)
+    cli.command("console")(console_command)
