@@ -22,7 +22,8 @@ any thread, without an event loop (a notebook, another process, the CLI). Every 
 URL                    Store                                                   Scope
 =====================  ======================================================  ===========================
 ``memory://[name]``    dict in this process (shared by name)                   one process
-``sqlite:///rel.db``   SQLite file, WAL mode; ``sqlite:////abs/path.db``       one host, many processes
+``sqlite:///rel.db``   SQLite file, WAL mode; ``sqlite:////abs/path.db``;      one host, many processes
+                       ``?synchronous=full`` to fsync every commit
 ``redis://h:p/db``     Redis hashes with EXPIRE, Lua for claim/cancel          many hosts
 =====================  ======================================================  ===========================
 """
@@ -36,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs
 
 from taskstream.errors import ConfigurationError
 from taskstream.settings import redact_url
@@ -199,6 +201,18 @@ class ResultStore(abc.ABC):
         return f"<{type(self).__name__} {redact_url(self.url)!r}>"
 
 
+def _sqlite_options(url: str, query: str) -> dict[str, str]:
+    """The options of a ``sqlite://`` URL's query string (``synchronous=normal|full``)."""
+    options: dict[str, str] = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        if key != "synchronous":
+            raise ConfigurationError(f"SQLite store URL {url!r}: unknown option {key!r} (known: synchronous)")
+        if values[-1].lower() not in ("normal", "full"):
+            raise ConfigurationError(f"SQLite store URL {url!r}: synchronous={values[-1]!r} is not one of normal, full")
+        options[key] = values[-1].lower()
+    return options
+
+
 def store_from_url(url: str, *, ttl: float = 86400.0) -> ResultStore:
     """Build the store for ``url`` (see the module table).
 
@@ -216,13 +230,13 @@ def store_from_url(url: str, *, ttl: float = 86400.0) -> ResultStore:
     if scheme == "sqlite":
         from taskstream.tasks.stores.sqlite import SQLiteResultStore
 
-        path = url.split("://", 1)[1]
+        path, _, query = url.split("://", 1)[1].partition("?")
         if not path.startswith("/"):
             raise ConfigurationError(f"bad SQLite store URL {url!r}: use sqlite:///relative.db or sqlite:////abs.db")
         path = path[1:]
         if not path:
             raise ConfigurationError(f"SQLite store URL {url!r} names no file")
-        return SQLiteResultStore(path, ttl=ttl)
+        return SQLiteResultStore(path, ttl=ttl, **_sqlite_options(url, query))
     if scheme in ("redis", "rediss"):
         try:
             import redis  # noqa: F401

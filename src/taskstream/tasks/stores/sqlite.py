@@ -1,7 +1,7 @@
 """The SQLite result store: one file shared by every process on a host (the default for real brokers).
 
-WAL journal, ``synchronous=NORMAL`` (no fsync per commit) and a busy timeout let clients and workers in many
-processes read and write the same file. The hot-path writes (``add_pending``, ``claim``, ``finish``) run on
+WAL journal and a busy timeout let clients and workers in many processes read and write the same file. The
+hot-path writes (``add_pending``, ``claim``, ``finish``) run on
 the loop's thread, no thread hand-off: while the store is quiet each write commits at once (tens of
 microseconds); once writes arrive faster, those made during one turn of the event loop are committed together
 in one transaction at the end of that turn, so thousands of tasks a second cost a few short commits.
@@ -9,6 +9,21 @@ in one transaction at the end of that turn, so thousands of tasks a second cost 
 
 Claim and cancel are single UPSERT statements guarded by ``WHERE status IN (...)``: SQLite serialises
 writers, so a task is either cancelled before it is claimed or claimed before it is cancelled, never both.
+
+Every statement is an index search (``EXPLAIN QUERY PLAN``): the primary key for get, claim, finish, refusals
+and cancel; the ``expires_at`` index for expiry. So a task costs the same with a million records in the file as
+with none. Expiry, WAL checkpoints and giving free pages back (``auto_vacuum=INCREMENTAL``) run on a thread of
+their own, bounded per pass, never inside a task's commit (:mod:`.sqlite_upkeep`): the file holds about a TTL's
+worth of records and shrinks when the load drops.
+
+Durability (``synchronous``, the ``?synchronous=`` URL option):
+
+* ``normal`` (default): a commit is in the WAL file before the write returns, so a record written before the
+  reply was published survives a crash of the worker process (what at-least-once needs: a redelivered task
+  finds its claim or its outcome). The WAL is fsynced at each checkpoint (every quarter second while written);
+  after a *power loss* the file is intact but the records of the last moments before it may be gone (their
+  tasks read as unknown or as an earlier state; their replies were already sent).
+* ``full``: every commit is fsynced (one fsync per batch of writes), so records also survive a power loss.
 """
 
 from __future__ import annotations
@@ -19,15 +34,18 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from taskstream.errors import ConfigurationError
 from taskstream.messages import dumps, loads
 from taskstream.tasks.errors import ResultStoreError
 from taskstream.tasks.stores.base import ResultStore, TaskInfo
+from taskstream.tasks.stores.sqlite_upkeep import Upkeep, UpkeepReport
 
-__all__ = ["SQLiteResultStore"]
+__all__ = ["SYNCHRONOUS_LEVELS", "SQLiteResultStore"]
 
 log = logging.getLogger("taskstream.tasks.sqlite")
 
@@ -89,19 +107,49 @@ _CANCEL = (
     "ON CONFLICT(task_id) DO UPDATE SET status = 'cancelled', finished_at = excluded.finished_at, "
     "expires_at = excluded.expires_at WHERE status = 'pending' OR expires_at < ?"
 )
-_PURGE = f"DELETE FROM {_TABLE} WHERE expires_at < ?"
-_PURGE_EVERY = 60.0
 _QUIET = 0.005  # seconds without a commit after which a write commits at once instead of waiting for the turn
 
 Op = Callable[[sqlite3.Connection], Any]
 
 
-def _connect(path: str) -> sqlite3.Connection:
+SYNCHRONOUS_LEVELS = ("normal", "full")
+_CACHE_KIB = 32 * 1024  # page cache of the task path's connection
+_MMAP_BYTES = 256 * 1024 * 1024  # reads of a large file through the OS page cache, without read() calls
+_WAL_LIMIT_BYTES = 16 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
+_VACUUM_ON_OPEN_BYTES = 256 * 1024 * 1024  # older files up to this size are converted to auto_vacuum at open
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new file (before its first table)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on the upkeep thread, never in a task's commit
+    conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
+    conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+    conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
     return conn
+
+
+def _enable_auto_vacuum(conn: sqlite3.Connection, path: Path) -> None:
+    """Convert a file made before ``auto_vacuum=INCREMENTAL`` (one VACUUM), if it is small enough to do it now."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    if page_size * pages > _VACUUM_ON_OPEN_BYTES:
+        log.warning(
+            "result store %s was made without auto_vacuum and is too large to convert at open; its size stays "
+            "bounded by the TTL but it will not shrink (run VACUUM on it while no worker uses it)",
+            path,
+        )
+        return
+    try:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as exc:  # busy: another process holds it; the next open tries again
+        log.info("result store %s not converted to auto_vacuum yet: %s", path, exc)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -157,22 +205,35 @@ class SQLiteResultStore(ResultStore):
     Args:
         path: the database file (created with its directory when missing).
         ttl: seconds a record is kept after its last write.
+        synchronous: ``"normal"`` (a record survives a crash of the process) or ``"full"`` (also a power
+            loss); see the module docstring.
+
+    Raises:
+        ConfigurationError: ``synchronous`` is not one of :data:`SYNCHRONOUS_LEVELS`.
+        ResultStoreError: the file cannot be opened or created.
     """
 
-    def __init__(self, path: str | Path, *, ttl: float = 86400.0) -> None:
+    def __init__(self, path: str | Path, *, ttl: float = 86400.0, synchronous: str = "normal") -> None:
+        if synchronous not in SYNCHRONOUS_LEVELS:
+            raise ConfigurationError(
+                f"SQLite result store synchronous={synchronous!r} is not one of {', '.join(SYNCHRONOUS_LEVELS)}"
+            )
         self.path = Path(path)
         self.ttl = ttl
-        self.url = f"sqlite:///{self.path}"
+        self.synchronous = synchronous
+        self.url = f"sqlite:///{self.path}" + ("" if synchronous == "normal" else f"?synchronous={synchronous}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = _connect(str(self.path))
+            self._conn = _connect(str(self.path), synchronous)
             _migrate(self._conn)
+            _enable_auto_vacuum(self._conn, self.path)
         except (sqlite3.Error, OSError) as exc:
             raise ResultStoreError(f"cannot open the SQLite result store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
         self._batch: list[tuple[Op, asyncio.Future[Any]]] = []
         self._last_commit = 0.0  # monotonic time of the last commit: a store quiet for _QUIET commits at once
-        self._next_purge = 0.0
+        self._upkeep = Upkeep(self.path, ttl=ttl)
+        weakref.finalize(self, self._upkeep.stop_soon)  # a store dropped without close() stops its thread
         self._closed = False
 
     # -- batched writes ------------------------------------------------------------------------------
@@ -183,6 +244,7 @@ class SQLiteResultStore(ResultStore):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if not self._batch:
+            self._upkeep.touch()
             if time.monotonic() - self._last_commit > _QUIET:
                 # A quiet store: commit this write now, in its own short transaction (no loop turn added).
                 self._batch.append((op, fut))
@@ -203,10 +265,6 @@ class SQLiteResultStore(ResultStore):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     results = [op(conn) for op, _ in batch]
-                    now = time.time()
-                    if now >= self._next_purge:
-                        self._next_purge = now + _PURGE_EVERY
-                        conn.execute(_PURGE, (now,))
                     conn.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -296,9 +354,24 @@ class SQLiteResultStore(ResultStore):
 
     def try_cancel(self, task_id: str) -> bool:
         now = time.time()
+        self._upkeep.touch()
         try:
             with self._lock:
                 return bool(self._conn.execute(_CANCEL, (task_id, now, now + self.ttl, now)).rowcount)
+        except sqlite3.Error as exc:
+            raise ResultStoreError(f"SQLite result store {self.path}: {exc}") from exc
+
+    def upkeep(self, *, now: float | None = None) -> UpkeepReport:
+        """Run one bounded upkeep pass now (the upkeep thread does this by itself while the store is used).
+
+        Deletes at most a few thousand expired records (those that expired before ``now``; default: the
+        current time), gives free pages back to the file system and checkpoints the WAL.
+
+        Raises:
+            ResultStoreError: the file could not be written.
+        """
+        try:
+            return self._upkeep.run_once(now=now)
         except sqlite3.Error as exc:
             raise ResultStoreError(f"SQLite result store {self.path}: {exc}") from exc
 
@@ -308,5 +381,6 @@ class SQLiteResultStore(ResultStore):
         self._closed = True
         if self._batch:
             self._commit_batch()
+        await asyncio.to_thread(self._upkeep.stop)
         with self._lock:
             self._conn.close()

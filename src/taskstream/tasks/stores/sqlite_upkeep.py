@@ -1,0 +1,201 @@
+"""Upkeep of a SQLite result store file: expiry, WAL checkpoints and shrinking, off the task path.
+
+Where the time of the SQLite store went (issue 15, measured with py-spy and per-statement timers on a
+20,000-task claim + finish + get loop): every statement the store runs is an index search (``EXPLAIN QUERY
+PLAN``: the primary key for get/claim/finish/cancel, the ``expires_at`` index for expiry), so the size of the
+table was not the problem. The problem was work that ran *inside* a task's commit on the event loop:
+
+* SQLite's automatic WAL checkpoint: every thousandth page written, one commit copied the WAL into the
+  database and fsynced it. One commit in a hundred took 10-50 ms instead of 35 us, about a third of all
+  the time spent in the store, and more the larger and colder the file;
+* the expiry ``DELETE ... WHERE expires_at < now`` ran unbounded in a commit once a minute, so after a day of
+  records the first task of each minute deleted a minute's worth of yesterday's rows;
+* the file never shrank (no auto-vacuum), so its pages were spread over a file that only grew.
+
+:class:`Upkeep` moves all three to a thread of its own with its own connection. The task path's connection
+never checkpoints (``wal_autocheckpoint=0``). The thread, every :data:`CHECKPOINT_EVERY` seconds while
+writes arrive:
+
+1. deletes expired records in batches of :data:`PURGE_BATCH` (each batch one short transaction, at most
+   :data:`PURGE_ROUNDS` batches per pass; a backlog is worked off pass by pass), every ``purge_every``
+   seconds (a quarter of the TTL, at most :data:`PURGE_EVERY`);
+2. gives free pages back to the file system with ``PRAGMA incremental_vacuum`` (``auto_vacuum=INCREMENTAL``),
+   keeping a reserve of free pages for the next inserts, at most :data:`VACUUM_PAGES` pages per pass;
+3. checkpoints the WAL (``PASSIVE``: it never waits for, nor blocks, a writer or a reader).
+
+So the file holds at most about a TTL's worth of records plus the reserve, and shrinks when the load drops.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "CHECKPOINT_EVERY",
+    "PURGE_BATCH",
+    "PURGE_EVERY",
+    "PURGE_ROUNDS",
+    "VACUUM_PAGES",
+    "Upkeep",
+    "UpkeepReport",
+    "purge_interval",
+]
+
+log = logging.getLogger("taskstream.tasks.sqlite")
+
+CHECKPOINT_EVERY = 0.25  # seconds between passes while the store is written
+PURGE_EVERY = 5.0  # at most this many seconds between expiry runs (a quarter of the TTL when shorter)
+PURGE_BATCH = 500  # expired records deleted per transaction
+PURGE_ROUNDS = 20  # transactions per pass: at most PURGE_BATCH * PURGE_ROUNDS deletions per pass
+VACUUM_PAGES = 4096  # pages given back to the file system per pass (16 MiB of 4 KiB pages)
+FREE_RESERVE_PAGES = 256  # free pages kept for the next inserts (plus an eighth of the file)
+
+_TABLE = "taskstream_tasks"
+_PURGE = (
+    f"DELETE FROM {_TABLE} WHERE task_id IN "
+    f"(SELECT task_id FROM {_TABLE} WHERE expires_at < ? ORDER BY expires_at LIMIT ?)"
+)
+
+
+def purge_interval(ttl: float) -> float:
+    """Seconds between expiry runs for a store whose records live ``ttl`` seconds."""
+    return max(CHECKPOINT_EVERY, min(PURGE_EVERY, ttl / 4))
+
+
+@dataclass(frozen=True, slots=True)
+class UpkeepReport:
+    """What one upkeep pass did.
+
+    Attributes:
+        purged: expired records deleted.
+        vacuumed: free pages given back to the file system.
+        backlog: whether expired records were left for the next pass (the per-pass bound was reached).
+    """
+
+    purged: int = 0
+    vacuumed: int = 0
+    backlog: bool = False
+
+
+class Upkeep:
+    """Expiry, checkpoints and shrinking of one result store file, on a daemon thread (see the module docstring).
+
+    Args:
+        path: the database file.
+        ttl: the store's record lifetime in seconds (sets how often expiry runs).
+    """
+
+    def __init__(self, path: Path, *, ttl: float) -> None:
+        self.path = path
+        self.purge_every = purge_interval(ttl)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._stop = threading.Event()
+        self._dirty = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_purge = 0.0
+        self._started = threading.Lock()
+
+    def touch(self) -> None:
+        """Note a write (the thread runs only while the store is written); starts the thread on first use."""
+        self._dirty.set()
+        if self._thread is None and not self._stop.is_set():
+            with self._started:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._loop, name=f"taskstream-store-upkeep:{self.path.name}", daemon=True
+                    )
+                    self._thread.start()
+
+    def run_once(self, *, now: float | None = None, purge: bool = True) -> UpkeepReport:
+        """Run one bounded pass now, on the calling thread: expiry (when ``purge``), shrink, checkpoint.
+
+        Raises:
+            sqlite3.Error: the file could not be written (the thread logs these and tries again later).
+        """
+        with self._lock:
+            conn = self._connection()
+            purged, backlog, vacuumed = 0, False, 0
+            if purge:
+                cutoff = time.time() if now is None else now
+                for _ in range(PURGE_ROUNDS):
+                    deleted = conn.execute(_PURGE, (cutoff, PURGE_BATCH)).rowcount
+                    purged += max(deleted, 0)
+                    backlog = deleted >= PURGE_BATCH
+                    if not backlog:
+                        break
+                vacuumed = _shrink(conn)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            return UpkeepReport(purged=purged, vacuumed=vacuumed, backlog=backlog)
+
+    def stop(self) -> None:
+        """Stop the thread after a last checkpoint, and close its connection. Idempotent."""
+        self.stop_soon()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30.0)
+        self._close_connection()
+
+    def stop_soon(self) -> None:
+        """Ask the thread to stop without waiting for it (it closes its connection as it leaves)."""
+        self._stop.set()
+        self._dirty.set()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._conn = conn
+        return self._conn
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self._dirty.wait(self.purge_every):
+                self._stop.wait(CHECKPOINT_EVERY)  # let a quarter second of writes gather in the WAL
+            if self._stop.is_set():
+                break
+            self._dirty.clear()
+            now = time.time()
+            purge = now >= self._next_purge
+            try:
+                report = self.run_once(now=now, purge=purge)
+            except sqlite3.Error as exc:
+                log.warning("result store upkeep of %s failed (tried again later): %s", self.path, exc)
+                continue
+            if purge:
+                self._next_purge = now + self.purge_every
+            if report.backlog:  # expired records remain: the next pass comes back for them
+                self._next_purge = now
+                self._dirty.set()
+        self._close_connection()
+
+    def _close_connection(self) -> None:
+        """A last checkpoint, then close the thread's connection."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.debug("last checkpoint of %s failed: %s", self.path, exc)
+                self._conn.close()
+                self._conn = None
+
+
+def _shrink(conn: sqlite3.Connection) -> int:
+    """Give free pages beyond the reserve back to the file system; returns how many (bounded per call)."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+        return 0
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    excess = free - max(FREE_RESERVE_PAGES, (pages - free) // 8)
+    if excess <= 0:
+        return 0
+    count = min(excess, VACUUM_PAGES)
+    conn.execute(f"PRAGMA incremental_vacuum({int(count)})").fetchall()
+    return int(count)
