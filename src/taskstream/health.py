@@ -1,4 +1,4 @@
-"""A tiny HTTP health and readiness server for a running App (asyncio only, no dependency).
+"""The HTTP health, readiness and metrics server of a running App or pipeline stage (aiohttp.web).
 
 =============  =====================================================================================
 Path           Answer
@@ -6,6 +6,8 @@ Path           Answer
 ``/healthz``   ``200`` while the process's event loop runs (liveness: restart the process if not).
 ``/readyz``    ``200`` when the app is started and every consumer it runs is consuming; ``503`` otherwise
                (before start, while stopping, after a consumer stopped on a broker failure).
+``/metrics``   Prometheus' text format from the app's registry (:mod:`taskstream.observe.metrics`);
+               ``404`` while metrics are off.
 =============  =====================================================================================
 
 Both answer a small JSON document; ``/readyz`` lists each consumer's queue, state and counters, so
@@ -17,9 +19,10 @@ consumers started, emptied on stop) with each consumer's ``running`` and ``stats
 themselves or on their ``worker``, as the task runtime does) or a boolean ``ready``; a broker
 that exposes a boolean ``connected`` must say ``True``.
 
-The CLI turns it on with ``--health-port`` (or ``TASKSTREAM_HEALTH_PORT``) on ``taskstream run`` and
-``taskstream worker``; ``TASKSTREAM_HEALTH_HOST`` picks the address (all interfaces by default, as containers and
-Kubernetes probes need).
+The CLI turns it on with ``--health-port`` (or ``TASKSTREAM_HEALTH_PORT``) on ``taskstream run``,
+``taskstream worker`` and ``taskstream pipeline run`` (which also turns metrics on);
+``TASKSTREAM_HEALTH_HOST`` picks the address (all interfaces by default, as containers and Kubernetes probes
+need). It needs aiohttp (``pip install 'taskstream[metrics]'``).
 
 Example:
     >>> async def example(app):
@@ -39,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
+from taskstream.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from taskstream.app import App
 
@@ -56,13 +61,11 @@ log = logging.getLogger("taskstream.health")
 DEFAULT_HEALTH_HOST = "0.0.0.0"  # probes come from outside the container or the pod
 
 HEALTH_ENV_VARS = {
-    "TASKSTREAM_HEALTH_PORT": "port of the health server of `taskstream run` / `taskstream worker` (off when unset)",
+    "TASKSTREAM_HEALTH_PORT": (
+        "port of the health and metrics server of `taskstream run`, `worker`, `pipeline run` (off when unset)"
+    ),
     "TASKSTREAM_HEALTH_HOST": f"address the health server binds ({DEFAULT_HEALTH_HOST} by default)",
 }
-
-_MAX_REQUEST_BYTES = 8192
-_READ_TIMEOUT = 5.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +141,16 @@ def app_readiness(app: App) -> Readiness:
 
 
 class HealthServer:
-    """Serves ``/healthz`` and ``/readyz`` on ``host:port`` from the running event loop.
+    """Serves ``/healthz``, ``/readyz`` and ``/metrics`` on ``host:port`` from the running event loop (aiohttp).
 
     Args:
-        app: the app whose readiness ``/readyz`` reports; ``None`` with ``check`` given.
+        app: the app whose readiness ``/readyz`` reports (and whose metrics ``/metrics`` serves); ``None`` with
+            ``check`` given.
         port: TCP port; ``0`` picks a free one (read it back from :attr:`port`).
         host: address to bind.
         check: a custom readiness check instead of :func:`app_readiness`.
+        registry: the ``prometheus_client`` registry ``/metrics`` serves; default the app's when its metrics are
+            on. Without one, ``/metrics`` answers ``404`` saying metrics are off.
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class HealthServer:
         port: int,
         host: str = DEFAULT_HEALTH_HOST,
         check: Callable[[], Readiness] | None = None,
+        registry: Any = None,
     ) -> None:
         if app is None and check is None:
             raise ValueError("HealthServer needs an app or a readiness check")
@@ -163,29 +170,51 @@ class HealthServer:
         self._custom_check = check
         self.host = host
         self._requested_port = port
-        self._server: asyncio.Server | None = None
+        if registry is None and app is not None and app.metrics.enabled:
+            registry = app.metrics.registry
+        self.registry = registry
+        self._runner: Any = None
+        self._bound: int | None = None
 
     @property
     def port(self) -> int:
         """The bound port (the requested one, or the one picked for ``0``)."""
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
-        return self._requested_port
+        return self._bound if self._bound is not None else self._requested_port
 
     async def start(self) -> None:
-        """Bind and start answering. Idempotent."""
-        if self._server is not None:
+        """Bind and start answering. Idempotent.
+
+        Raises:
+            ConfigurationError: aiohttp is not installed (``pip install 'taskstream[metrics]'``).
+        """
+        if self._runner is not None:
             return
-        self._server = await asyncio.start_server(self._handle, self.host, self._requested_port)
-        log.info("health server on http://%s:%d (/healthz, /readyz)", self.host, self.port)
+        try:
+            from aiohttp import web
+        except ModuleNotFoundError:
+            raise ConfigurationError(
+                "the health server (--health-port) needs aiohttp: pip install 'taskstream[metrics]'"
+            ) from None
+        server = web.Application()
+        server.router.add_route("*", "/{path:.*}", self._handle)
+        runner = web.AppRunner(server, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._requested_port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._bound = int(runner.addresses[0][1])
+        log.info("health server on http://%s:%d (/healthz, /readyz, /metrics)", self.host, self.port)
 
     async def stop(self) -> None:
         """Stop answering and close open connections."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
+        runner, self._runner = self._runner, None
+        if runner is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=2.0)
+                await asyncio.wait_for(runner.cleanup(), timeout=2.0)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -204,14 +233,17 @@ class HealthServer:
         return app_readiness(self._app)
 
     def answer(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
-        """The status and JSON body for one request (the whole routing, separate from the socket work)."""
+        """The status and JSON body for one request to ``/healthz`` or ``/readyz`` (the routing, apart from
+        the socket work; ``/metrics`` is answered in Prometheus' text format instead)."""
         path = path.split("?", 1)[0]
-        if path not in ("/healthz", "/readyz"):
-            return 404, {"error": f"no such path {path!r}; try /healthz or /readyz"}
+        if path not in ("/healthz", "/readyz", "/metrics"):
+            return 404, {"error": f"no such path {path!r}; try /healthz, /readyz or /metrics"}
         if method not in ("GET", "HEAD"):
             return 405, {"error": f"{method} is not allowed; use GET or HEAD"}
         if path == "/healthz":
             return 200, {"status": "ok"}
+        if path == "/metrics":
+            return 404, {"error": "metrics are off (App(metrics=True), or --health-port on the CLI)"}
         try:
             readiness = self.readiness()
         except Exception as exc:  # a broken check means "not ready", never a crashed server
@@ -219,42 +251,23 @@ class HealthServer:
             return 503, {"status": "not ready", "reason": f"readiness check failed: {type(exc).__name__}"}
         return (200 if readiness.ready else 503), readiness.as_json()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-                return
-            if len(head) > _MAX_REQUEST_BYTES:
-                await self._respond(writer, "GET", 400, {"error": "request head too large"})
-                return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                await self._respond(writer, "GET", 400, {"error": "malformed request line"})
-                return
-            method, path = parts[0].upper(), parts[1]
-            status, body = self.answer(method, path)
-            await self._respond(writer, method, status, body)
-        except Exception as exc:  # one bad client never takes the server down
-            log.debug("health request failed: %s: %s", type(exc).__name__, exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
 
-    @staticmethod
-    async def _respond(writer: asyncio.StreamWriter, method: str, status: int, body: dict[str, Any]) -> None:
-        payload = orjson.dumps(body) + b"\n"
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n"
-            "Cache-Control: no-store\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode("ascii")
-        writer.write(head if method == "HEAD" else head + payload)
-        await writer.drain()
+        method = request.method.upper()
+        if request.path == "/metrics" and method in ("GET", "HEAD") and self.registry is not None:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            response = web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        else:
+            status, body = self.answer(method, request.path)
+            response = web.Response(
+                body=orjson.dumps(body) + b"\n",
+                status=status,
+                headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
+            )
+        response.force_close()  # probes open one connection per request
+        return response
 
 
 async def serve_with_health(app: App, port: int, host: str = DEFAULT_HEALTH_HOST) -> None:
