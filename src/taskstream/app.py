@@ -119,7 +119,7 @@ class App:
             self._broker_setting = "App(broker=...)" if broker else env_name("broker_url")
             self.broker = check_broker_url(url, name=self._broker_setting, settings=self.settings)
             self.broker_url = redact_url(url)
-        self.metrics = resolve(metrics)
+        self.metrics: Recorder = resolve(metrics)
         """Where this app's metrics go (a no-op recorder when off)."""
         if self.metrics.enabled:
             attach(self.broker, self.metrics)  # every intake and producer on this broker records into it
@@ -221,6 +221,19 @@ class App:
         """Run ``func`` once when the app stops, after every consumer stopped."""
         self._shutdown.append(func)
         return func
+
+    def enable_metrics(self, metrics: bool | CollectorRegistry | Recorder = True) -> Recorder:
+        """Turn metrics on for an App built without them (the CLI does, for ``--health-port``); before start.
+
+        Returns:
+            The recorder (``app.metrics``); one already on is kept.
+        """
+        if not self.metrics.enabled:
+            self.metrics = resolve(metrics)
+            if self.metrics.enabled:
+                attach(self.broker, self.metrics)
+                self.producer.metrics = self.metrics
+        return self.metrics
 
     def add_component(self, component: Component) -> None:
         """Attach something with ``start(app)``/``stop()`` to this app's lifecycle."""

@@ -111,7 +111,9 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     health_port: Annotated[
         int | None,
-        typer.Option(envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz and /readyz on this port."),
+        typer.Option(
+            envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz, /readyz and /metrics on this port (metrics on)."
+        ),
     ] = None,
     health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
 ) -> None:
@@ -133,6 +135,7 @@ def run(
     else:
         from taskstream.health import serve_with_health
 
+        app.enable_metrics()
         asyncio.run(serve_with_health(app, health_port, health_host))
         if app.failure is not None:
             raise SystemExit(1)
