@@ -53,6 +53,70 @@ def check_env_file(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+def _app_files(spec: DeploySpec, files: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``write_files`` entries of the application files, gzip+base64 encoded under ``spec.workdir``."""
+    entries: list[dict[str, Any]] = []
+    for relative, content in sorted(files.items()):
+        if relative.startswith("/") or ".." in relative.split("/"):
+            raise ConfigurationError(f"application file paths must be relative and stay inside, got {relative!r}")
+        entries.append(
+            {
+                "path": f"{spec.workdir}/{relative}",
+                "permissions": "0644",
+                "encoding": "gz+b64",  # user data is small (16 KiB on EC2): code travels compressed
+                "content": _gz_b64(content),
+            }
+        )
+    return entries
+
+
+def _unit_files(spec: DeploySpec) -> list[dict[str, Any]]:
+    """``write_files`` entries of the systemd units."""
+    return [
+        {
+            "path": f"/etc/systemd/system/{spec.unit_name(stage)}",
+            "permissions": "0644",
+            "content": render_unit(spec, stage),
+        }
+        for stage in spec.units()
+    ]
+
+
+def _install_script(spec: DeploySpec, requirements: Sequence[str]) -> str:
+    """The shell line that checks Python, makes the venv, installs ``requirements`` and makes the directories."""
+    venv = spec.venv
+    return "; ".join(
+        [
+            "set -eu",
+            'python3 -c "import sys; sys.exit(sys.version_info < (3, 11))"'
+            " || { echo 'taskstream needs Python 3.11 or newer as python3' >&2; exit 1; }",
+            f"python3 -m venv {shlex.quote(venv)}",
+            f"{shlex.quote(venv)}/bin/pip install --quiet --no-cache-dir --upgrade pip",
+            f"{shlex.quote(venv)}/bin/pip install --quiet --no-cache-dir " + " ".join(map(shlex.quote, requirements)),
+            f"mkdir -p {shlex.quote(spec.workdir)} {shlex.quote(spec.env_dir)}",
+            f"chmod 0700 {shlex.quote(spec.env_dir)}",
+        ]
+    )
+
+
+def _system_user(name: str) -> list[Any]:
+    """``users`` entries: the image's default user and a locked system user ``name`` without a home."""
+    return [
+        "default",
+        {"name": name, "system": True, "shell": "/usr/sbin/nologin", "lock_passwd": True, "no_create_home": True},
+    ]
+
+
+def _header(spec: DeploySpec) -> str:
+    from taskstream import __version__
+
+    return (
+        "#cloud-config\n"
+        f"# Rendered by `taskstream deploy cloud-init` (taskstream {__version__}): deployment {spec.name!r}.\n"
+        "# Check: cloud-init schema --config-file THIS_FILE\n"
+    )
+
+
 def render_cloud_init(
     spec: DeploySpec,
     *,
@@ -70,73 +134,24 @@ def render_cloud_init(
         secrets: content of the environment file (``KEY=VALUE`` lines); ``None`` leaves it to the operator.
     """
     requirements = list(requirements) if requirements else default_requirements()
-    write_files: list[dict[str, Any]] = []
-    for relative, content in sorted((files or {}).items()):
-        if relative.startswith("/") or ".." in relative.split("/"):
-            raise ConfigurationError(f"application file paths must be relative and stay inside, got {relative!r}")
-        write_files.append(
-            {
-                "path": f"{spec.workdir}/{relative}",
-                "permissions": "0644",
-                "encoding": "gz+b64",  # user data is small (16 KiB on EC2): code travels compressed
-                "content": _gz_b64(content),
-            }
-        )
-    for stage in spec.units():
-        write_files.append(
-            {
-                "path": f"/etc/systemd/system/{spec.unit_name(stage)}",
-                "permissions": "0644",
-                "content": render_unit(spec, stage),
-            }
-        )
+    write_files = _app_files(spec, files or {}) + _unit_files(spec)
     if secrets is not None:
         write_files.append(
             {"path": spec.env_file, "owner": "root:root", "permissions": "0600", "content": check_env_file(secrets)}
         )
-
-    venv = spec.venv
-    install = "; ".join(
-        [
-            "set -eu",
-            'python3 -c "import sys; sys.exit(sys.version_info < (3, 11))"'
-            " || { echo 'taskstream needs Python 3.11 or newer as python3' >&2; exit 1; }",
-            f"python3 -m venv {shlex.quote(venv)}",
-            f"{shlex.quote(venv)}/bin/pip install --quiet --no-cache-dir --upgrade pip",
-            f"{shlex.quote(venv)}/bin/pip install --quiet --no-cache-dir " + " ".join(map(shlex.quote, requirements)),
-            f"mkdir -p {shlex.quote(spec.workdir)} {shlex.quote(spec.env_dir)}",
-            f"chmod 0700 {shlex.quote(spec.env_dir)}",
-        ]
-    )
     instances = [name for stage in spec.units() for name in spec.unit_instances(stage)]
     document: dict[str, Any] = {
         "package_update": True,
         "packages": ["python3", "python3-venv", "python3-pip"],
     }
     if spec.user:
-        document["users"] = [
-            "default",
-            {
-                "name": spec.user,
-                "system": True,
-                "shell": "/usr/sbin/nologin",
-                "lock_passwd": True,
-                "no_create_home": True,
-            },
-        ]
+        document["users"] = _system_user(spec.user)
     document["write_files"] = write_files
     document["runcmd"] = [
-        ["sh", "-c", install],
+        ["sh", "-c", _install_script(spec, requirements)],
         ["systemctl", "daemon-reload"],
         ["systemctl", "enable", "--now", *instances],
     ]
     waiting = "" if secrets is not None else f"; write {spec.env_file} (mode 0600), then systemctl start them"
     document["final_message"] = f"taskstream {spec.name}: enabled {' '.join(instances)}{waiting}"
-    from taskstream import __version__
-
-    header = (
-        "#cloud-config\n"
-        f"# Rendered by `taskstream deploy cloud-init` (taskstream {__version__}): deployment {spec.name!r}.\n"
-        "# Check: cloud-init schema --config-file THIS_FILE\n"
-    )
-    return header + yamlout.dump(document)
+    return _header(spec) + yamlout.dump(document)
