@@ -1,6 +1,9 @@
 """The in-process result store: a dict behind a lock, shared by name within one process.
 
-The default with the memory broker. Expired records are dropped when read and swept on writes.
+The default with the memory broker. Records are kept in the order of their last write, which is the order in
+which they expire (every write sets ``expires_at = now + ttl``). Expired records are dropped when read, and each
+write sweeps at most :data:`SWEEP_BATCH` expired records from the old end: never a scan of the whole store,
+so a write costs the same with a million records as with none, and the store holds about a TTL's worth.
 """
 
 from __future__ import annotations
@@ -8,16 +11,17 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 
 from taskstream.tasks.stores.base import FINAL_STATES, ResultStore, TaskInfo
 
-__all__ = ["MemoryResultStore"]
+__all__ = ["SWEEP_BATCH", "MemoryResultStore"]
 
 _SHARED: weakref.WeakValueDictionary[str, MemoryResultStore] = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
-_SWEEP_EVERY = 30.0
+SWEEP_BATCH = 64  # expired records dropped per write at most (more than one write adds: the sweep keeps up)
 
 
 class MemoryResultStore(ResultStore):
@@ -32,9 +36,8 @@ class MemoryResultStore(ResultStore):
     def __init__(self, *, ttl: float = 86400.0, name: str = "") -> None:
         self.ttl = ttl
         self.url = f"memory://{name}"
-        self._records: dict[str, TaskInfo] = {}
+        self._records: OrderedDict[str, TaskInfo] = OrderedDict()  # oldest last write first
         self._lock = threading.Lock()
-        self._next_sweep = time.time() + _SWEEP_EVERY
 
     @classmethod
     def shared(cls, name: str, *, ttl: float = 86400.0) -> MemoryResultStore:
@@ -48,6 +51,10 @@ class MemoryResultStore(ResultStore):
                 _SHARED[name] = store
             return store
 
+    def __len__(self) -> int:
+        """Records held, including expired ones not swept yet."""
+        return len(self._records)
+
     def _live(self, task_id: str, now: float) -> TaskInfo | None:
         record = self._records.get(task_id)
         if record is not None and record.expires_at is not None and record.expires_at < now:
@@ -55,20 +62,43 @@ class MemoryResultStore(ResultStore):
             return None
         return record
 
-    def _sweep(self, now: float) -> None:
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + _SWEEP_EVERY
-        for task_id in [k for k, v in self._records.items() if v.expires_at is not None and v.expires_at < now]:
-            del self._records[task_id]
+    def _put(self, record: TaskInfo, now: float) -> None:
+        """Store ``record`` as the newest write (it expires last), sweeping a few expired ones first."""
+        self.sweep(now, limit=SWEEP_BATCH, locked=True)
+        self._records[record.task_id] = record
+        self._records.move_to_end(record.task_id)
+
+    def sweep(self, now: float | None = None, *, limit: int | None = None, locked: bool = False) -> int:
+        """Drop records that expired before ``now`` (default: the current time), oldest first.
+
+        Args:
+            now: the time to compare ``expires_at`` with.
+            limit: drop at most this many (``None``: every expired one).
+            locked: the caller holds the store's lock.
+
+        Returns:
+            How many records were dropped.
+        """
+        if not locked:
+            with self._lock:
+                return self.sweep(now, limit=limit, locked=True)
+        cutoff = time.time() if now is None else now
+        dropped = 0
+        records = self._records
+        while records and (limit is None or dropped < limit):
+            task_id, oldest = next(iter(records.items()))
+            if oldest.expires_at is None or oldest.expires_at >= cutoff:
+                break
+            del records[task_id]
+            dropped += 1
+        return dropped
 
     async def add_pending(self, records: Sequence[TaskInfo]) -> None:
         now = time.time()
         with self._lock:
-            self._sweep(now)
             for record in records:
                 if self._live(record.task_id, now) is None:
-                    self._records[record.task_id] = record.with_ttl(self.ttl, now)
+                    self._put(record.with_ttl(self.ttl, now), now)
 
     async def claim(
         self, task_id: str, *, name: str, queue: str, worker: str, started_at: float, reply_to: str = ""
@@ -79,7 +109,7 @@ class MemoryResultStore(ResultStore):
             if record is not None and (record.status in FINAL_STATES or _other_submitter(record, reply_to)):
                 return replace(record)
             base = record or TaskInfo(task_id, name=name, queue=queue, submitted_at=started_at)
-            self._records[task_id] = replace(
+            claimed = replace(
                 base,
                 status="running",
                 started_at=started_at,
@@ -88,23 +118,24 @@ class MemoryResultStore(ResultStore):
                 expires_at=now + self.ttl,
                 reply_to=base.reply_to or reply_to,
             )
+            self._put(claimed, now)
             return None
 
     async def finish(self, info: TaskInfo) -> None:
         now = time.time()
         with self._lock:
-            self._records[info.task_id] = info.with_ttl(self.ttl, now)
+            self._put(info.with_ttl(self.ttl, now), now)
 
     async def record_refusal(self, info: TaskInfo) -> bool:
         now = time.time()
         with self._lock:
             record = self._live(info.task_id, now)
             if record is None:
-                self._records[info.task_id] = info.with_ttl(self.ttl, now)
+                self._put(info.with_ttl(self.ttl, now), now)
                 return True
             if record.status in FINAL_STATES or _other_submitter(record, info.reply_to):
                 return False
-            self._records[info.task_id] = replace(
+            refused = replace(
                 record,
                 name=record.name or info.name,
                 status=info.status,
@@ -115,6 +146,7 @@ class MemoryResultStore(ResultStore):
                 reply_to=record.reply_to or info.reply_to,
                 expires_at=now + self.ttl,
             )
+            self._put(refused, now)
             return True
 
     def get(self, task_id: str) -> TaskInfo | None:
@@ -129,7 +161,7 @@ class MemoryResultStore(ResultStore):
             if record is not None and record.status != "pending":
                 return False
             base = record or TaskInfo(task_id)
-            self._records[task_id] = replace(base, status="cancelled", finished_at=now, expires_at=now + self.ttl)
+            self._put(replace(base, status="cancelled", finished_at=now, expires_at=now + self.ttl), now)
             return True
 
 
