@@ -35,10 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import orjson
 
@@ -46,6 +46,7 @@ from taskstream.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from taskstream.app import App
+    from taskstream.brokers.base import Broker
 
 __all__ = [
     "DEFAULT_HEALTH_HOST",
@@ -53,10 +54,13 @@ __all__ = [
     "HealthServer",
     "Readiness",
     "app_readiness",
+    "run_with_health",
     "serve_with_health",
 ]
 
 log = logging.getLogger("taskstream.health")
+
+T = TypeVar("T")
 
 DEFAULT_HEALTH_HOST = "0.0.0.0"  # probes come from outside the container or the pod
 
@@ -268,6 +272,37 @@ class HealthServer:
             )
         response.force_close()  # probes open one connection per request
         return response
+
+
+async def run_with_health(
+    work: Awaitable[T], *, port: int, host: str = DEFAULT_HEALTH_HOST, broker: Broker, name: str
+) -> T:
+    """Run ``work`` (a pipeline stage, say) with health, readiness and metrics served, metrics on for ``broker``.
+
+    ``/readyz`` says ready while ``work`` runs; ``/metrics`` serves the recorder attached to ``broker`` (one is
+    made and attached when there is none), whose queue depths are polled meanwhile.
+    """
+    from taskstream.observe.metrics import attach, recorder_for, resolve
+
+    recorder = recorder_for(broker)
+    if not recorder.enabled:
+        recorder = resolve(True)
+        attach(broker, recorder)
+    task = asyncio.ensure_future(work)
+
+    def check() -> Readiness:
+        if task.done():
+            return Readiness(ready=False, reason=f"{name} has finished")
+        return Readiness(ready=True)
+
+    poller = asyncio.create_task(recorder.poll_depths(broker), name="taskstream:depths")
+    try:
+        async with HealthServer(port=port, host=host, check=check, registry=recorder.registry):
+            return await task
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
 
 
 async def serve_with_health(app: App, port: int, host: str = DEFAULT_HEALTH_HOST) -> None:

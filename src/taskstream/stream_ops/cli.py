@@ -72,6 +72,13 @@ def run_command(
     fresh: Annotated[bool, typer.Option(help="Forget this replica's snapshot (a new run, not a restart).")] = False,
     batch_size: Annotated[int, typer.Option(help="Items processed together.")] = 256,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz, /readyz and /metrics on this port (metrics on)."
+        ),
+    ] = None,
+    health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
 ) -> None:
     """Run a pipeline fused in this process, or one replica of one stage."""
     from taskstream.cli import _setup_logging
@@ -91,9 +98,13 @@ def run_command(
     bus = check_broker_url(broker, name="--broker" if broker else env_name("broker_url"))
     claim_check = claim_check_from_settings(settings)
     store = None if stage is None else open_state_store(state, settings, name="--state" if state else None)
-    result = asyncio.run(
-        _run_until_signal(_run(pipeline, stage, replica, bus, store, config=config, claim_check=claim_check))
-    )
+    work = _run(pipeline, stage, replica, bus, store, config=config, claim_check=claim_check)
+    if health_port is not None:
+        from taskstream.health import run_with_health
+
+        name = f"stage {stage!r} replica {replica}" if stage is not None else "the pipeline"
+        work = run_with_health(work, port=health_port, host=health_host, broker=bus, name=name)
+    result = asyncio.run(_run_until_signal(work))
     if result is not None:
         typer.echo(result.summary())
 
