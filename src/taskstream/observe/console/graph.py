@@ -89,8 +89,36 @@ def _add(total: float | None, value: float | None) -> float | None:
     return value if total is None else total + value
 
 
-def stage_figures(view: PipelineView, queues: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per stage: summed depth, depth rate and counter rates of its replicas' queues (``None`` when unknown)."""
+def _step_rates(row: StageRow, steps: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:
+    """A stage's stream counter rates: records in at its first step, out at its last, the others summed."""
+    out: dict[str, float | None] = {}
+    ordered = [steps[step] for step in row.steps if step in steps]
+    ordered += [figures for step, figures in sorted(steps.items()) if step not in row.steps]
+    for figures in ordered:
+        for name, rate in figures.items():
+            if name == "records_in":
+                out.setdefault(name, rate)
+            elif name == "records_out":
+                out[name] = rate
+            else:
+                out[name] = _add(out.get(name), rate)
+    return out
+
+
+def stage_figures(
+    view: PipelineView,
+    queues: Mapping[str, Mapping[str, Any]],
+    steps: Mapping[tuple[str, str, str], Mapping[str, float | None]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per stage: summed depth and depth rate of its replicas' queues, and its counter rates (``None``: unknown).
+
+    The rates are the stage's stream counters (``records_in`` at its first step, ``records_out`` at its last,
+    late and dead-lettered records summed) when ``steps`` has them, else the summed queue counters.
+    """
+    by_stage: dict[str, dict[str, Mapping[str, float | None]]] = {}
+    for (pipeline, stage, step), figures in (steps or {}).items():
+        if pipeline == view.name:
+            by_stage.setdefault(stage, {})[step] = figures
     out: dict[str, dict[str, Any]] = {}
     for row in view.stages:
         depth: float | None = None
@@ -107,10 +135,11 @@ def stage_figures(view: PipelineView, queues: Mapping[str, Mapping[str, Any]]) -
                 rates[name] = _add(rates.get(name), rate)
             if state.get("error"):
                 errors.append(str(state["error"]))
+        stream = _step_rates(row, by_stage.get(row.name, {}))
         out[row.name] = {
             "depth": depth,
             "depth_rate": depth_rate,
-            "rates": rates,
+            "rates": stream or rates,
             "error": "; ".join(errors) or None,
         }
     return out

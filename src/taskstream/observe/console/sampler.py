@@ -16,10 +16,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from taskstream.brokers.base import Broker
-from taskstream.observe.console.promtext import queue_counters
+from taskstream.observe.console.promtext import queue_counters, step_counters
 from taskstream.observe.queues import QueueInfo, inspect_queues
 from taskstream.settings import redact_url
 
@@ -62,6 +62,16 @@ class Series:
         return [value for _, value in list(self.points)[-n:]]
 
 
+K = TypeVar("K")
+
+
+def _merge(into: dict[K, dict[str, float]], found: Mapping[K, Mapping[str, float]]) -> None:
+    for key, figures in found.items():
+        mine = into.setdefault(key, {})
+        for name, value in figures.items():
+            mine[name] = mine.get(name, 0.0) + value
+
+
 @dataclass(slots=True)
 class _QueueHistory:
     info: QueueInfo | None = None
@@ -101,6 +111,7 @@ class Sampler:
         self.error: str | None = None
         self.metrics_error: str | None = None
         self._history = {queue: _QueueHistory() for queue in self.queues}
+        self._steps: dict[tuple[str, str, str], dict[str, Series]] = {}
         self._wake = asyncio.Event()
         self._session: Any = None
         self._lock = lock or asyncio.Lock()
@@ -151,26 +162,41 @@ class Sampler:
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT))
-        totals: dict[str, dict[str, float]] = {}
+        texts: list[str] = []
         errors: list[str] = []
         for url in self.metrics_urls:
             try:
                 async with self._session.get(url) as response:
                     response.raise_for_status()
-                    text = await response.text()
+                    texts.append(await response.text())
             except Exception as exc:
                 errors.append(self.scrub(f"{redact_url(url)}: {type(exc).__name__}: {exc}"))
-                continue
-            for queue, figures in queue_counters(text).items():
-                mine = totals.setdefault(queue, {})
-                for name, value in figures.items():
-                    mine[name] = mine.get(name, 0.0) + value
         self.metrics_error = "; ".join(errors) or None
-        for queue, figures in totals.items():
+        self._record_counters(now, texts)
+
+    def _record_counters(self, now: float, texts: list[str]) -> None:
+        """Add the counters of every endpoint (summed over the endpoints) to the history."""
+        queues: dict[str, dict[str, float]] = {}
+        steps: dict[tuple[str, str, str], dict[str, float]] = {}
+        for text in texts:
+            _merge(queues, queue_counters(text))
+            _merge(steps, step_counters(text))
+        for queue, figures in queues.items():
             history = self._history.get(queue)
             if history is not None:
                 for name, value in figures.items():
                     history.counters.setdefault(name, Series()).add(now, value)
+        for step, figures in steps.items():
+            series = self._steps.setdefault(step, {})
+            for name, value in figures.items():
+                series.setdefault(name, Series()).add(now, value)
+
+    def step_rates(self) -> dict[tuple[str, str, str], dict[str, float | None]]:
+        """Per (pipeline, stage, step): the rate of each stream counter."""
+        return {
+            step: {name: s.rate(counter=True) for name, s in sorted(series.items())}
+            for step, series in self._steps.items()
+        }
 
     def queue_state(self, queue: str) -> dict[str, Any]:
         """JSON-ready figures of one queue (``None`` where unknown)."""

@@ -72,7 +72,10 @@ async def queues_page(request: web.Request) -> web.Response:
 async def api_state(request: web.Request) -> web.Response:
     state = request.app[STATE]
     snapshot = state.sampler.snapshot()
-    snapshot["pipelines"] = {name: stage_figures(view, snapshot["queues"]) for name, view in state.pipelines.items()}
+    steps = state.sampler.step_rates()
+    snapshot["pipelines"] = {
+        name: stage_figures(view, snapshot["queues"], steps) for name, view in state.pipelines.items()
+    }
     return _json(snapshot)
 
 
@@ -278,7 +281,7 @@ async def pipeline_page(request: web.Request) -> web.Response:
         title=f"Pipeline {view.name}",
         page="pipeline",
         view=view,
-        figures=stage_figures(view, snapshot["queues"]),
+        figures=stage_figures(view, snapshot["queues"], state.sampler.step_rates()),
         dead_letter_figures=_dead_letter_figures(state, view.dead_letter),
         svg_error=svg_error,
         describe=view.plan.describe(),
