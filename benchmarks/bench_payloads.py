@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from common import Row, print_rows  # noqa: E402
 
 from taskstream.messages import Envelope, decode, encode  # noqa: E402
-from taskstream.payloads import BlobStore, ClaimCheck, LocalStore, decode_blob, encode_blob, store_from_url  # noqa: E402
+from taskstream.payloads import BlobStore, ClaimCheck, LocalStore, blob_store_from_url, decode_blob, encode_blob  # noqa: E402
 
 MOTO = "http://127.0.0.1:9324"
 
@@ -92,11 +92,11 @@ def stores(tmp: str) -> list[tuple[str, BlobStore]]:
     if answers(9324):
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-        s3 = store_from_url(f"s3://taskstream-bench/{prefix}?endpoint_url={MOTO}&region=us-east-1&create=1")
+        s3 = blob_store_from_url(f"s3://taskstream-bench/{prefix}?endpoint_url={MOTO}&region=us-east-1&create=1")
         assert s3 is not None
         found.append(("S3 (moto)", s3))
     if answers(10000):
-        azure = store_from_url(
+        azure = blob_store_from_url(
             f"azureblob://taskstream-bench/{prefix}?connection_string=UseDevelopmentStorage%3Dtrue&create=1"
         )
         assert azure is not None

@@ -32,7 +32,7 @@ import numpy as np
 
 from taskstream import App
 from taskstream.messages import encode
-from taskstream.payloads import BlobStore, store_from_url
+from taskstream.payloads import BlobStore, blob_store_from_url
 
 N_POINTS = 400_000
 K = 7
@@ -110,7 +110,7 @@ async def run(name: str, broker_url: str, store_url: str, *, prefix: str = "kmea
     ``TASKSTREAM_PAYLOAD_STORE_URL``. The client only knows the task's name and queue.
     """
     os.environ["TASKSTREAM_PAYLOAD_STORE_URL"] = store_url
-    store = store_from_url(store_url)
+    store = blob_store_from_url(store_url)
     assert store is not None
     queue = f"{prefix}-points"
 

@@ -219,11 +219,11 @@ def test_empty_variables_mean_unset_so_tasks_run(tmp_path: Path) -> None:
 
 
 def test_payload_store_url_errors_never_show_its_query() -> None:
-    from taskstream.payloads import store_from_url
+    from taskstream.payloads import blob_store_from_url
 
     for url in (f"s3:///prefix?aws_secret_access_key={SECRET}", f"azureblob:///p?connection_string={SECRET}"):
         with pytest.raises(ConfigurationError) as info:
-            store_from_url(url)
+            blob_store_from_url(url)
         assert SECRET not in str(info.value)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from taskstream.payloads import BlobStore, LocalStore, store_from_url
+from taskstream.payloads import BlobStore, LocalStore, blob_store_from_url
 
 MOTO_ENDPOINT = "http://127.0.0.1:9324"
 AZURITE_CONNECTION = "UseDevelopmentStorage=true"
@@ -42,10 +42,10 @@ def make_store(kind: str, tmp_path: Path) -> BlobStore:
         return LocalStore(tmp_path / "payloads")
     if kind == "s3":
         require(9324, "moto's server (S3 and SQS)", "sqs.sh")
-        store = store_from_url(s3_url(prefix))
+        store = blob_store_from_url(s3_url(prefix))
     elif kind == "azureblob":
         require(10000, "Azurite's blob service", "azurite.sh")
-        store = store_from_url(azure_url(prefix))
+        store = blob_store_from_url(azure_url(prefix))
     else:
         raise AssertionError(kind)
     assert store is not None

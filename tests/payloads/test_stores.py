@@ -13,7 +13,7 @@ from taskstream.payloads import (
     PayloadCorrupt,
     PayloadMissing,
     PayloadStoreError,
-    store_from_url,
+    blob_store_from_url,
 )
 from tests.payloads.conftest import azure_url, require, s3_url
 
@@ -52,16 +52,16 @@ async def test_unsafe_keys_are_refused(local_store: LocalStore, key: str) -> Non
 
 
 def test_store_urls_parse_and_locations_carry_no_secrets(tmp_path: object) -> None:
-    local = store_from_url("file:///var/tmp/ts-payloads")
+    local = blob_store_from_url("file:///var/tmp/ts-payloads")
     assert isinstance(local, LocalStore) and local.location.endswith("/var/tmp/ts-payloads")
-    s3 = store_from_url(s3_url("some/prefix"))
+    s3 = blob_store_from_url(s3_url("some/prefix"))
     assert s3 is not None and s3.location == "s3://taskstream-tests/some/prefix/"
     secret = "QWNjb3VudEtleVNlY3JldA=="
     conn = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={secret};EndpointSuffix=core.windows.net"
-    azure = store_from_url(f"azureblob://box/p?connection_string={conn.replace('=', '%3D').replace(';', '%3B')}")
+    azure = blob_store_from_url(f"azureblob://box/p?connection_string={conn.replace('=', '%3D').replace(';', '%3B')}")
     assert azure is not None and azure.location == "azureblob://acct/box/p/"
     assert secret not in repr(azure) and "testing" not in repr(s3)
-    assert store_from_url("none") is None and store_from_url("") is None
+    assert blob_store_from_url("none") is None and blob_store_from_url("") is None
 
 
 @pytest.mark.parametrize(
@@ -75,13 +75,13 @@ def test_store_urls_parse_and_locations_carry_no_secrets(tmp_path: object) -> No
 )
 def test_bad_store_urls_say_what_is_wrong(url: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message) as info:
-        store_from_url(url)
+        blob_store_from_url(url)
     assert "secret" not in str(info.value)
 
 
 @pytest.mark.sqs
 async def test_unreachable_s3_raises_store_error_without_secrets() -> None:
-    store = store_from_url(
+    store = blob_store_from_url(
         "s3://b/p?endpoint_url=http://127.0.0.1:9&region=us-east-1&aws_access_key_id=AKIDX"
         "&aws_secret_access_key=topsecret"
     )
@@ -95,7 +95,7 @@ async def test_unreachable_s3_raises_store_error_without_secrets() -> None:
 async def test_unreachable_azure_raises_store_error_without_secrets() -> None:
     require(10000, "Azurite's blob service", "azurite.sh")
     conn = "DefaultEndpointsProtocol=http;AccountName=acct;AccountKey=c2VjcmV0a2V5;BlobEndpoint=http://127.0.0.1:9/acct"
-    store = store_from_url(f"azureblob://box?connection_string={conn.replace('=', '%3D').replace(';', '%3B')}")
+    store = blob_store_from_url(f"azureblob://box?connection_string={conn.replace('=', '%3D').replace(';', '%3B')}")
     assert store is not None
     with pytest.raises(PayloadStoreError) as info:
         await store.put("x.tsb", b"1")
@@ -106,7 +106,7 @@ async def test_unreachable_azure_raises_store_error_without_secrets() -> None:
 async def test_s3_bucket_missing_without_create_is_a_store_error() -> None:
     require(9324, "moto's server (S3 and SQS)", "sqs.sh")
     url = s3_url("p").replace("taskstream-tests", "taskstream-no-such-bucket").replace("&create=1", "")
-    store = store_from_url(url)
+    store = blob_store_from_url(url)
     assert store is not None
     with pytest.raises(PayloadStoreError, match="NoSuchBucket"):
         await store.put("x.tsb", b"1")
@@ -115,7 +115,7 @@ async def test_s3_bucket_missing_without_create_is_a_store_error() -> None:
 @pytest.mark.azure
 async def test_azure_url_round_trip_on_azurite() -> None:
     require(10000, "Azurite's blob service", "azurite.sh")
-    store = store_from_url(azure_url("roundtrip"))
+    store = blob_store_from_url(azure_url("roundtrip"))
     assert store is not None and store.location == "azureblob://devstoreaccount1/taskstream-tests/roundtrip/"
     await store.put("k.tsb", b"abc")
     assert await store.get("k.tsb") == b"abc"

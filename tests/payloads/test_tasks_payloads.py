@@ -12,7 +12,7 @@ import pytest
 
 from taskstream.app import App
 from taskstream.brokers.memory import MemoryBroker
-from taskstream.payloads import store_from_url
+from taskstream.payloads import blob_store_from_url
 from taskstream.settings import Settings
 from tests.payloads.conftest import azure_url, s3_url
 
@@ -22,7 +22,7 @@ def total(points: np.ndarray, scale: float = 1.0) -> dict[str, Any]:
 
 
 async def count(url: str) -> int:
-    store = store_from_url(url)
+    store = blob_store_from_url(url)
     assert store is not None
     return len([b async for b in store.list()])
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 from taskstream.deploy.cli import build_spec, register, resolve_stages
 from taskstream.deploy.cloudinit import default_requirements, render_cloud_init
 from taskstream.deploy.k8s import manifests, render_k8s
-from taskstream.deploy.spec import DeploySpec, StageSpec, parse_stage
+from taskstream.deploy.spec import DeploySpec, DeployStage, parse_stage
 from taskstream.deploy.systemd import env_file_template, render_systemd, render_unit
 
 __all__ = [
     "DeploySpec",
-    "StageSpec",
+    "DeployStage",
     "build_spec",
     "default_requirements",
     "env_file_template",

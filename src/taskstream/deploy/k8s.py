@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskstream.deploy import yamlout
-from taskstream.deploy.spec import DeploySpec, StageSpec, dns_label
+from taskstream.deploy.spec import DeploySpec, DeployStage, dns_label
 
 __all__ = ["IMAGE_APP_DIR", "IMAGE_UID", "manifests", "render_k8s"]
 
@@ -22,7 +22,7 @@ IMAGE_APP_DIR = "/app"  # where the Dockerfile puts the application code
 _STATE_DIR = "/var/lib/taskstream"
 
 
-def _labels(spec: DeploySpec, stage: StageSpec | None, replica: int | None) -> dict[str, str]:
+def _labels(spec: DeploySpec, stage: DeployStage | None, replica: int | None) -> dict[str, str]:
     labels = {
         "app.kubernetes.io/name": "taskstream",
         "app.kubernetes.io/instance": spec.name,
@@ -33,7 +33,7 @@ def _labels(spec: DeploySpec, stage: StageSpec | None, replica: int | None) -> d
     return labels
 
 
-def _container(spec: DeploySpec, image: str, stage: StageSpec | None, replica: int | None) -> dict[str, Any]:
+def _container(spec: DeploySpec, image: str, stage: DeployStage | None, replica: int | None) -> dict[str, Any]:
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": IMAGE_APP_DIR, **spec.plain_env()}
     container: dict[str, Any] = {
         "name": "taskstream",
@@ -67,7 +67,7 @@ def _container(spec: DeploySpec, image: str, stage: StageSpec | None, replica: i
 
 
 def _deployment(
-    spec: DeploySpec, image: str, namespace: str | None, stage: StageSpec | None, replica: int | None
+    spec: DeploySpec, image: str, namespace: str | None, stage: DeployStage | None, replica: int | None
 ) -> dict[str, Any]:
     labels = _labels(spec, stage, replica)
     metadata: dict[str, Any] = {"name": spec.object_name(stage, replica), "labels": labels}

@@ -31,8 +31,8 @@ __all__ = [
     "OTHER_ENV_VARS",
     "SECRET_ENV_VARS",
     "DeploySpec",
+    "DeployStage",
     "Kind",
-    "StageSpec",
     "default_name",
     "dns_label",
     "is_secret_env",
@@ -105,7 +105,7 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
-class StageSpec:
+class DeployStage:
     """One pipeline stage and the replica indices to run of it.
 
     Attributes:
@@ -117,14 +117,14 @@ class StageSpec:
     replicas: tuple[int, ...] = (0,)
 
 
-def parse_stage(text: str) -> StageSpec:
+def parse_stage(text: str) -> DeployStage:
     """Parse ``NAME`` (replica 0), ``NAME=N`` (replicas 0..N-1) or ``NAME@I,J`` (exactly those replicas).
 
     Example:
         >>> parse_stage("window=3")
-        StageSpec(name='window', replicas=(0, 1, 2))
+        DeployStage(name='window', replicas=(0, 1, 2))
         >>> parse_stage("window@2")
-        StageSpec(name='window', replicas=(2,))
+        DeployStage(name='window', replicas=(2,))
     """
     match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:=(\d+)|@(\d+(?:,\d+)*))?", text.strip())
     if match is None:
@@ -133,10 +133,10 @@ def parse_stage(text: str) -> StageSpec:
     if count is not None:
         if int(count) < 1:
             raise ConfigurationError(f"stage {name!r} needs at least one replica, got {count}")
-        return StageSpec(name, tuple(range(int(count))))
+        return DeployStage(name, tuple(range(int(count))))
     if indices is not None:
-        return StageSpec(name, tuple(sorted({int(i) for i in indices.split(",")})))
-    return StageSpec(name)
+        return DeployStage(name, tuple(sorted({int(i) for i in indices.split(",")})))
+    return DeployStage(name)
 
 
 def default_name(target: str) -> str:
@@ -176,7 +176,7 @@ class DeploySpec:
     kind: Kind
     target: str
     name: str
-    stages: tuple[StageSpec, ...] = ()
+    stages: tuple[DeployStage, ...] = ()
     replicas: int = 1
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
@@ -228,7 +228,7 @@ class DeploySpec:
         """The Kubernetes Secret that holds the same variables as the environment file."""
         return f"{self.name}-secrets"
 
-    def unit_name(self, stage: StageSpec | None = None) -> str:
+    def unit_name(self, stage: DeployStage | None = None) -> str:
         """The systemd unit file name; stages and replicated workers are templates (``@.service``)."""
         if stage is not None:
             return f"taskstream-{self.name}-{dns_label(stage.name)}@.service"
@@ -236,7 +236,7 @@ class DeploySpec:
             return f"taskstream-{self.name}@.service"
         return f"taskstream-{self.name}.service"
 
-    def unit_instances(self, stage: StageSpec | None = None) -> list[str]:
+    def unit_instances(self, stage: DeployStage | None = None) -> list[str]:
         """The unit names to enable: one per replica for templates."""
         unit = self.unit_name(stage)
         if stage is not None:
@@ -245,11 +245,11 @@ class DeploySpec:
             return [unit.replace("@.", f"@{i}.") for i in range(self.replicas)]
         return [unit]
 
-    def units(self) -> list[StageSpec | None]:
+    def units(self) -> list[DeployStage | None]:
         """One entry per unit to render: each stage, or ``None`` for the single worker/run unit."""
         return list(self.stages) if self.kind == "stage" else [None]
 
-    def object_name(self, stage: StageSpec | None = None, replica: int | None = None) -> str:
+    def object_name(self, stage: DeployStage | None = None, replica: int | None = None) -> str:
         """Kubernetes object name of a stage replica (or of the worker)."""
         parts = [self.name]
         if stage is not None:
@@ -260,7 +260,7 @@ class DeploySpec:
 
     # -- command lines ----------------------------------------------------------------------------------
 
-    def command(self, stage: StageSpec | None = None, replica: str | int | None = None) -> list[str]:
+    def command(self, stage: DeployStage | None = None, replica: str | int | None = None) -> list[str]:
         """The taskstream arguments (after the ``taskstream`` program) one process runs."""
         if self.kind == "worker":
             argv = ["worker", self.target]

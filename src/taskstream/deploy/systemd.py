@@ -12,7 +12,7 @@ import re
 from importlib import resources
 from string import Template
 
-from taskstream.deploy.spec import DeploySpec, StageSpec
+from taskstream.deploy.spec import DeploySpec, DeployStage
 
 __all__ = ["env_file_template", "quote_exec_arg", "render_systemd", "render_unit"]
 
@@ -51,7 +51,7 @@ def _environment_line(name: str, value: str) -> str:
     return f'Environment="{text}"'
 
 
-def render_unit(spec: DeploySpec, stage: StageSpec | None = None) -> str:
+def render_unit(spec: DeploySpec, stage: DeployStage | None = None) -> str:
     """The unit file text for the worker (``stage=None``) or one stage of ``spec``."""
     from taskstream import __version__
 

@@ -39,8 +39,8 @@ from taskstream.payloads.base import (
     PayloadError,
     PayloadMissing,
     PayloadStoreError,
+    blob_store_from_url,
     redact_store_url,
-    store_from_url,
 )
 from taskstream.payloads.claimcheck import DEFAULT_HEADROOM, ClaimCheck, PayloadRef, is_reference, open_failure_reason
 from taskstream.payloads.codec import decode_blob, encode_blob
@@ -59,13 +59,13 @@ __all__ = [
     "PayloadRef",
     "PayloadStoreError",
     "S3Store",
+    "blob_store_from_url",
     "decode_blob",
     "default_directory",
     "encode_blob",
     "is_reference",
     "open_failure_reason",
     "redact_store_url",
-    "store_from_url",
 ]
 
 

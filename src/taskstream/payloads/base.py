@@ -1,4 +1,4 @@
-"""The blob store protocol, its errors, and ``store_from_url``.
+"""The blob store protocol, its errors, and ``blob_store_from_url``.
 
 A blob store keeps whole payloads under string keys. Three backends:
 
@@ -35,9 +35,9 @@ __all__ = [
     "PayloadError",
     "PayloadMissing",
     "PayloadStoreError",
+    "blob_store_from_url",
     "check_key",
     "redact_store_url",
-    "store_from_url",
 ]
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,511}$")
@@ -166,11 +166,11 @@ def _flag(value: str | None, default: bool = False) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def store_from_url(url: str, **options: Any) -> BlobStore | None:
+def blob_store_from_url(url: str, **options: Any) -> BlobStore | None:
     """Build the store for ``url`` (see the module table); ``none``/``off``/``""`` gives ``None``.
 
     Example:
-        >>> store_from_url("file:///tmp/payloads").location.endswith("/tmp/payloads")
+        >>> blob_store_from_url("file:///tmp/payloads").location.endswith("/tmp/payloads")
         True
 
     Raises:

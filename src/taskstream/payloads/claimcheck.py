@@ -38,7 +38,7 @@ import orjson
 from taskstream.brokers.base import OutgoingMessage
 from taskstream.errors import ConfigurationError, MalformedMessage, MessageError, MessageTooLarge
 from taskstream.messages import Envelope, decode
-from taskstream.payloads.base import BlobStore, PayloadCorrupt, PayloadError, check_key, store_from_url
+from taskstream.payloads.base import BlobStore, PayloadCorrupt, PayloadError, blob_store_from_url, check_key
 from taskstream.payloads.codec import decode_blob, encode_blob
 from taskstream.payloads.local import LocalStore, default_directory
 from taskstream.settings import Settings
@@ -196,7 +196,7 @@ class ClaimCheck:
         """From ``TASKSTREAM_PAYLOAD_STORE_URL`` (default: a local directory) and ``TASKSTREAM_PAYLOAD_THRESHOLD``."""
         settings = settings or Settings()
         url = settings.payload_store_url.get_secret_value() if settings.payload_store_url else None
-        store = store_from_url(url) if url is not None else LocalStore(default_directory())
+        store = blob_store_from_url(url) if url is not None else LocalStore(default_directory())
         return cls(store, threshold=settings.payload_threshold)
 
     @classmethod

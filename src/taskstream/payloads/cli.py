@@ -22,7 +22,7 @@ from typing import Annotated
 import typer
 
 from taskstream.errors import ConfigurationError
-from taskstream.payloads.base import BlobStore, store_from_url
+from taskstream.payloads.base import BlobStore, blob_store_from_url
 from taskstream.payloads.claimcheck import ClaimCheck
 from taskstream.settings import Settings
 
@@ -36,7 +36,7 @@ StoreOpt = Annotated[
 
 
 def _store(url: str | None) -> BlobStore:
-    store = store_from_url(url) if url is not None else ClaimCheck.from_settings().store
+    store = blob_store_from_url(url) if url is not None else ClaimCheck.from_settings().store
     if store is None:
         raise ConfigurationError("payload offloading is disabled (TASKSTREAM_PAYLOAD_STORE_URL=none): no store")
     return store
