@@ -4,6 +4,10 @@ Each step becomes a small runtime object with ``feed(items)``; outputs go straig
 ``feed`` (fused: no queue, no copy) or, across a stage boundary, into the :class:`Outbox`, which the runner
 publishes before acking the input. Stateful steps keep per-key logic, a timer heap and the set of keys changed
 since the last snapshot.
+
+Items may travel with their lineage (``ids``, parallel to the items; see :mod:`~taskstream.stream_ops.lineage`):
+a stateful step gives its window results and late records one, one-to-one steps keep it, and the Outbox derives
+each published record's id from it (or from the batch's lineage when an item has none).
 """
 
 from __future__ import annotations
@@ -13,13 +17,9 @@ import heapq
 import inspect
 import logging
 import traceback
-import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from taskstream.brokers.base import OutgoingMessage
-from taskstream.intake import dead_letter_headers
-from taskstream.messages import dumps
 from taskstream.stream_ops.core import (
     BatchOp,
     BranchNode,
@@ -30,112 +30,20 @@ from taskstream.stream_ops.core import (
     SourceNode,
     StageNode,
     StatefulNode,
+    is_keyed,
 )
+from taskstream.stream_ops.lineage import SEP
+from taskstream.stream_ops.outbox import DeadLetters, Ids, Outbox
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import NodeStats, RuntimeContext
 from taskstream.stream_ops.sinks import SinkWriter
 from taskstream.stream_ops.stateful import Emit, KeyedLogic
-from taskstream.stream_ops.wire import record_message
 
-__all__ = ["DeadLetters", "Executor", "Outbox"]
+__all__ = ["Executor"]
 
 log = logging.getLogger("taskstream.stream_ops")
 
-STATE_SEP = "\x1f"
-
-
-class DeadLetters:
-    """Records that could not be processed (a user function raised) or late records nobody consumes."""
-
-    def __init__(self, ctx: RuntimeContext) -> None:
-        self.ctx = ctx
-        self.pending: list[OutgoingMessage] = []
-        self.total = 0
-
-    def add(self, node_id: str, item: Any, reason: str) -> None:
-        self.total += 1
-        try:
-            body = dumps({"item": item})
-        except TypeError:
-            body = dumps({"item_repr": repr(item)[:2000]})
-        headers = dead_letter_headers(
-            {},
-            reason,
-            queue="",  # a record, not a delivery: it has no queue to go back to
-            message_id=None,
-            attempts=1,
-            **{
-                "x-pipeline": self.ctx.pipeline,
-                "x-step": node_id,
-                "x-stage": self.ctx.stage or "",
-                "x-replica": self.ctx.replica,
-            },
-        )
-        self.pending.append(OutgoingMessage(body, headers))
-        self.ctx.node_stats(node_id).dead_lettered += 1
-
-
-class Outbox:
-    """Items bound for other stages, encoded per destination queue; ``sent`` counts per queue."""
-
-    def __init__(self, plan: Plan, stage: StagePlan, replica: int, now: Callable[[], float]) -> None:
-        self.plan = plan
-        self.src = f"{stage.name}/{replica}"
-        self.now = now
-        self.pending: dict[str, list[OutgoingMessage]] = {}
-        self.sent: dict[str, int] = {}
-        self._rr: dict[str, int] = {}
-
-    def add(self, target: StagePlan, entries: list[str], items: list[Any]) -> dict[int, TypeError] | None:
-        """Encode ``items`` for ``target``'s queues.
-
-        Returns:
-            ``None`` when every item was queued; otherwise the index of each item that cannot be encoded
-            (a value the wire format does not carry) and its error. The others are queued.
-        """
-        now = self.now()
-        entry: str | list[str] = entries[0] if len(entries) == 1 else entries
-        n = target.parallelism
-        if n == 1:
-            queue = target.queue(0)
-            try:
-                messages = [record_message(item, entry, self.src, now) for item in items]
-            except TypeError:
-                return self._add_each(target, entry, items, now)
-            self.pending.setdefault(queue, []).extend(messages)
-            self.sent[queue] = self.sent.get(queue, 0) + len(messages)
-            return None
-        return self._add_each(target, entry, items, now)
-
-    def _add_each(
-        self, target: StagePlan, entry: str | list[str], items: list[Any], now: float
-    ) -> dict[int, TypeError] | None:
-        failed: dict[int, TypeError] | None = None
-        n = target.parallelism
-        queues = target.queues
-        for index, item in enumerate(items):
-            try:
-                message = record_message(item, entry, self.src, now)
-            except TypeError as exc:
-                if failed is None:
-                    failed = {}
-                failed[index] = exc
-                continue
-            if n == 1:
-                replica = 0
-            elif type(item) is tuple and len(item) == 2 and type(item[0]) is str:
-                replica = zlib.crc32(item[0].encode()) % n
-            else:
-                replica = self._rr.get(target.name, 0)
-                self._rr[target.name] = (replica + 1) % n
-            queue = queues[replica]
-            self.pending.setdefault(queue, []).append(message)
-            self.sent[queue] = self.sent.get(queue, 0) + 1
-        return failed
-
-    def take(self) -> dict[str, list[OutgoingMessage]]:
-        pending, self.pending = self.pending, {}
-        return pending
+STATE_SEP = SEP
 
 
 class _Target:
@@ -163,10 +71,11 @@ class NodeRuntime:
     async def close(self) -> None:
         return None
 
-    async def feed(self, items: list[Any]) -> None:
+    async def feed(self, items: list[Any], ids: Ids = None) -> None:
+        """Process ``items``; ``ids`` (when given) is their lineage, one entry (or ``None``) per item."""
         raise NotImplementedError
 
-    async def emit(self, port: str, items: list[Any]) -> None:
+    async def emit(self, port: str, items: list[Any], ids: Ids = None) -> None:
         if not items:
             return
         self.stats.items_out += len(items)
@@ -179,10 +88,11 @@ class NodeRuntime:
         unsendable: dict[int, TypeError] | None = None
         for target in targets:
             if isinstance(target, NodeRuntime):
-                await target.feed(items)
+                await target.feed(items, ids)
             else:
                 assert self.ex.outbox is not None
-                failed = self.ex.outbox.add(target.stage, target.entries, items)
+                origin = f"{self.node.id}:{port}"
+                failed = self.ex.outbox.add(target.stage, target.entries, items, ids, origin)
                 if failed:
                     unsendable = failed if unsendable is None else {**failed, **unsendable}
         if unsendable:
@@ -208,9 +118,9 @@ class NodeRuntime:
 class PassRuntime(NodeRuntime):
     """Sources, merges and stage boundaries: pass items on."""
 
-    async def feed(self, items: list[Any]) -> None:
+    async def feed(self, items: list[Any], ids: Ids = None) -> None:
         self.stats.items_in += len(items)
-        await self.emit("down", items)
+        await self.emit("down", items, ids)
 
 
 class OpRuntime(NodeRuntime):
@@ -246,23 +156,24 @@ class OpRuntime(NodeRuntime):
                 self.fail(item, exc)
         return out
 
-    async def feed(self, items: list[Any]) -> None:
+    async def feed(self, items: list[Any], ids: Ids = None) -> None:
         self.stats.items_in += len(items)
         chunk = self.op.chunk
         if chunk and len(items) > chunk:
             for i in range(0, len(items), chunk):
-                await self._feed(items[i : i + chunk])
+                await self._feed(items[i : i + chunk], None if ids is None else ids[i : i + chunk])
             return
-        await self._feed(items)
+        await self._feed(items, ids)
 
-    async def _feed(self, items: list[Any]) -> None:
+    async def _feed(self, items: list[Any], ids: Ids) -> None:
         try:
             out = await self._apply(items)
         except Exception as exc:
             self.fail(items[0], exc)
             return
         self.inputs = items
-        await self.emit("down", out)
+        keep = ids is not None and self.op.one_to_one and len(out) == len(items)  # output i is from input i
+        await self.emit("down", out, ids if keep else None)
 
     def unsendable(self, items: list[Any], failed: dict[int, TypeError]) -> None:
         """Dead-letter the record that produced each unsendable output, when it is known: the batch's only
@@ -283,23 +194,23 @@ class BranchRuntime(NodeRuntime):
         assert node.predicate is not None
         self.predicate = node.predicate
 
-    async def feed(self, items: list[Any]) -> None:
+    async def feed(self, items: list[Any], ids: Ids = None) -> None:
         self.stats.items_in += len(items)
         yes: list[Any] = []
         no: list[Any] = []
+        yes_ids: list[str | None] = []
+        no_ids: list[str | None] = []
         pred = self.predicate
-        try:
-            for item in items:
-                (yes if pred(item) else no).append(item)
-        except Exception:
-            yes, no = [], []
-            for item in items:
-                try:
-                    (yes if pred(item) else no).append(item)
-                except Exception as exc:
-                    self.fail(item, exc)
-        await self.emit("true", yes)
-        await self.emit("false", no)
+        for index, item in enumerate(items):
+            try:
+                ok = pred(item)
+            except Exception as exc:
+                self.fail(item, exc)
+                continue
+            (yes if ok else no).append(item)
+            (yes_ids if ok else no_ids).append(ids[index] if ids is not None else None)
+        await self.emit("true", yes, yes_ids if ids is not None else None)
+        await self.emit("false", no, no_ids if ids is not None else None)
 
 
 class StatefulRuntime(NodeRuntime):
@@ -315,6 +226,8 @@ class StatefulRuntime(NodeRuntime):
         # path); items read from a stage queue, or of unknown keying, are checked one by one.
         entries = ex.stage.entries if ex.stage is not None else ()
         self.trusted = node.keyed_input and node.id not in entries
+        self.origin: dict[int, str] = {}  # id(value) -> id of the message it came in (during a feed)
+        self.out_ids: dict[str, list[str | None]] = {}  # the lineage of the outputs being collected, per port
 
     def restore(self, states: dict[str, Any]) -> None:
         for key, state in states.items():
@@ -353,10 +266,14 @@ class StatefulRuntime(NodeRuntime):
                 self.fail(item, TypeError(f"{self.node.id} needs keyed (str, value) tuples: call key_by first"))
         return groups
 
-    async def feed(self, items: list[Any]) -> None:
+    async def feed(self, items: list[Any], ids: Ids = None) -> None:
         self.stats.items_in += len(items)
         out: dict[str, list[Any]] = {}
         logics = self.logics
+        if ids is not None:  # a late record keeps the id of the message that brought it
+            self.origin = {
+                id(item[1]): mid for item, mid in zip(items, ids, strict=True) if mid is not None and is_keyed(item)
+            }
         for key, values in self._group(items).items():
             logic = logics.get(key)
             if logic is None:
@@ -370,7 +287,15 @@ class StatefulRuntime(NodeRuntime):
                     self.fail((key, value), exc)
                 emitted = []
             self._collect(key, logic, emitted, out)
+        self.origin = {}
         await self._emit_all(out)
+
+    def _lineage(self, key: str, logic: KeyedLogic, port: str, value: Any) -> str | None:
+        own = logic.output_id(port, value)
+        if own is not None:
+            return f"{self.node.id}{SEP}{port}{SEP}{key}{SEP}{own}"
+        mid = self.origin.get(id(value))
+        return None if mid is None else f"{self.node.id}{SEP}{port}{SEP}{mid}"
 
     def _collect(self, key: str, logic: KeyedLogic, emitted: Emit, out: dict[str, list[Any]]) -> None:
         self.dirty.add(key)
@@ -380,6 +305,7 @@ class StatefulRuntime(NodeRuntime):
                 self.fail((key, bad), exc)
                 continue
             out.setdefault(port, []).append((key, value))
+            self.out_ids.setdefault(port, []).append(self._lineage(key, logic, port, value))
         if logic.is_empty():
             del self.logics[key]
         else:
@@ -389,10 +315,11 @@ class StatefulRuntime(NodeRuntime):
         late = out.get("late")
         if late:
             self.stats.late += len(late)
+        ids, self.out_ids = self.out_ids, {}
         for port in self.node.ports:
             items = out.get(port)
             if items:
-                await self.emit(port, items)
+                await self.emit(port, items, ids.get(port))
 
     async def tick(self, now: float) -> None:
         out: dict[str, list[Any]] = {}
@@ -432,7 +359,7 @@ class SinkRuntime(NodeRuntime):
     async def open(self) -> None:
         self.writer = await self.sink.open(self.ex.ctx)
 
-    async def feed(self, items: list[Any]) -> None:
+    async def feed(self, items: list[Any], ids: Ids = None) -> None:
         self.stats.items_in += len(items)
         assert self.writer is not None, "sink used before open"
         await self.writer.write(items)
@@ -513,8 +440,8 @@ class Executor:
         if errors:
             raise errors[0]
 
-    async def feed(self, node_id: str, items: list[Any]) -> None:
-        await self.runtimes[node_id].feed(items)
+    async def feed(self, node_id: str, items: list[Any], ids: Ids = None) -> None:
+        await self.runtimes[node_id].feed(items, ids)
 
     def next_notify(self) -> float | None:
         times = [t for r in self.timed if (t := r.next_notify()) is not None]

@@ -4,13 +4,15 @@ Per input batch (a source batch, or deliveries from the stage's queue):
 
 1. feed the items through the runtime's steps (fused steps are plain calls);
 2. publish what crossed into other stages (and dead letters) and wait until the broker has it;
-3. commit a snapshot to the state store: the changed keys of stateful steps, end-of-stream accounting and
-   the ids of the messages just applied;
+3. commit a snapshot to the state store: the changed keys of stateful steps, end-of-stream accounting, the
+   ids of the messages just applied and the position of resumable sources;
 4. ack the input.
 
-A crash between 2 and 4 redelivers the input: the snapshot says which ids were applied already, so they are
-skipped (no double counting); results published twice are the same results (sinks with a primary key store
-them once). A crash before 3 loses nothing: the state is the previous snapshot and the input comes back.
+A crash between 2 and 4 redelivers the input (or, for a source stage, reads the source again from the committed
+position): the snapshot says which ids were applied already, so they are skipped (no double counting). The
+outputs published again carry the ids they had (derived from their lineage, :mod:`~taskstream.stream_ops.lineage`),
+so the replica downstream skips them too. A crash before 3 loses nothing: the state is the previous snapshot and
+the input comes back.
 
 End-of-stream: a finite source ending, or every upstream replica's ``eos`` (each carrying how many records it
 sent here, so a record still in flight after a restart is waited for), or a ``Stop``, or the stage's bounds
@@ -27,7 +29,6 @@ reason; a store that cannot be reached requeues it with a growing pause.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -42,7 +43,9 @@ from taskstream.messages import is_envelope_document
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
 from taskstream.producer import Producer
 from taskstream.stream_ops.core import SourceNode
-from taskstream.stream_ops.executor import Executor, Outbox
+from taskstream.stream_ops.executor import Executor
+from taskstream.stream_ops.lineage import AppliedIds, derive_id
+from taskstream.stream_ops.outbox import Outbox
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import NodeStats, RuntimeContext
 from taskstream.stream_ops.sources.base import Source, SourceBatch
@@ -65,7 +68,8 @@ class RunConfig:
         max_queue_depth: a stage pauses publishing while a downstream queue holds more than this (``None``: no
             limit); keeps memory bounded when a later stage is slow.
         fresh: forget this replica's snapshot before starting (a new run, not a restart).
-        remember_batches: how many recent batches' message ids a snapshot keeps for skipping redeliveries.
+        remember_per_sender: how many ids of the records applied from each upstream sender a snapshot keeps, to
+            skip redeliveries and records published again.
     """
 
     batch_size: int = 256
@@ -73,7 +77,7 @@ class RunConfig:
     linger: float = 0.005
     max_queue_depth: int | None = 10_000
     fresh: bool = False
-    remember_batches: int = 3
+    remember_per_sender: int = 4096
 
 
 @dataclass
@@ -137,12 +141,13 @@ class Runner:
         self.executor = Executor(plan, self.ctx, stage=self.stage, outbox=self.outbox)
         self.namespace = f"{plan.pipeline}/{stage}/{replica}"
         self.src = f"{stage}/{replica}"
-        self.uses_store = self.stage is not None and bool(self.stage.entries or self.stage.stateful)
+        resumable = any(source.resumable for source in self.sources.values())
+        self.uses_store = self.stage is not None and bool(self.stage.entries or self.stage.stateful or resumable)
         # end-of-stream accounting (persisted in the snapshot)
         self.counts: dict[str, int] = {}
         self.eos: dict[str, int] = {}
-        self.recent: collections.deque[list[str]] = collections.deque(maxlen=self.config.remember_batches)
-        self.recent_ids: set[str] = set()
+        self.applied = AppliedIds(self.config.remember_per_sender)
+        self.positions: dict[str, Any] = {}  # source step -> where it stands (resumable sources)
         self.received = 0
         self.duplicates = 0
         self.stop_requested = False
@@ -189,9 +194,11 @@ class Runner:
         self.received = int(meta.get("received", 0))
         if self.outbox is not None:
             self.outbox.sent = dict(meta.get("sent", {}))
-        for ids in meta.get("applied", []):
-            self.recent.append(list(ids))
-            self.recent_ids.update(ids)
+        self.positions = dict(meta.get("positions", {}))
+        self.applied.restore(rows)
+        for ids in meta.get("applied", []):  # snapshots written before ids were kept per sender
+            for mid in ids:
+                self.applied.add("", mid)
         log.info("%s: restored snapshot (%d keys of state)", self.namespace, len(rows) - 1)
         return bool(meta.get("finished"))
 
@@ -286,9 +293,11 @@ class Runner:
             except TimeoutError:
                 if idle is not None and time.monotonic() - last_input >= idle:
                     return f"idle_timeout ({idle} s)"
+                if self.outbox is not None:
+                    self.outbox.begin(f"tick@{self.ctx.now()!r}")
                 await self.executor.tick(self.ctx.now())
                 await self._flush()
-                await self._commit([])
+                await self._commit()
                 continue
             kind = message[0]
             if kind == "error":
@@ -301,14 +310,18 @@ class Runner:
                 _, node_id, batch = message
                 assert isinstance(batch, SourceBatch)
                 self.received += len(batch.items)
+                if self.outbox is not None:  # ids of what this batch sends: from where the batch starts
+                    self.outbox.begin(f"{node_id}@{self.positions.get(node_id)!r}")
                 await self.executor.feed(node_id, batch.items)
-                await self._after_batch([])
+                if batch.position is not None:
+                    self.positions[node_id] = batch.position
+                await self._after_batch()
                 if batch.ack is not None:
                     await batch.ack()
             elif kind == "deliveries":
                 deliveries: list[Delivery] = message[1]
-                settle, ids, refs = await self._apply(deliveries, max_messages)
-                await self._after_batch(ids)
+                settle, refs = await self._apply(deliveries, max_messages)
+                await self._after_batch()
                 for delivery in settle:
                     await delivery.ack()
                 for ref in refs:  # acked for good: the payloads can go
@@ -316,23 +329,23 @@ class Runner:
             elif kind == "queue-end":
                 raise BrokerConnectionError(f"the subscription to {stage.queue(self.replica)!r} ended")  # type: ignore[union-attr]
 
-    async def _after_batch(self, ids: list[str]) -> None:
+    async def _after_batch(self) -> None:
         if self.executor.timed:
             await self.executor.tick(self.ctx.now())
         await self._flush()
-        await self._commit(ids)
+        await self._commit()
 
     async def _apply(
         self, deliveries: list[Delivery], max_messages: int | None
-    ) -> tuple[list[Delivery], list[str], list[PayloadRef]]:
-        """Decode and feed a batch of deliveries; returns those to ack, the ids applied and the payload
-        references to release after the ack (not those of dead-lettered messages: they keep their payload)."""
+    ) -> tuple[list[Delivery], list[PayloadRef]]:
+        """Decode and feed a batch of deliveries; returns those to ack and the payload references to release
+        after the ack (not those of dead-lettered messages: they keep their payload)."""
         assert self.stage is not None and self.intake is not None
         entries, intake = self.stage.entries, self.intake
         settle: list[Delivery] = []
         ids: list[str] = []
         refs: list[PayloadRef] = []
-        groups: list[tuple[str | tuple[str, ...], list[Any]]] = []
+        groups: list[tuple[str | tuple[str, ...], list[Any], list[str | None]]] = []
         for index, delivery in enumerate(deliveries):
             if self.stop_requested or (max_messages is not None and self.received >= max_messages):
                 for rest in deliveries[index:]:
@@ -372,15 +385,15 @@ class Runner:
             self.received += 1
             if groups and groups[-1][0] == entry:
                 groups[-1][1].append(item)
+                groups[-1][2].append(mid)
             else:
-                groups.append((entry, [item]))
-        for group_entry, items in groups:
-            if isinstance(group_entry, tuple):
-                for node_id in group_entry:
-                    await self.executor.feed(node_id, items)
-            else:
-                await self.executor.feed(group_entry, items)
-        return settle, ids, refs
+                groups.append((entry, [item], [mid]))
+        if self.outbox is not None:  # ids of what this batch sends: from the ids of its messages
+            self.outbox.begin(derive_id(*sorted(ids)))
+        for group_entry, items, item_ids in groups:
+            for node_id in group_entry if isinstance(group_entry, tuple) else (group_entry,):
+                await self.executor.feed(node_id, items, item_ids)
+        return settle, refs
 
     def _route(
         self, doc: Any, delivery: Delivery, entries: list[str]
@@ -396,11 +409,12 @@ class Runner:
                 raise MalformedMessage("raw message on a stage queue with several entry steps")
             return None, entries[0], doc
         record = read_record(doc, delivery.message_id)
-        if record.id in self.recent_ids:
+        if record.id in self.applied:
             self.duplicates += 1
             return None
         if record.kind == "control":
             self._control(record.body)
+            self.applied.add("control", record.id)
             return record.id, None, None
         if record.kind != "record":
             raise MalformedMessage(f"malformed message: a stage reads records, not envelopes of kind {record.kind!r}")
@@ -411,6 +425,7 @@ class Runner:
             raise MalformedMessage(f"record for step {to!r}, which is not an entry of this stage")
         if record.src:
             self.counts[record.src] = self.counts.get(record.src, 0) + 1
+        self.applied.add(record.src or "", record.id)
         item = (record.key, record.body) if record.key is not None else record.body
         return record.id, entry, item
 
@@ -438,10 +453,7 @@ class Runner:
     # -- publishing, snapshots, end-of-stream ---------------------------------------------------------
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
-        messages = await self.producer.offload_outgoing(messages)  # large records travel by reference
-        step = max(1, self.broker.capabilities.max_batch)
-        for i in range(0, len(messages), step):
-            await self.broker.publish_batch(queue, messages[i : i + step])
+        await self.producer.publish_batch(queue, messages)  # large records travel by reference
 
     async def _flush(self) -> None:
         pending = self.outbox.take() if self.outbox is not None else {}
@@ -473,20 +485,15 @@ class Runner:
             "eos": self.eos,
             "received": self.received,
             "sent": self.outbox.sent if self.outbox is not None else {},
-            "applied": list(self.recent),
+            "positions": self.positions,
             "finished": finished,
         }
 
-    async def _commit(self, ids: list[str], *, finished: bool = False) -> None:
+    async def _commit(self, *, finished: bool = False) -> None:
         if not self.uses_store or self.store is None:
             return
-        if ids:
-            if len(self.recent) == self.recent.maxlen:
-                for old in self.recent[0]:
-                    self.recent_ids.discard(old)
-            self.recent.append(ids)
-            self.recent_ids.update(ids)
         updates = self.executor.snapshot_delta()
+        updates.update(self.applied.changes())
         updates["meta"] = self._meta(finished)
         await self.store.commit(self.namespace, updates)
 
@@ -501,9 +508,11 @@ class Runner:
                 await self.broker.publish(queue, message.body, headers=message.headers, message_id=message.message_id)
 
     async def _finish(self) -> None:
+        if self.outbox is not None:
+            self.outbox.begin("end-of-stream")
         await self.executor.finish()
         await self._flush()
-        await self._commit([], finished=True)
+        await self._commit(finished=True)
         await self._send_eos()
         if self.uses_store and self.store is not None:
             await self.store.clear(self.namespace)
@@ -511,7 +520,7 @@ class Runner:
     # -- readers --------------------------------------------------------------------------------------
 
     async def _read_source(self, node_id: str, source: Source, inbox: asyncio.Queue[tuple[Any, ...]]) -> None:
-        batches = source.batches(self.ctx, self.config.batch_size)
+        batches = source.open_batches(self.ctx, self.config.batch_size, self.positions.get(node_id))
         try:
             while True:
                 if source.idle_timeout is not None and not source.handles_idle:

@@ -45,6 +45,14 @@ class KeyedLogic(abc.ABC):
         """True when the logic holds nothing worth keeping; the runtime then drops it."""
         return False
 
+    def output_id(self, port: str, value: Any) -> str | None:
+        """What identifies ``value`` (just emitted on ``port``) among this key's outputs, if anything does.
+
+        A window names its result by the window, so a result made again after a restart carries the same record
+        id downstream (see :mod:`~taskstream.stream_ops.lineage`). ``None``: the output has no identity of its own.
+        """
+        return None
+
     @abc.abstractmethod
     def snapshot(self) -> Any:
         """The state as JSON data."""

@@ -38,9 +38,13 @@ RECORD_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record"}
 CONTROL_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "control"}
 
 
-def record_message(item: Any, to: str | list[str], src: str, now: float) -> OutgoingMessage:
-    """Encode one item for the stage queue of step ``to`` (or of several steps of that stage)."""
-    mid = new_id()
+def record_message(item: Any, to: str | list[str], src: str, now: float, mid: str | None = None) -> OutgoingMessage:
+    """Encode one item for the stage queue of step ``to`` (or of several steps of that stage).
+
+    ``mid`` is the record's id (derived from its lineage, :mod:`~taskstream.stream_ops.lineage`); a new random
+    one when not given.
+    """
+    mid = mid or new_id()
     doc: dict[str, Any] = {
         "ts": WIRE_VERSION,
         "id": mid,

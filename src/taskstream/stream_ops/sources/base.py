@@ -5,6 +5,14 @@ went through the whole stage and what it produced was published downstream, then
 slow sink slows the source (bounded memory), and a source backed by a queue acks a message only after its
 results are safe.
 
+A source with a position (``resumable = True``: list and iterable index, JSON Lines offset, simulated
+sensor sequence) says in each batch's ``position`` where the batch ends, as JSON data. A stage replica commits
+that position with its snapshot, after the batch's outputs were published, and a restarted replica opens the
+source with :meth:`Source.open_batches` at the committed position: it goes on where it was instead of replaying
+from the start. Sources without one (ZeroMQ, HTTP polling, async iterables, the camera) cannot be replayed:
+after a restart they give whatever comes next. A ``QueueSource``'s position is its queue (unacked messages
+return).
+
 Every source can be bounded: ``max_items`` (stop after that many items) and ``idle_timeout`` (stop when no item
 came for that many seconds). A source ends by returning; the runtime then sends end-of-stream downstream.
 """
@@ -31,10 +39,14 @@ def is_stop(value: Any) -> bool:
 
 @dataclass(slots=True)
 class SourceBatch:
-    """Items read together; ``ack`` (when set) is awaited once they were processed and published."""
+    """Items read together; ``ack`` (when set) is awaited once they were processed and published.
+
+    ``position`` (resumable sources) is where the source stands after these items, as JSON data.
+    """
 
     items: list[Any]
     ack: Callable[[], Awaitable[None]] | None = None
+    position: Any = None
 
 
 class Source(abc.ABC):
@@ -68,9 +80,19 @@ class Source(abc.ABC):
             return batch_size
         return max(0, min(batch_size, self.max_items - emitted))
 
+    #: True when the source's batches carry a ``position`` it can be reopened at (see the module docstring).
+    resumable = False
+
     @abc.abstractmethod
     def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
         """Yield batches of at most ``batch_size`` items until the source ends."""
+
+    def open_batches(self, ctx: RuntimeContext, batch_size: int, position: Any = None) -> AsyncIterator[SourceBatch]:
+        """:meth:`batches`, starting after ``position`` (a batch's ``position``) when given.
+
+        Resumable sources override this; the others start wherever they are (they cannot be replayed).
+        """
+        return self.batches(ctx, batch_size)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"

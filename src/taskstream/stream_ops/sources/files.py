@@ -53,27 +53,43 @@ class JsonLinesSource(Source):
         self.poll_interval = poll_interval
         self.bad_lines = 0
 
-    async def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
+    resumable = True  # position: {"offset": bytes read up to the end of the batch's last line, "emitted": items}
+
+    def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
+        return self.open_batches(ctx, batch_size)
+
+    async def open_batches(
+        self, ctx: RuntimeContext, batch_size: int, position: Any = None
+    ) -> AsyncIterator[SourceBatch]:
         while self.follow and not self.path.exists():
             await asyncio.sleep(self.poll_interval)
-        emitted = 0
+        emitted = int(position["emitted"]) if position else 0
         pending = b""
         with open(self.path, "rb") as f:  # noqa: ASYNC230 - a local file; the reads below run on a thread
-            if self.from_end:
+            if position:
+                f.seek(int(position["offset"]))
+            elif self.from_end:
                 f.seek(0, os.SEEK_END)
+            done = f.tell()  # the offset just after the last line looked at
+
+            def batch(items: list[Any]) -> SourceBatch:
+                return SourceBatch(items, position={"offset": done, "emitted": emitted})
+
             items: list[Any] = []
             while True:
                 chunk = await asyncio.to_thread(f.read, CHUNK)
                 if not chunk:
                     if items:
                         emitted += len(items)
-                        yield SourceBatch(items)
+                        yield batch(items)
                         items = []
                     if not self.follow:
                         if pending.strip():
                             value = self._parse(pending)
+                            done += len(pending)
                             if value is not None and not is_stop(value) and self.room(emitted, 1):
-                                yield SourceBatch([value])
+                                emitted += 1
+                                yield batch([value])
                         return
                     await asyncio.sleep(self.poll_interval)
                     continue
@@ -81,6 +97,7 @@ class JsonLinesSource(Source):
                 lines = data.split(b"\n")
                 pending = lines.pop()
                 for line in lines:
+                    done += len(line) + 1
                     if not line.strip():
                         continue
                     value = self._parse(line)
@@ -88,13 +105,14 @@ class JsonLinesSource(Source):
                         continue
                     if is_stop(value):
                         if items:
-                            yield SourceBatch(items)
+                            emitted += len(items)
+                            yield batch(items)
                         return
                     items.append(value)
                     room = self.room(emitted, batch_size)
                     if len(items) >= room:
                         emitted += len(items)
-                        yield SourceBatch(items)
+                        yield batch(items)
                         items = []
                         if self.room(emitted, 1) == 0:
                             return

@@ -114,12 +114,23 @@ class SimulatedSensor(Source):
             yield {"sensor": names[k], "seq": i, "t": round(t, 6), "value": None if value is None else round(value, 4)}
             i += 1
 
-    async def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
-        start = self.start if self.start is not None else ctx.now()
+    resumable = True  # position: {"start", "seq"}: the stream's start and the readings already taken
+
+    def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
+        return self.open_batches(ctx, batch_size)
+
+    async def open_batches(
+        self, ctx: RuntimeContext, batch_size: int, position: Any = None
+    ) -> AsyncIterator[SourceBatch]:
+        if position:
+            start, emitted = float(position["start"]), int(position["seq"])
+        else:
+            start, emitted = (self.start if self.start is not None else ctx.now()), 0
         gen = self._generator(start)
-        emitted = 0
+        for _ in range(emitted):  # the generator is deterministic: skip what was taken before
+            next(gen)
         step = 1.0 / self.rate
-        wall0 = time.monotonic()
+        wall0 = time.monotonic() - emitted * step
         while True:
             room = self.room(emitted, batch_size)
             if self.count is not None:
@@ -135,7 +146,7 @@ class SimulatedSensor(Source):
                 room = min(room, due_now)
             items = [next(gen) for _ in range(room)]
             emitted += len(items)
-            yield SourceBatch(items)
+            yield SourceBatch(items, position={"start": start, "seq": emitted})
             if not self.realtime:
                 await asyncio.sleep(0)
 

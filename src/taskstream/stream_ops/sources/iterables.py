@@ -15,17 +15,27 @@ __all__ = ["AsyncIterableSource", "IterableSource", "as_source"]
 
 
 class IterableSource(Source):
-    """Items of a (sync) iterable, in order. A list can be run again; a generator only once."""
+    """Items of a (sync) iterable, in order. A list can be run again; a generator only once.
+
+    The position is the number of items taken: a restarted stage skips that many (a generator is made anew
+    by the restarted process, as the pipeline's module builds it).
+    """
 
     label = "iterable"
+    resumable = True
 
     def __init__(self, iterable: Iterable[Any], **bounds: Any) -> None:
         super().__init__(**bounds)
         self.iterable = iterable
 
-    async def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
-        it = iter(self.iterable)
-        emitted = 0
+    def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
+        return self.open_batches(ctx, batch_size)
+
+    async def open_batches(
+        self, ctx: RuntimeContext, batch_size: int, position: Any = None
+    ) -> AsyncIterator[SourceBatch]:
+        emitted = int(position) if position else 0
+        it = itertools.islice(iter(self.iterable), emitted, None)
         while True:
             room = self.room(emitted, batch_size)
             if room == 0:
@@ -34,7 +44,7 @@ class IterableSource(Source):
             if not items:
                 return
             emitted += len(items)
-            yield SourceBatch(items)
+            yield SourceBatch(items, position=emitted)
 
 
 class AsyncIterableSource(Source):

@@ -52,11 +52,12 @@ class WindowSpec:
 class WindowLogic(KeyedLogic):
     """The windows of one key: see the module docstring."""
 
-    __slots__ = ("clock", "key", "spec", "windows")
+    __slots__ = ("clock", "key", "made", "spec", "windows")
 
     def __init__(self, spec: WindowSpec, key: str, state: Any = None) -> None:
         self.spec = spec
         self.key = key
+        self.made: dict[int, str] = {}  # id(result) -> its window, until the runtime asks (output_id)
         self.clock = spec.clock_logic(state)
         self.windows: OpenWindows = spec.windower.open_windows(spec.aggregator, state)
 
@@ -80,7 +81,15 @@ class WindowLogic(KeyedLogic):
 
     def _finish(self, closed: Closed) -> Emit:
         finish, result, key = self.spec.finish, self.spec.aggregator.result, self.key
-        return [("down", finish(key, start, end, result(acc))) for start, end, acc in closed]
+        out: Emit = []
+        for start, end, acc in closed:
+            value = finish(key, start, end, result(acc))
+            self.made[id(value)] = f"{start!r}:{end!r}"
+            out.append(("down", value))
+        return out
+
+    def output_id(self, port: str, value: Any) -> str | None:
+        return self.made.pop(id(value), None) if port == "down" else None
 
     def on_notify(self, now: float) -> Emit:
         return self._finish(self.windows.close(self.clock.on_notify(now)))

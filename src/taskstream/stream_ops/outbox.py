@@ -1,0 +1,144 @@
+"""Where the outputs of a runtime wait to be published: records bound for other stages, and dead letters.
+
+The runner publishes what the :class:`Outbox` and :class:`DeadLetters` hold after each input batch, before
+it commits its snapshot and acks the input. The Outbox gives each record the id derived from its lineage
+(:mod:`~taskstream.stream_ops.lineage`) and routes keyed items by a hash of their key.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from taskstream.brokers.base import OutgoingMessage
+from taskstream.intake import dead_letter_headers
+from taskstream.messages import dumps
+from taskstream.stream_ops.lineage import derive_id
+from taskstream.stream_ops.plan import Plan, StagePlan
+from taskstream.stream_ops.runtime_context import RuntimeContext
+from taskstream.stream_ops.wire import record_message
+
+__all__ = ["DeadLetters", "Ids", "Outbox"]
+
+Ids = list[str | None] | None
+
+
+class DeadLetters:
+    """Records that could not be processed (a user function raised) or late records nobody consumes."""
+
+    def __init__(self, ctx: RuntimeContext) -> None:
+        self.ctx = ctx
+        self.pending: list[OutgoingMessage] = []
+        self.total = 0
+
+    def add(self, node_id: str, item: Any, reason: str) -> None:
+        self.total += 1
+        try:
+            body = dumps({"item": item})
+        except TypeError:
+            body = dumps({"item_repr": repr(item)[:2000]})
+        headers = dead_letter_headers(
+            {},
+            reason,
+            queue="",  # a record, not a delivery: it has no queue to go back to
+            message_id=None,
+            attempts=1,
+            **{
+                "x-pipeline": self.ctx.pipeline,
+                "x-step": node_id,
+                "x-stage": self.ctx.stage or "",
+                "x-replica": self.ctx.replica,
+            },
+        )
+        self.pending.append(OutgoingMessage(body, headers))
+        self.ctx.node_stats(node_id).dead_lettered += 1
+
+
+class Outbox:
+    """Items bound for other stages, encoded per destination queue; ``sent`` counts per queue."""
+
+    def __init__(self, plan: Plan, stage: StagePlan, replica: int, now: Callable[[], float]) -> None:
+        self.plan = plan
+        self.stage = stage.name
+        self.src = f"{stage.name}/{replica}"
+        self.now = now
+        self.pending: dict[str, list[OutgoingMessage]] = {}
+        self.sent: dict[str, int] = {}
+        self._rr: dict[str, int] = {}
+        self.lineage = ""
+        self._made: dict[str, int] = {}
+
+    def begin(self, lineage: str) -> None:
+        """A new input batch: items without a lineage of their own get ids derived from ``lineage``."""
+        self.lineage = lineage
+        self._made = {}
+
+    def _ids(self, target: StagePlan, origin: str, items: list[Any], ids: Ids) -> list[str]:
+        """The record id of each item bound for ``target`` (see :mod:`~taskstream.stream_ops.lineage`)."""
+        out = []
+        for index in range(len(items)):
+            lineage = ids[index] if ids is not None else None
+            if lineage is None:
+                n = self._made.get(target.name, 0)
+                self._made[target.name] = n + 1
+                out.append(derive_id(self.src, "batch", self.lineage, target.name, n))
+            else:
+                out.append(derive_id(self.stage, lineage, origin, target.name))
+        return out
+
+    def add(
+        self, target: StagePlan, entries: list[str], items: list[Any], ids: Ids = None, origin: str = ""
+    ) -> dict[int, TypeError] | None:
+        """Encode ``items`` for ``target``'s queues; ``ids`` is their lineage, ``origin`` the emitting step/port.
+
+        Returns:
+            ``None`` when every item was queued; otherwise the index of each item that cannot be encoded
+            (a value the wire format does not carry) and its error. The others are queued.
+        """
+        now = self.now()
+        entry: str | list[str] = entries[0] if len(entries) == 1 else entries
+        mids = self._ids(target, origin, items, ids)
+        n = target.parallelism
+        if n == 1:
+            queue = target.queue(0)
+            try:
+                messages = [
+                    record_message(item, entry, self.src, now, mid) for item, mid in zip(items, mids, strict=True)
+                ]
+            except TypeError:
+                return self._add_each(target, entry, items, now, mids)
+            self.pending.setdefault(queue, []).extend(messages)
+            self.sent[queue] = self.sent.get(queue, 0) + len(messages)
+            return None
+        return self._add_each(target, entry, items, now, mids)
+
+    def _add_each(
+        self, target: StagePlan, entry: str | list[str], items: list[Any], now: float, mids: list[str]
+    ) -> dict[int, TypeError] | None:
+        failed: dict[int, TypeError] | None = None
+        n = target.parallelism
+        queues = target.queues
+        for index, item in enumerate(items):
+            try:
+                message = record_message(item, entry, self.src, now, mids[index])
+            except TypeError as exc:
+                if failed is None:
+                    failed = {}
+                failed[index] = exc
+                continue
+            if n == 1:
+                replica = 0
+            elif type(item) is tuple and len(item) == 2 and type(item[0]) is str:
+                replica = zlib.crc32(item[0].encode()) % n
+            else:
+                replica = self._rr.get(target.name, 0)
+                self._rr[target.name] = (replica + 1) % n
+            queue = queues[replica]
+            self.pending.setdefault(queue, []).append(message)
+            self.sent[queue] = self.sent.get(queue, 0) + 1
+        return failed
+
+    def take(self) -> dict[str, list[OutgoingMessage]]:
+        pending, self.pending = self.pending, {}
+        return pending
