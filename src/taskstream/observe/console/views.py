@@ -305,6 +305,11 @@ async def pipeline_graph(request: web.Request) -> web.Response:
     return web.Response(body=svg, content_type="image/svg+xml")
 
 
+@routes.get("/favicon.ico")
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
 @routes.get("/static/{name}")
 async def static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
