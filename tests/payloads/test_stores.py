@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import re
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from taskstream.errors import ConfigurationError
+from taskstream.errors import ConfigurationError, MissingExtraError
 from taskstream.payloads import (
     BlobStore,
     LocalStore,
@@ -77,6 +81,48 @@ def test_bad_store_urls_say_what_is_wrong(url: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message) as info:
         blob_store_from_url(url)
     assert "secret" not in str(info.value)
+
+
+def test_a_mistyped_scheme_gets_a_did_you_mean() -> None:
+    with pytest.raises(ConfigurationError, match=r"scheme 'fil' .*did you mean file://\?"):
+        blob_store_from_url("fil:///var/tmp/x")
+
+
+@pytest.mark.parametrize(
+    ("url", "driver", "install"),
+    [
+        ("s3://bucket/p", "aiobotocore", "taskstream[s3]"),
+        (
+            "azureblob://box/p?connection_string=UseDevelopmentStorage%3Dtrue",
+            "azure.storage.blob.aio",
+            "taskstream[azure]",
+        ),
+    ],
+)
+def test_a_missing_client_library_names_its_pip_install(
+    monkeypatch: pytest.MonkeyPatch, url: str, driver: str, install: str
+) -> None:
+    monkeypatch.setitem(sys.modules, driver, None)  # importing it now fails as if it were not installed
+    with pytest.raises(MissingExtraError, match=rf"pip install '{re.escape(install)}'"):
+        blob_store_from_url(url)
+
+
+def test_options_override_the_url_query() -> None:
+    from taskstream.payloads.s3 import S3Store
+
+    store = blob_store_from_url("s3://bucket/p?create=0&region=eu-west-1", create=True)
+    assert isinstance(store, S3Store) and store.create
+
+
+def test_the_factory_imports_no_backend_by_name() -> None:
+    """base.py finds the stores through its scheme table (module:Class strings), so no base <-> backend cycle."""
+    import taskstream.payloads.base as base
+
+    tree = ast.parse(Path(base.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    assert not {name for name in imported if name and name.startswith("taskstream.payloads.")}
 
 
 @pytest.mark.sqs

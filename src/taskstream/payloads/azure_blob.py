@@ -21,10 +21,18 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Self
 
 from taskstream.errors import ConfigurationError
-from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, check_key
+from taskstream.payloads.base import (
+    BlobInfo,
+    BlobStore,
+    PayloadMissing,
+    PayloadStoreError,
+    StoreURL,
+    check_key,
+    redact_store_url,
+)
 
 __all__ = ["AzureBlobStore", "account_name"]
 
@@ -90,6 +98,21 @@ class AzureBlobStore(BlobStore):
         self.create = create
         self._container_ready = not create
         self._location = f"azureblob://{self.account}/{container}/{self.prefix}"
+
+    @classmethod
+    def from_url(cls, url: StoreURL) -> Self:
+        """``azureblob://container[/prefix]`` with the query parameters of the module table."""
+        if not url.netloc:
+            raise ConfigurationError(
+                f"Azure Blob payload store URL needs a container: azureblob://container/prefix, "
+                f"got {redact_store_url(url.url)!r}"
+            )
+        return cls(
+            url.netloc,
+            url.path.lstrip("/"),
+            connection_string=url.get("connection_string"),
+            create=url.flag("create"),
+        )
 
     @property
     def location(self) -> str:

@@ -20,10 +20,12 @@ location named on the wire.
 from __future__ import annotations
 
 import abc
+import difflib
+import importlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from taskstream.errors import ConfigurationError, MessageError, MissingExtraError, TaskstreamError
@@ -35,6 +37,7 @@ __all__ = [
     "PayloadError",
     "PayloadMissing",
     "PayloadStoreError",
+    "StoreURL",
     "blob_store_from_url",
     "check_key",
     "redact_store_url",
@@ -141,6 +144,15 @@ class BlobStore(abc.ABC):
             await self.delete(key)
         return len(stale)
 
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: StoreURL) -> Self:
+        """Build the store from its URL (:func:`blob_store_from_url` picks the class by scheme).
+
+        Raises:
+            ConfigurationError: the URL lacks what this store needs; the message shows it without secrets.
+        """
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.location}>"
 
@@ -156,84 +168,101 @@ def redact_store_url(url: str) -> str:
     return f"{head}?***" if sep else head
 
 
-def _query(url: str) -> dict[str, str]:
-    return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+@dataclass(frozen=True, slots=True)
+class StoreURL:
+    """A store URL taken apart for a backend's ``from_url``.
+
+    Attributes:
+        url: the URL as given (error messages show it through :func:`redact_store_url`).
+        netloc: the part after ``scheme://`` up to the path (bucket, container or host).
+        path: the path, percent-decoded.
+        options: the query parameters, overridden by the caller's options.
+    """
+
+    url: str
+    netloc: str
+    path: str
+    options: dict[str, str]
+
+    @classmethod
+    def parse(cls, url: str, **options: Any) -> StoreURL:
+        """Split ``url``; ``options`` override its query parameters (values become strings)."""
+        parts = urlsplit(url.strip())
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        return cls(url, parts.netloc, unquote(parts.path), {**query, **{k: str(v) for k, v in options.items()}})
+
+    def get(self, *names: str) -> str | None:
+        """The first of ``names`` given a non-empty value, else ``None``."""
+        return next((value for name in names if (value := self.options.get(name))), None)
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """Option ``name`` as a boolean (``1``, ``true``, ``yes``, ``on``)."""
+        value = self.options.get(name)
+        if value is None:
+            return default
+        return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _flag(value: str | None, default: bool = False) -> bool:
-    if value is None:
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+@dataclass(frozen=True, slots=True)
+class _Backend:
+    target: str  # "module:Class", imported on first use
+    label: str  # how messages name it
+    extra: str | None = None  # the taskstream extra that installs its client library
+    driver: str = ""  # the client library's module, imported first to check the extra
+    package: str = ""  # the client library's pip package, named in the install hint
+
+
+#: URL scheme -> the store class (lazily imported) and the extra its client library comes with.
+_BACKENDS: dict[str, _Backend] = {
+    "file": _Backend("taskstream.payloads.local:LocalStore", "local payload store"),
+    "s3": _Backend("taskstream.payloads.s3:S3Store", "S3 payload store", "s3", "aiobotocore", "aiobotocore"),
+    "azureblob": _Backend(
+        "taskstream.payloads.azure_blob:AzureBlobStore",
+        "Azure Blob payload store",
+        "azure",
+        "azure.storage.blob.aio",
+        "azure-storage-blob",
+    ),
+}
+_OFF = ("", "none", "off", "disabled")
+
+
+def _store_class(backend: _Backend) -> type[BlobStore]:
+    if backend.driver:
+        try:
+            importlib.import_module(backend.driver)
+        except ImportError as exc:
+            raise MissingExtraError(backend.label, backend.extra or "", backend.package) from exc
+    module_name, _, class_name = backend.target.partition(":")
+    cls: type[BlobStore] = getattr(importlib.import_module(module_name), class_name)
+    return cls
 
 
 def blob_store_from_url(url: str, **options: Any) -> BlobStore | None:
     """Build the store for ``url`` (see the module table); ``none``/``off``/``""`` gives ``None``.
+
+    ``options`` override the URL's query parameters.
 
     Example:
         >>> blob_store_from_url("file:///tmp/payloads").location.endswith("/tmp/payloads")
         True
 
     Raises:
-        ConfigurationError: unknown scheme or a bad URL; the message shows the URL without secrets.
-        MissingExtraError: the backend's client library is not installed.
+        ConfigurationError: unknown scheme (with a "did you mean") or a bad URL; the message shows the URL
+            without secrets.
+        MissingExtraError: the backend's client library is not installed; the message names the ``pip install``.
     """
     text = url.strip()
-    if text.lower() in ("", "none", "off", "disabled"):
+    if text.lower() in _OFF:
         return None
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    query = {**_query(text), **{k: str(v) for k, v in options.items()}}
-    if scheme == "file":
-        from taskstream.payloads.local import LocalStore
-
-        if parts.netloc not in ("", "localhost"):
-            raise ConfigurationError(
-                f"local payload store URL {redact_store_url(url)!r} names host {parts.netloc!r}; "
-                "use file:///absolute/path (a local directory is reachable from this host only)"
-            )
-        path = unquote(parts.path)
-        if not path.startswith("/"):
-            raise ConfigurationError(f"local payload store needs an absolute path: {redact_store_url(url)!r}")
-        return LocalStore(path)
-    if scheme == "s3":
-        try:
-            import aiobotocore  # noqa: F401
-        except ImportError as exc:
-            raise MissingExtraError("S3 payload store", "s3", "aiobotocore") from exc
-        from taskstream.payloads.s3 import S3Store
-
-        if not parts.netloc:
-            raise ConfigurationError(
-                f"S3 payload store URL needs a bucket: s3://bucket/prefix, got {redact_store_url(url)!r}"
-            )
-        return S3Store(
-            parts.netloc,
-            unquote(parts.path).lstrip("/"),
-            endpoint_url=query.get("endpoint_url") or None,
-            region=query.get("region") or query.get("region_name") or None,
-            aws_access_key_id=query.get("aws_access_key_id") or None,
-            aws_secret_access_key=query.get("aws_secret_access_key") or None,
-            create=_flag(query.get("create")),
+    scheme = urlsplit(text).scheme.lower()
+    backend = _BACKENDS.get(scheme)
+    if backend is None:
+        hint = difflib.get_close_matches(scheme, list(_BACKENDS), n=1)
+        suggestion = f"; did you mean {hint[0]}://?" if hint else ""
+        known = ", ".join(f"{name}://" for name in _BACKENDS)
+        raise ConfigurationError(
+            f"unknown payload store URL scheme {scheme!r} in {redact_store_url(url)!r}{suggestion} "
+            f"(known: {known}, none)"
         )
-    if scheme == "azureblob":
-        try:
-            import azure.storage.blob.aio  # noqa: F401
-        except ImportError as exc:
-            raise MissingExtraError("Azure Blob payload store", "azure", "azure-storage-blob") from exc
-        from taskstream.payloads.azure_blob import AzureBlobStore
-
-        if not parts.netloc:
-            raise ConfigurationError(
-                f"Azure Blob payload store URL needs a container: azureblob://container/prefix, "
-                f"got {redact_store_url(url)!r}"
-            )
-        return AzureBlobStore(
-            parts.netloc,
-            unquote(parts.path).lstrip("/"),
-            connection_string=query.get("connection_string") or None,
-            create=_flag(query.get("create")),
-        )
-    raise ConfigurationError(
-        f"unknown payload store URL scheme {scheme!r} in {redact_store_url(url)!r} "
-        "(known: file://, s3://, azureblob://, none)"
-    )
+    return _store_class(backend).from_url(StoreURL.parse(url, **options))

@@ -17,8 +17,18 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Self
 
-from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, check_key
+from taskstream.errors import ConfigurationError
+from taskstream.payloads.base import (
+    BlobInfo,
+    BlobStore,
+    PayloadMissing,
+    PayloadStoreError,
+    StoreURL,
+    check_key,
+    redact_store_url,
+)
 
 __all__ = ["LocalStore", "default_directory"]
 
@@ -43,6 +53,18 @@ class LocalStore(BlobStore):
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory).expanduser().resolve()
         self._location = f"file://{socket.gethostname()}{self.directory.as_posix()}"
+
+    @classmethod
+    def from_url(cls, url: StoreURL) -> Self:
+        """``file:///absolute/dir`` (or ``file://localhost/...``): a directory on this host."""
+        if url.netloc not in ("", "localhost"):
+            raise ConfigurationError(
+                f"local payload store URL {redact_store_url(url.url)!r} names host {url.netloc!r}; "
+                "use file:///absolute/path (a local directory is reachable from this host only)"
+            )
+        if not url.path.startswith("/"):
+            raise ConfigurationError(f"local payload store needs an absolute path: {redact_store_url(url.url)!r}")
+        return cls(url.path)
 
     @property
     def location(self) -> str:

@@ -22,9 +22,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Self
 
-from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, check_key
+from taskstream.errors import ConfigurationError
+from taskstream.payloads.base import (
+    BlobInfo,
+    BlobStore,
+    PayloadMissing,
+    PayloadStoreError,
+    StoreURL,
+    check_key,
+    redact_store_url,
+)
 
 __all__ = ["S3Store"]
 
@@ -81,6 +90,23 @@ class S3Store(BlobStore):
         }
         self._bucket_ready = not create
         self._location = f"s3://{bucket}/{self.prefix}"
+
+    @classmethod
+    def from_url(cls, url: StoreURL) -> Self:
+        """``s3://bucket[/prefix]`` with the query parameters of the module table."""
+        if not url.netloc:
+            raise ConfigurationError(
+                f"S3 payload store URL needs a bucket: s3://bucket/prefix, got {redact_store_url(url.url)!r}"
+            )
+        return cls(
+            url.netloc,
+            url.path.lstrip("/"),
+            endpoint_url=url.get("endpoint_url"),
+            region=url.get("region", "region_name"),
+            aws_access_key_id=url.get("aws_access_key_id"),
+            aws_secret_access_key=url.get("aws_secret_access_key"),
+            create=url.flag("create"),
+        )
 
     @property
     def location(self) -> str:
