@@ -306,7 +306,7 @@ class PrometheusRecorder(Recorder):
         self._queues: dict[str, _LiveQueue] = {}
         self._dead_letter_of: dict[str, str] = {}  # queue -> its dead-letter queue (polled)
         self._intakes: weakref.WeakSet[Intake] = weakref.WeakSet()
-        self._runtimes: weakref.WeakSet[RuntimeContext] = weakref.WeakSet()
+        self._runtimes: weakref.WeakValueDictionary[int, RuntimeContext] = weakref.WeakValueDictionary()
         self._publishers: dict[str, tuple[Any, Any]] = {}
         registry.register(_Collector(self))
 
@@ -341,7 +341,7 @@ class PrometheusRecorder(Recorder):
             self.m_run.labels(task).observe(max(0.0, seconds))
 
     def watch_runtime(self, ctx: RuntimeContext) -> None:
-        self._runtimes.add(ctx)
+        self._runtimes[id(ctx)] = ctx  # contexts are dataclasses: compared by value, so kept by identity
 
     def snapshot(self, pipeline: str, stage: str | None, started: float, rows: int) -> None:
         self.m_snapshot.labels(pipeline, stage or "").observe(time.perf_counter() - started)
@@ -385,7 +385,7 @@ class PrometheusRecorder(Recorder):
             ("taskstream_stream_dead_lettered", "dead_lettered"),
         )
         totals: dict[tuple[str, str, str], list[int]] = {}
-        for ctx in list(self._runtimes):
+        for ctx in list(self._runtimes.values()):
             for step, stats in list(ctx.stats.items()):
                 row = totals.setdefault((ctx.pipeline, ctx.stage or "", step), [0, 0, 0, 0])
                 for i, (_, attr) in enumerate(fields):
