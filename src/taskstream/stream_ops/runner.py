@@ -40,6 +40,8 @@ from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, Subscript
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MalformedMessage, MessageError
 from taskstream.intake import Intake, Refused
 from taskstream.messages import is_envelope_document
+from taskstream.observe.metrics import recorder_for
+from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
 from taskstream.producer import Producer
 from taskstream.stream_ops.core import SourceNode
@@ -137,6 +139,9 @@ class Runner:
         self.replica = replica
         self.store = store
         self.ctx = RuntimeContext(plan.pipeline, stage, replica, broker, now, claim_check=self.claim_check)
+        self.metrics = recorder_for(broker)  # step counters are read from ctx.stats when scraped
+        self.metrics.watch_runtime(self.ctx)
+        self.tracing = tracing_for(broker)
         self.outbox = Outbox(plan, self.stage, replica, now) if self.stage is not None else None
         self.executor = Executor(plan, self.ctx, stage=self.stage, outbox=self.outbox)
         self.namespace = f"{plan.pipeline}/{stage}/{replica}"
@@ -312,18 +317,23 @@ class Runner:
                 self.received += len(batch.items)
                 if self.outbox is not None:  # ids of what this batch sends: from where the batch starts
                     self.outbox.begin(f"{node_id}@{self.positions.get(node_id)!r}")
-                await self.executor.feed(node_id, batch.items)
-                if batch.position is not None:
-                    self.positions[node_id] = batch.position
-                await self._after_batch()
+                with self.tracing.source_batch(self.plan.pipeline, node_id, len(batch.items)):
+                    await self.executor.feed(node_id, batch.items)
+                    if batch.position is not None:
+                        self.positions[node_id] = batch.position
+                    await self._after_batch()
                 if batch.ack is not None:
                     await batch.ack()
             elif kind == "deliveries":
                 deliveries: list[Delivery] = message[1]
-                settle, refs = await self._apply(deliveries, max_messages)
-                await self._after_batch()
+                assert self.intake is not None
+                dead_before = self.intake.stats.dead_lettered
+                with self.tracing.process_batch(self.intake.queue, deliveries):
+                    settle, refs = await self._apply(deliveries, max_messages)
+                    await self._after_batch()
                 for delivery in settle:
                     await delivery.ack()
+                self.intake.metrics.handled(len(settle) - (self.intake.stats.dead_lettered - dead_before))
                 for ref in refs:  # acked for good: the payloads can go
                     await self.claim_check.release(ref)
             elif kind == "queue-end":
@@ -495,7 +505,9 @@ class Runner:
         updates = self.executor.snapshot_delta()
         updates.update(self.applied.changes())
         updates["meta"] = self._meta(finished)
+        started = self.metrics.timer()
         await self.store.commit(self.namespace, updates)
+        self.metrics.snapshot(self.plan.pipeline, self.ctx.stage, started, len(updates))
 
     async def _send_eos(self) -> None:
         if self.stage is None:
