@@ -197,5 +197,6 @@ def _shrink(conn: sqlite3.Connection) -> int:
     if excess <= 0:
         return 0
     count = min(excess, VACUUM_PAGES)
-    conn.execute(f"PRAGMA incremental_vacuum({int(count)})").fetchall()
+    # executescript steps the pragma to its end; execute() would free one page per call.
+    conn.executescript(f"PRAGMA incremental_vacuum({int(count)});")
     return int(count)
