@@ -148,15 +148,27 @@ async def test_window_replica_restarted_many_times_neither_loses_nor_double_coun
     await broker.close()
     assert restarts >= 3
     windows = [x for x in sink.items if x[0] != "late"]
+    late = [seq for tag, seq in sink.items if tag == "late"]
 
-    # at-least-once publishing may repeat a result; each (key, window) has one value, equal to the reference
-    # (redelivered records may be summed in another order: compare means to 9 places)
-    def rounded(r: dict[str, Any]) -> dict[str, Any]:
-        return {**r, "mean": round(r["mean"], 9)}
-
-    by_window = {(k, r["start"]): rounded(r) for k, r in windows}
-    assert canon(list(by_window.items())) == canon([((k, r["start"]), rounded(r)) for k, r in reference.items])
-    assert len({json.dumps((k, rounded(r)), sort_keys=True) for k, r in windows}) == len(by_window)
+    # Each (key, window) has one result: a result published again by a replica killed before its snapshot
+    # carries the id it had, and the store stage skips it.
+    assert len({(k, r["start"]) for k, r in windows}) == len(windows)
+    # Nothing is lost or counted twice: every reading is in its window's count or, when a kill sent it back to
+    # the end of the queue behind readings past the allowed lateness (memory broker requeues at the tail), in
+    # the late output. Windows no reading went late from equal the reference (means to 9 places: redelivered
+    # readings may be summed in another order).
+    readings = {
+        r["seq"]: r
+        for r in SimulatedSensor(6, rate=100, count=2000, start=0.0, late=0.0, out_of_order=0.0, seed=11).readings(0.0)
+    }
+    late_per_window = Counter((readings[seq]["sensor"], float(int(readings[seq]["t"]))) for seq in late)
+    got = {(k, r["start"]): r for k, r in windows}
+    for key, res in reference.items:
+        where = (key, res["start"])
+        assert (got[where]["n"] if where in got else 0) + late_per_window[where] == res["n"], where
+        if not late_per_window[where]:
+            assert round(got[where]["mean"], 9) == round(res["mean"], 9), where
+    assert set(got) <= {(key, res["start"]) for key, res in reference.items}
 
 
 async def test_stop_ends_a_stage_and_end_of_stream_flows_on() -> None:
