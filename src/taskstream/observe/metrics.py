@@ -308,6 +308,7 @@ class PrometheusRecorder(Recorder):
         self._intakes: weakref.WeakSet[Intake] = weakref.WeakSet()
         self._runtimes: weakref.WeakValueDictionary[int, RuntimeContext] = weakref.WeakValueDictionary()
         self._publishers: dict[str, tuple[Any, Any]] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         registry.register(_Collector(self))
 
     def timer(self) -> float:
@@ -332,13 +333,21 @@ class PrometheusRecorder(Recorder):
     def publish_failed(self, queue: str) -> None:
         self.m_publish_errors.labels(queue).inc()
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (``labels()`` takes a lock and builds a key every call)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def tasks_submitted(self, task: str, count: int = 1) -> None:
-        self.m_submitted.labels(task).inc(count)
+        self._child(self.m_submitted, task).inc(count)
 
     def task_finished(self, task: str, status: str, seconds: float | None) -> None:
-        self.m_finished.labels(task, status).inc()
+        self._child(self.m_finished, task, status).inc()
         if seconds is not None:
-            self.m_run.labels(task).observe(max(0.0, seconds))
+            self._child(self.m_run, task).observe(max(0.0, seconds))
 
     def watch_runtime(self, ctx: RuntimeContext) -> None:
         self._runtimes[id(ctx)] = ctx  # contexts are dataclasses: compared by value, so kept by identity
