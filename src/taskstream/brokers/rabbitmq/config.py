@@ -1,6 +1,8 @@
-"""Options of the RabbitMQ backend: defaults, the config model and the URL's query string.
+"""Options of the RabbitMQ backend: defaults, the config model, the URL's query string and its host list.
 
-The table of options with their defaults is in ``docs/brokers.md`` (section RabbitMQ).
+The table of options with their defaults is in ``docs/brokers.md`` (section RabbitMQ). A URL may name several
+nodes of a cluster, ``amqp://user:pass@h1:5672,h2:5672,h3:5672/vhost``: :func:`split_hosts` gives one driver URL
+per node, in the order written (the connection tries them in that order, then round robin).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "DEFAULT_TOPIC_EXCHANGE",
     "RabbitMQConfig",
     "parse_url",
+    "split_hosts",
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
@@ -66,8 +69,8 @@ def parse_url(url: str, options: dict[str, Any]) -> tuple[str, RabbitMQConfig]:
         The URL for aio-pika and the validated config.
 
     Raises:
-        ConfigurationError: not an AMQP URL, or an option that is unknown or out of range (the URL in the
-            message has its password redacted).
+        ConfigurationError: not an AMQP URL, an empty host or a bad port in its host list, or an option that is
+            unknown or out of range (the URL in the message has its password redacted).
 
     Example:
         >>> parse_url("amqp://guest:guest@127.0.0.1/?queue_type=quorum&heartbeat=5", {})[1].queue_type
@@ -76,6 +79,7 @@ def parse_url(url: str, options: dict[str, Any]) -> tuple[str, RabbitMQConfig]:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
         raise ConfigurationError(f"not an AMQP URL: {redact_url(url)!r}")
+    _check_hosts(url, parts.netloc)
     query = parse_qsl(parts.query, keep_blank_values=True)
     own: dict[str, Any] = {k: v for k, v in query if k in _OWN_OPTIONS}
     passthrough = [(k, v) for k, v in query if k not in _OWN_OPTIONS]
@@ -89,3 +93,54 @@ def parse_url(url: str, options: dict[str, Any]) -> tuple[str, RabbitMQConfig]:
         passthrough.append(("reconnect_interval", str(config.reconnect_interval)))
     driver_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(passthrough), ""))
     return driver_url, config
+
+
+def _userinfo_and_hosts(netloc: str) -> tuple[str, list[str]]:
+    userinfo, at, hostlist = netloc.rpartition("@")
+    return (userinfo + at), hostlist.split(",")
+
+
+def _check_hosts(url: str, netloc: str) -> None:
+    """Raise :class:`ConfigurationError` naming the first empty host or bad port of ``netloc``'s host list."""
+    _, hosts = _userinfo_and_hosts(netloc)
+    for position, host in enumerate(hosts, 1):
+        name, port = _host_and_port(host)
+        if not name and len(hosts) > 1:  # one empty host is the driver's default (localhost)
+            raise ConfigurationError(
+                f"bad RabbitMQ URL {redact_url(url)!r}: host {position} of {len(hosts)} in the host list is empty "
+                "(write amqp://user:pass@host1:5672,host2:5672/vhost)"
+            )
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigurationError(
+                f"bad RabbitMQ URL {redact_url(url)!r}: port {port!r} of host {name!r} is not a number from 1 to 65535"
+            )
+
+
+def _host_and_port(host: str) -> tuple[str, str | None]:
+    """``"h:5672"`` -> ``("h", "5672")``; ``"[::1]:5672"`` -> ``("[::1]", "5672")``; no port -> ``None``."""
+    if host.startswith("["):
+        bracket = host.find("]")
+        if bracket < 0:
+            return "", None
+        rest = host[bracket + 1 :]
+        return host[: bracket + 1], (rest[1:] if rest.startswith(":") else None)
+    name, colon, port = host.partition(":")
+    return name, (port if colon else None)
+
+
+def split_hosts(url: str) -> list[str]:
+    """One URL per host of ``url``'s host list, each with the same user, password, vhost and query.
+
+    Args:
+        url: ``amqp://user:pass@h1:5672,h2:5672/vhost?options`` (one host is a list of one).
+
+    Returns:
+        The URLs in the order the hosts are written.
+
+    Example:
+        >>> split_hosts("amqp://u:p@h1:5672,h2:5673/v?heartbeat=5")
+        ['amqp://u:p@h1:5672/v?heartbeat=5', 'amqp://u:p@h2:5673/v?heartbeat=5']
+    """
+    parts = urlsplit(url)
+    userinfo, hosts = _userinfo_and_hosts(parts.netloc)
+    return [urlunsplit((parts.scheme, userinfo + host, parts.path, parts.query, parts.fragment)) for host in hosts]

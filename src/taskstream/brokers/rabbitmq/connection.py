@@ -1,9 +1,12 @@
 """One robust AMQP connection with its publisher and admin channels, and the watch over its outages.
 
-aio-pika's robust connection reconnects by itself; this module adds what taskstream needs around it: a bounded
-first connect, a publisher channel in confirm mode, an admin channel for declarations and queue management (a
-refused declaration closes only that one), the replay of declarations once the connection is back, and the
-verdict that the broker is gone after ``reconnect_timeout`` without a connection.
+aio-pika's robust connection reconnects by itself; this module adds what taskstream needs around it: failover
+over the hosts of a cluster URL (``amqp://u:p@h1,h2,h3/vhost``: the first connect tries them in order, every
+reconnect attempt after a loss or a failed attempt goes to the next host, round robin), a bounded first connect
+and bounded reconnect attempts, a publisher channel in confirm mode, an admin channel for declarations and queue
+management (a refused declaration closes only that one), the replay of declarations once the connection is back
+(on whichever node it reached), and the verdict that the broker is gone after ``reconnect_timeout`` without a
+connection to any host.
 """
 
 from __future__ import annotations
@@ -11,28 +14,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import aio_pika
 import aiormq
+from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from yarl import URL
 
 from taskstream.brokers.rabbitmq.channels import ChannelGuard, map_error
-from taskstream.brokers.rabbitmq.config import RabbitMQConfig
+from taskstream.brokers.rabbitmq.config import RabbitMQConfig, split_hosts
 from taskstream.errors import BrokerConnectionError, BrokerError
 from taskstream.settings import redact_url
 
-__all__ = ["ConnectionManager"]
+__all__ = ["ConnectionManager", "FailoverConnection"]
 
 log = logging.getLogger("taskstream.brokers.rabbitmq")
+
+
+class FailoverConnection(RobustConnection):
+    """aio-pika's robust connection over a list of hosts: after a lost connection or a failed attempt, the next
+    attempt goes to the next host (round robin); channels, consumers and declarations are restored on it.
+
+    aio-pika calls ``_on_connection_close`` both when an open connection closes and when an attempt fails, and
+    reads ``self.url`` at every attempt: moving ``url`` there is the whole failover.
+
+    Args:
+        urls: one driver URL per host (:func:`~taskstream.brokers.rabbitmq.config.split_hosts`).
+        start: the index of the host tried first.
+    """
+
+    def __init__(self, urls: Sequence[str], start: int = 0) -> None:
+        if not urls:
+            raise ValueError("FailoverConnection needs at least one URL")
+        super().__init__(URL(urls[start]))
+        self.urls = list(urls)
+        self.index = start
+
+    @property
+    def current_url(self) -> str:
+        """The URL of the host this connection is on (or tries next); redact it before showing it."""
+        return self.urls[self.index]
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        await super()._on_connection_close(closing)
+        if len(self.urls) > 1 and not (self._close_called or self.is_closed):
+            self.index = (self.index + 1) % len(self.urls)
+            self.url = URL(self.urls[self.index])
 
 
 class ConnectionManager:
     """The broker's connection, its long-lived channels and the guard on waits for them.
 
     Args:
-        url: the driver's URL (with aio-pika's options); never logged without :func:`redact_url`.
+        url: the driver's URL (with aio-pika's options), one host or a comma-separated host list; never logged
+            without :func:`redact_url`.
         config: the broker's options.
         on_restored: awaited after a reconnect (declares exchanges and queues again).
         on_gone: called once the connection has been down for ``reconnect_timeout`` (wakes subscriptions).
@@ -52,7 +88,8 @@ class ConnectionManager:
         self.closed = False
         self._on_restored = on_restored
         self._on_gone = on_gone
-        self._connection: AbstractRobustConnection | None = None
+        self._hosts = split_hosts(url)
+        self._connection: FailoverConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._pub_underlay: aiormq.abc.AbstractChannel | None = None
         self._admin: aiormq.abc.AbstractChannel | None = None
@@ -66,17 +103,7 @@ class ConnectionManager:
             if self._connection is not None:
                 return
             self.closed = False
-            try:
-                async with asyncio.timeout(self.config.connect_timeout):
-                    connection = await aio_pika.connect_robust(self.url)
-            except TimeoutError as exc:
-                raise BrokerConnectionError(
-                    f"cannot connect to RabbitMQ at {redact_url(self.url)} within {self.config.connect_timeout} s"
-                ) from exc
-            except Exception as exc:
-                raise BrokerConnectionError(
-                    f"cannot connect to RabbitMQ at {redact_url(self.url)}: {type(exc).__name__}: {exc}"
-                ) from exc
+            connection = await self._first_connection()
             connection.close_callbacks.add(self._on_connection_lost)
             connection.reconnect_callbacks.add(self._on_reconnected)
             try:
@@ -89,6 +116,37 @@ class ConnectionManager:
             self._connection = connection
             self._publisher = publisher
             self.gone = None
+
+    async def _first_connection(self) -> FailoverConnection:
+        """Connect to the first host that answers, trying them in the order written (each within
+        ``connect_timeout``); the connection's later attempts go round robin from there."""
+        failures: list[str] = []
+        for index, host_url in enumerate(self._hosts):
+            connection = FailoverConnection(self._hosts, index)
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    await connection.connect(timeout=self.config.connect_timeout)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                reason = (
+                    f"no answer within {self.config.connect_timeout} s"
+                    if isinstance(exc, TimeoutError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                if len(self._hosts) == 1:
+                    raise BrokerConnectionError(
+                        f"cannot connect to RabbitMQ at {redact_url(host_url)}: {reason}"
+                    ) from exc
+                log.warning("cannot connect to RabbitMQ at %s (%s); trying the next host", redact_url(host_url), reason)
+                failures.append(f"{redact_url(host_url)}: {reason}")
+                continue
+            if index:
+                log.info("connected to RabbitMQ at %s", redact_url(host_url))
+            return connection
+        raise BrokerConnectionError(
+            f"cannot connect to any of the {len(self._hosts)} RabbitMQ hosts: {'; '.join(failures)}"
+        )
 
     async def close(self) -> None:
         """Stop watching, close the connection and forget its channels (``closed`` is set first by the broker)."""
@@ -108,7 +166,9 @@ class ConnectionManager:
     def _on_connection_lost(self, connection: Any, exc: BaseException | None) -> None:
         if self.closed or self._watchdog is not None:
             return
-        log.warning("RabbitMQ connection to %s lost (%s); reconnecting", redact_url(self.url), exc)
+        lost = self._connection.current_url if self._connection is not None else self.url
+        others = " (or another host of the list)" if len(self._hosts) > 1 else ""
+        log.warning("RabbitMQ connection to %s lost (%s); reconnecting%s", redact_url(lost), exc, others)
         self._watchdog = asyncio.get_running_loop().create_task(self._give_up_later())
 
     async def _give_up_later(self) -> None:
@@ -124,7 +184,8 @@ class ConnectionManager:
             self._watchdog.cancel()
             self._watchdog = None
         self.gone = None
-        log.info("RabbitMQ connection to %s restored", redact_url(self.url))
+        reached = self._connection.current_url if self._connection is not None else self.url
+        log.info("RabbitMQ connection restored, to %s", redact_url(reached))
         await self._on_restored()
 
     # -- channels -------------------------------------------------------------------------------------
