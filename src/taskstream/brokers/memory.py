@@ -32,13 +32,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from taskstream.brokers.base import Broker, Capabilities, Delivery, Subscription, topic_matches
+from taskstream.constants import MEMORY_MAX_MESSAGE_BYTES
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageTooLarge, QueueNotFound
 from taskstream.messages import new_id
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_VISIBILITY_TIMEOUT", "MemoryBroker"]
+__all__ = ["DEFAULT_VISIBILITY_TIMEOUT", "MemoryBroker"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -169,7 +169,7 @@ class MemoryBroker(Broker):
         hub: str | None = None,
         *,
         visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MEMORY_MAX_MESSAGE_BYTES,
     ) -> None:
         if visibility_timeout <= 0:
             raise ConfigurationError(f"visibility_timeout must be positive, got {visibility_timeout}")
@@ -206,7 +206,7 @@ class MemoryBroker(Broker):
             return cls(
                 parts.netloc or None,
                 visibility_timeout=float(params.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)),
-                max_message_bytes=int(params.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
+                max_message_bytes=int(params.get("max_message_bytes", MEMORY_MAX_MESSAGE_BYTES)),
             )
         except ValueError as exc:
             raise ConfigurationError(f"bad memory broker URL {url!r}: {exc}") from exc

@@ -10,7 +10,7 @@ from taskstream.brokers.azure_queues.broker import AzureQueueBroker
 from taskstream.brokers.azure_queues.codec import decode_frame, encode_frame
 from taskstream.brokers.azure_queues.config import (
     AZURE_MAX_MESSAGE_TEXT,
-    DEFAULT_MAX_MESSAGE_BYTES,
+    AZURE_QUEUE_MAX_MESSAGE_BYTES,
     DEFAULT_VISIBILITY_TIMEOUT,
     DEVSTORE_ACCOUNT,
     MIN_POLL_DELAY,
@@ -22,7 +22,7 @@ from taskstream.brokers.azure_queues.subscription import AzureQueueDelivery, Azu
 
 __all__ = [
     "AZURE_MAX_MESSAGE_TEXT",
-    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AZURE_QUEUE_MAX_MESSAGE_BYTES",
     "DEFAULT_VISIBILITY_TIMEOUT",
     "DEVSTORE_ACCOUNT",
     "MIN_POLL_DELAY",

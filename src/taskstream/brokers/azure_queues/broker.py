@@ -15,8 +15,8 @@ from azure.storage.queue.aio import QueueClient, QueueServiceClient
 from taskstream.brokers.azure_queues.codec import decode_frame, encode_frame
 from taskstream.brokers.azure_queues.config import (
     AZURE_MAX_MESSAGE_TEXT,
+    AZURE_QUEUE_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_VISIBILITY_TIMEOUT,
     MAX_PAGE,
@@ -62,7 +62,7 @@ class AzureQueueBroker(Broker):
         visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         message_ttl: int = -1,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = AZURE_QUEUE_MAX_MESSAGE_BYTES,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         foreign_encoding: str = "text",
         api_version: str | None = None,

@@ -11,12 +11,13 @@ from urllib.parse import unquote, urlsplit
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 
 from taskstream.brokers.options import Option, URLOptions, split_query
+from taskstream.constants import AZURE_QUEUE_MAX_MESSAGE_BYTES
 from taskstream.errors import ConfigurationError
 from taskstream.settings import redact_url
 
 __all__ = [
     "AZURE_MAX_MESSAGE_TEXT",
-    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AZURE_QUEUE_MAX_MESSAGE_BYTES",
     "DEFAULT_VISIBILITY_TIMEOUT",
     "DEVSTORE_ACCOUNT",
     "MIN_POLL_DELAY",
@@ -31,9 +32,6 @@ __all__ = [
 DEFAULT_VISIBILITY_TIMEOUT = 30
 #: Azure's limit on one message's text, in bytes of UTF-8, after encoding.
 AZURE_MAX_MESSAGE_TEXT = 65536
-#: Largest body accepted: base64 makes it 60,076 characters, leaving ~5 KiB for the frame, id, key and headers
-#: (a dead-letter reason is up to 4,000 characters).
-DEFAULT_MAX_MESSAGE_BYTES = 44 * 1024
 MAX_PAGE = 32
 MAX_VISIBILITY = 7 * 24 * 3600
 MIN_POLL_DELAY = 0.05
@@ -139,7 +137,7 @@ OPTIONS = URLOptions(
         Option("visibility_timeout", "duration", DEFAULT_VISIBILITY_TIMEOUT, "seconds a received message stays hidden"),
         Option("poll_interval", "duration", DEFAULT_POLL_INTERVAL, "longest sleep between polls of an empty queue"),
         Option("message_ttl", "int", -1, "seconds a message lives (-1: never expires)"),
-        Option("max_message_bytes", "int", DEFAULT_MAX_MESSAGE_BYTES, "largest body accepted"),
+        Option("max_message_bytes", "int", AZURE_QUEUE_MAX_MESSAGE_BYTES, "largest body accepted"),
         Option("max_in_flight", "int", DEFAULT_MAX_IN_FLIGHT, "concurrent sends of one publish_batch"),
         Option("foreign_encoding", "str", "text", "how other producers' messages are read: text or base64"),
         Option("api_version", "str", None, "the Storage API version the SDK speaks"),

@@ -10,21 +10,21 @@ mapping, batched calls), ``codec`` (the message attribute), ``subscription`` (re
 from taskstream.brokers.sqs.broker import SQSBroker
 from taskstream.brokers.sqs.config import (
     DEFAULT_GROUP,
-    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_VISIBILITY_TIMEOUT,
     DEFAULT_WAIT_TIME,
     HEADER_ALLOWANCE,
     OPTIONS,
+    SQS_MAX_MESSAGE_BYTES,
     SQSOptions,
 )
 
 __all__ = [
     "DEFAULT_GROUP",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_VISIBILITY_TIMEOUT",
     "DEFAULT_WAIT_TIME",
     "HEADER_ALLOWANCE",
     "OPTIONS",
     "SQSBroker",
     "SQSOptions",
+    "SQS_MAX_MESSAGE_BYTES",
 ]

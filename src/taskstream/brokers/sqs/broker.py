@@ -16,12 +16,12 @@ from taskstream.brokers.options import split_query
 from taskstream.brokers.sqs.client import AUTH_FAILED, Batcher, Entry, SQSClient, SQSError
 from taskstream.brokers.sqs.codec import QueueInfo, encode_entry
 from taskstream.brokers.sqs.config import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     HEADER_ALLOWANCE,
     OPTIONS,
     QUEUE_NAME,
     SQS_MAX_BATCH,
     SQS_MAX_DELAY,
+    SQS_MAX_MESSAGE_BYTES,
     SQSOptions,
     visibility,
 )
@@ -195,7 +195,7 @@ class SQSBroker(Broker):
                 sqs_name=sqs_name,
                 url=url,
                 fifo=attributes.get("FifoQueue", "false").lower() == "true" or sqs_name.endswith(".fifo"),
-                max_bytes=int(attributes.get("MaximumMessageSize", DEFAULT_MAX_MESSAGE_BYTES)),
+                max_bytes=int(attributes.get("MaximumMessageSize", SQS_MAX_MESSAGE_BYTES)),
                 arn=str(attributes.get("QueueArn", "")),
                 redrive=attributes.get("RedrivePolicy"),
             )

@@ -7,23 +7,23 @@ import re
 from dataclasses import dataclass
 
 from taskstream.brokers.options import Option, URLOptions
+from taskstream.constants import SQS_MAX_MESSAGE_BYTES
 from taskstream.errors import ConfigurationError
 from taskstream.settings import DEFAULT_MAX_ATTEMPTS
 
 __all__ = [
     "DEFAULT_GROUP",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_VISIBILITY_TIMEOUT",
     "DEFAULT_WAIT_TIME",
     "HEADER_ALLOWANCE",
     "OPTIONS",
     "SQSOptions",
+    "SQS_MAX_MESSAGE_BYTES",
     "visibility",
 ]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_WAIT_TIME = 20
-DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_MAX_RECEIVES = 10
 DEFAULT_MAX_CONNECTIONS = 50
 #: What ``Capabilities.max_message_bytes`` keeps of a queue's limit for headers (a dead-letter reason too).
@@ -56,7 +56,7 @@ class SQSOptions:
     wait_time: int = DEFAULT_WAIT_TIME
     max_receives: int = DEFAULT_MAX_RECEIVES
     max_receive_count: int | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = SQS_MAX_MESSAGE_BYTES
     create_queues: bool = True
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     close_grace: float | None = None  # None: wait_time + 2
@@ -68,10 +68,10 @@ class SQSOptions:
             )
         if not 0 <= self.wait_time <= 20:
             raise ConfigurationError(f"wait_time must be between 0 and 20 s (SQS long polling), got {self.wait_time}")
-        if not SQS_MIN_MESSAGE_BYTES + HEADER_ALLOWANCE <= self.max_message_bytes <= DEFAULT_MAX_MESSAGE_BYTES:
+        if not SQS_MIN_MESSAGE_BYTES + HEADER_ALLOWANCE <= self.max_message_bytes <= SQS_MAX_MESSAGE_BYTES:
             raise ConfigurationError(
                 f"max_message_bytes must be between {SQS_MIN_MESSAGE_BYTES + HEADER_ALLOWANCE} and "
-                f"{DEFAULT_MAX_MESSAGE_BYTES} (SQS MaximumMessageSize), got {self.max_message_bytes}"
+                f"{SQS_MAX_MESSAGE_BYTES} (SQS MaximumMessageSize), got {self.max_message_bytes}"
             )
         if self.max_receive_count is not None and not 1 <= self.max_receive_count <= 1000:
             raise ConfigurationError(f"max_receive_count must be between 1 and 1000, got {self.max_receive_count}")
@@ -110,7 +110,7 @@ OPTIONS = URLOptions(
         Option("wait_time", "int", DEFAULT_WAIT_TIME, "long-poll seconds per receive (0-20)"),
         Option("max_receives", "int", DEFAULT_MAX_RECEIVES, "most receives in flight per subscription"),
         Option("max_receive_count", "int", None, "RedrivePolicy maxReceiveCount of created queues"),
-        Option("max_message_bytes", "int", DEFAULT_MAX_MESSAGE_BYTES, "MaximumMessageSize of created queues"),
+        Option("max_message_bytes", "int", SQS_MAX_MESSAGE_BYTES, "MaximumMessageSize of created queues"),
         Option("create_queues", "bool", True, "declare creates missing queues; false: look up only"),
         Option("max_connections", "int", DEFAULT_MAX_CONNECTIONS, "HTTP connection pool size"),
         Option("close_grace", "duration", None, "seconds close() waits for receives in flight (wait_time + 2)"),
