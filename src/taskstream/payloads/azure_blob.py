@@ -24,15 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Self
 
 from taskstream.errors import ConfigurationError
-from taskstream.payloads.base import (
-    BlobInfo,
-    BlobStore,
-    PayloadMissing,
-    PayloadStoreError,
-    StoreURL,
-    check_key,
-    redact_store_url,
-)
+from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, StoreURL, check_key
 
 __all__ = ["AzureBlobStore", "account_name"]
 
@@ -102,17 +94,8 @@ class AzureBlobStore(BlobStore):
     @classmethod
     def from_url(cls, url: StoreURL) -> Self:
         """``azureblob://container[/prefix]`` with the query parameters of the module table."""
-        if not url.netloc:
-            raise ConfigurationError(
-                f"Azure Blob payload store URL needs a container: azureblob://container/prefix, "
-                f"got {redact_store_url(url.url)!r}"
-            )
-        return cls(
-            url.netloc,
-            url.path.lstrip("/"),
-            connection_string=url.get("connection_string"),
-            create=url.flag("create"),
-        )
+        container, prefix = url.place("Azure Blob payload store", "container")
+        return cls(container, prefix, connection_string=url.get("connection_string"), create=url.flag("create"))
 
     @property
     def location(self) -> str:

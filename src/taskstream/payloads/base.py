@@ -173,13 +173,15 @@ class StoreURL:
     """A store URL taken apart for a backend's ``from_url``.
 
     Attributes:
-        url: the URL as given (error messages show it through :func:`redact_store_url`).
+        url: the URL as given (error messages show :attr:`redacted`).
+        scheme: the scheme, lowercase.
         netloc: the part after ``scheme://`` up to the path (bucket, container or host).
         path: the path, percent-decoded.
         options: the query parameters, overridden by the caller's options.
     """
 
     url: str
+    scheme: str
     netloc: str
     path: str
     options: dict[str, str]
@@ -189,7 +191,25 @@ class StoreURL:
         """Split ``url``; ``options`` override its query parameters (values become strings)."""
         parts = urlsplit(url.strip())
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        return cls(url, parts.netloc, unquote(parts.path), {**query, **{k: str(v) for k, v in options.items()}})
+        overrides = {k: str(v) for k, v in options.items()}
+        return cls(url, parts.scheme.lower(), parts.netloc, unquote(parts.path), {**query, **overrides})
+
+    @property
+    def redacted(self) -> str:
+        """The URL without its query (where keys live), for messages."""
+        return redact_store_url(self.url)
+
+    def place(self, label: str, what: str) -> tuple[str, str]:
+        """``(netloc, prefix)`` of a ``scheme://WHAT[/prefix]`` URL (``what``: bucket, container).
+
+        Raises:
+            ConfigurationError: the URL names no ``what``; ``label`` names the store in the message.
+        """
+        if not self.netloc:
+            raise ConfigurationError(
+                f"{label} URL needs a {what}: {self.scheme}://{what}/prefix, got {self.redacted!r}"
+            )
+        return self.netloc, self.path.lstrip("/")
 
     def get(self, *names: str) -> str | None:
         """The first of ``names`` given a non-empty value, else ``None``."""

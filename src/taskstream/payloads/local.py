@@ -20,15 +20,7 @@ from pathlib import Path
 from typing import Self
 
 from taskstream.errors import ConfigurationError
-from taskstream.payloads.base import (
-    BlobInfo,
-    BlobStore,
-    PayloadMissing,
-    PayloadStoreError,
-    StoreURL,
-    check_key,
-    redact_store_url,
-)
+from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, StoreURL, check_key
 
 __all__ = ["LocalStore", "default_directory"]
 
@@ -59,11 +51,11 @@ class LocalStore(BlobStore):
         """``file:///absolute/dir`` (or ``file://localhost/...``): a directory on this host."""
         if url.netloc not in ("", "localhost"):
             raise ConfigurationError(
-                f"local payload store URL {redact_store_url(url.url)!r} names host {url.netloc!r}; "
+                f"local payload store URL {url.redacted!r} names host {url.netloc!r}; "
                 "use file:///absolute/path (a local directory is reachable from this host only)"
             )
         if not url.path.startswith("/"):
-            raise ConfigurationError(f"local payload store needs an absolute path: {redact_store_url(url.url)!r}")
+            raise ConfigurationError(f"local payload store needs an absolute path: {url.redacted!r}")
         return cls(url.path)
 
     @property

@@ -24,16 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Self
 
-from taskstream.errors import ConfigurationError
-from taskstream.payloads.base import (
-    BlobInfo,
-    BlobStore,
-    PayloadMissing,
-    PayloadStoreError,
-    StoreURL,
-    check_key,
-    redact_store_url,
-)
+from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, StoreURL, check_key
 
 __all__ = ["S3Store"]
 
@@ -94,13 +85,10 @@ class S3Store(BlobStore):
     @classmethod
     def from_url(cls, url: StoreURL) -> Self:
         """``s3://bucket[/prefix]`` with the query parameters of the module table."""
-        if not url.netloc:
-            raise ConfigurationError(
-                f"S3 payload store URL needs a bucket: s3://bucket/prefix, got {redact_store_url(url.url)!r}"
-            )
+        bucket, prefix = url.place("S3 payload store", "bucket")
         return cls(
-            url.netloc,
-            url.path.lstrip("/"),
+            bucket,
+            prefix,
             endpoint_url=url.get("endpoint_url"),
             region=url.get("region", "region_name"),
             aws_access_key_id=url.get("aws_access_key_id"),
