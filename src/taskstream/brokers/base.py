@@ -78,6 +78,8 @@ class Capabilities:
             where the broker holds it until ack or until the consumer's connection closes.
         max_batch: most messages one ``publish_batch`` call sends in one broker request.
         max_delay: the longest delay the broker supports, in seconds.
+        in_process: the broker lives inside this process (the embedded memory broker): no other process can
+            reach it, so task workers run inside the submitting program.
     """
 
     name: str
@@ -90,6 +92,7 @@ class Capabilities:
     visibility_timeout: float | None
     max_batch: int = 100
     max_delay: float = 12 * 3600.0
+    in_process: bool = False
 
 
 @dataclass(frozen=True, slots=True)

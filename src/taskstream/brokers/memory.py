@@ -193,6 +193,7 @@ class MemoryBroker(Broker):
             native_delay=True,
             visibility_timeout=visibility_timeout,
             max_batch=1000,
+            in_process=True,
         )
         self._subscriptions: set[_MemorySubscription] = set()
         self._connected = False

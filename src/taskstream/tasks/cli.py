@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -28,6 +28,9 @@ import typer
 from taskstream.config_check import setting
 from taskstream.errors import ConfigurationError
 from taskstream.settings import Settings, env_name
+
+if TYPE_CHECKING:
+    from taskstream.app import App
 
 __all__ = ["parse_autoscale", "register"]
 
@@ -84,29 +87,14 @@ def worker(
     from taskstream.tasks.worker import WorkerConfig
 
     _setup_logging(verbose)
-    if processes is not None and autoscale is not None:
-        raise ConfigurationError("give either --processes or --autoscale, not both")
-    if processes is not None and processes < 0:
-        raise ConfigurationError(f"--processes must not be negative, got {processes}")
-    if concurrency < 1:
-        raise ConfigurationError(f"--concurrency must be at least 1, got {concurrency}")
+    _check_worker_options(processes, autoscale, concurrency)
     _set_env(broker, result_store)
     app = load_object(target)
     if not isinstance(app, App):
         raise ConfigurationError(f"{target!r} is a {type(app).__name__}, not a taskstream App")
     asyncio.run(app.check_configuration())  # a bad store URL stops here, before the worker announces itself
     served = tuple(q.strip() for q in queues.split(",") if q.strip()) if queues else None
-    if autoscale is not None:
-        low, high = parse_autoscale(autoscale)
-    else:
-        cores = os.cpu_count() or 1
-        wanted_queues = set(served) if served else None
-        has_cpu = any(
-            t.options.cpu_bound and (wanted_queues is None or t.options.queue in wanted_queues)
-            for t in app.tasks.registry.values()
-        )
-        count = processes if processes is not None else (cores if has_cpu else 0)
-        low, high = count, max(1, count)
+    low, high = _process_range(app, served, processes, autoscale)
     app.tasks.enable_worker(
         WorkerConfig(
             queues=served,
@@ -117,7 +105,7 @@ def worker(
             shutdown_grace=app.settings.shutdown_grace,
         )
     )
-    if app.broker.capabilities.name == "memory":
+    if app.broker.capabilities.in_process:
         typer.echo(
             f"taskstream worker: warning: {app.broker_url} is the in-process memory broker, which no other "
             "process can reach (taskstream submit cannot); use --broker or TASKSTREAM_BROKER_URL",
@@ -137,6 +125,29 @@ def worker(
         asyncio.run(serve_with_health(app, health_port, health_host))
         if app.failure is not None:
             raise SystemExit(1)
+
+
+def _check_worker_options(processes: int | None, autoscale: str | None, concurrency: int) -> None:
+    if processes is not None and autoscale is not None:
+        raise ConfigurationError("give either --processes or --autoscale, not both")
+    if processes is not None and processes < 0:
+        raise ConfigurationError(f"--processes must not be negative, got {processes}")
+    if concurrency < 1:
+        raise ConfigurationError(f"--concurrency must be at least 1, got {concurrency}")
+
+
+def _process_range(
+    app: App, served: tuple[str, ...] | None, processes: int | None, autoscale: str | None
+) -> tuple[int, int]:
+    """``(min, max)`` worker processes: ``--autoscale``, ``--processes``, or the cores if cpu_bound tasks are served."""
+    if autoscale is not None:
+        return parse_autoscale(autoscale)
+    wanted = set(served) if served else None
+    has_cpu = any(
+        t.options.cpu_bound and (wanted is None or t.options.queue in wanted) for t in app.tasks.registry.values()
+    )
+    count = processes if processes is not None else ((os.cpu_count() or 1) if has_cpu else 0)
+    return count, max(1, count)
 
 
 def _parse_value(text: str) -> Any:
@@ -168,7 +179,7 @@ def submit(
             raise ConfigurationError(f"--kwarg takes name=value, got {item!r}")
         keywords[name] = _parse_value(value)
     app = App(workers=False)
-    if app.broker.capabilities.name == "memory":
+    if app.broker.capabilities.in_process:
         raise ConfigurationError(
             f"taskstream submit needs a real broker: {app.broker_url} lives inside this one process, so no "
             "worker can ever take the call; give --broker URL or set TASKSTREAM_BROKER_URL "

@@ -122,7 +122,7 @@ class TaskRuntime:
             return arg
         url, name = self._store_source()
         if url is None:
-            if self.app.broker.capabilities.name == "memory":
+            if self.app.broker.capabilities.in_process:
                 hub = getattr(self.app.broker, "hub_name", None) or ""
                 url = f"memory://{hub}"
             else:
@@ -154,7 +154,7 @@ class TaskRuntime:
             return True
         if self._workers is not None:
             return self._workers
-        return self.app.broker.capabilities.name == "memory"
+        return self.app.broker.capabilities.in_process
 
     def enable_worker(self, config: WorkerConfig) -> None:
         """Make this App a task worker with ``config`` when it starts (what ``taskstream worker`` does)."""
