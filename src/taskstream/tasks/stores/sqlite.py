@@ -69,9 +69,12 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     error BLOB,
     expires_at REAL NOT NULL,
     reply_to TEXT NOT NULL DEFAULT ''
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS {_TABLE}_expiry ON {_TABLE}(expires_at);
 """
+# Rows live in rowid order, i.e. in the order tasks were first recorded: a task's claim and finish write near the
+# end of the table and expiry deletes from its start, so only the small task_id index is written at random (a
+# WITHOUT ROWID table, as files before this one had, wrote whole rows at random places: twice the pages per commit).
 # Files made before reply_to existed get the column (existing rows read as '', "submitter unknown").
 _ADDED_COLUMNS = (("reply_to", "TEXT NOT NULL DEFAULT ''"),)
 _SAME_SUBMITTER = "(reply_to = '' OR reply_to = excluded.reply_to)"
@@ -92,7 +95,11 @@ _CLAIM = (
     "reply_to = CASE WHEN reply_to = '' THEN excluded.reply_to ELSE reply_to END "
     f"WHERE (status IN ('pending', 'running') AND {_SAME_SUBMITTER}) OR expires_at < ?"
 )
-_FINISH = f"INSERT OR REPLACE INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_FINISH = (  # the whole record replaced, in place (same rowid: the task_id index is not touched)
+    f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(task_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.split(", ") if c != "task_id")
+)
 _REFUSE = (
     f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(task_id) DO UPDATE SET status = excluded.status, finished_at = excluded.finished_at, "
@@ -164,6 +171,35 @@ def _migrate(conn: sqlite3.Connection) -> None:
         except sqlite3.OperationalError as exc:
             if "duplicate column" not in str(exc).lower():  # another process added it first
                 raise
+    if _without_rowid(conn):
+        _rebuild_with_rowids(conn)
+
+
+def _without_rowid(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (_TABLE,)).fetchone()
+    return row is not None and "WITHOUT ROWID" in row[0].upper()
+
+
+def _rebuild_with_rowids(conn: sqlite3.Connection) -> None:
+    """Copy the live records of a WITHOUT ROWID table (older versions) into the rowid layout, once, atomically."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _without_rowid(conn):  # another process may have done it while this one waited for the lock
+            conn.execute(f"DROP INDEX IF EXISTS {_TABLE}_expiry")
+            conn.execute(f"ALTER TABLE {_TABLE} RENAME TO {_TABLE}_old")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO {_TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM {_TABLE}_old WHERE expires_at >= ?",
+                (time.time(),),
+            )
+            conn.execute(f"DROP TABLE {_TABLE}_old")
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _row_to_info(row: Sequence[Any]) -> TaskInfo:
