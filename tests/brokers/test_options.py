@@ -6,11 +6,11 @@ import pytest
 
 from taskstream.brokers.azure_queues import OPTIONS as AZURE_OPTIONS
 from taskstream.brokers.base import broker_from_url
-from taskstream.brokers.options import Option, URLOptions, parse_bool, parse_duration, split_query
 from taskstream.brokers.sqs import OPTIONS as SQS_OPTIONS
 from taskstream.brokers.sqs import SQSBroker
 from taskstream.errors import ConfigurationError
 from taskstream.settings import DEFAULT_MAX_ATTEMPTS, Settings
+from taskstream.urloptions import Option, URLOptions, parse_bool, parse_duration, split_query
 
 DEMO = URLOptions(
     "demo",

@@ -10,10 +10,10 @@ from urllib.parse import unquote, urlsplit
 
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 
-from taskstream.brokers.options import Option, URLOptions, split_query
 from taskstream.constants import AZURE_QUEUE_MAX_MESSAGE_BYTES
 from taskstream.errors import ConfigurationError
 from taskstream.settings import redact_url
+from taskstream.urloptions import Option, URLOptions, split_query
 
 __all__ = [
     "AZURE_MAX_MESSAGE_TEXT",

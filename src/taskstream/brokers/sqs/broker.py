@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 import orjson
 
 from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, Subscription
-from taskstream.brokers.options import split_query
 from taskstream.brokers.sqs.client import AUTH_FAILED, Batcher, Entry, SQSClient, SQSError
 from taskstream.brokers.sqs.codec import QueueInfo, encode_entry
 from taskstream.brokers.sqs.config import (
@@ -34,6 +33,7 @@ from taskstream.errors import (
     QueueNotFound,
 )
 from taskstream.settings import DEFAULT_MAX_ATTEMPTS, Settings, redact_url
+from taskstream.urloptions import split_query
 
 __all__ = ["SQSBroker"]
 

@@ -6,10 +6,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from taskstream.brokers.options import Option, URLOptions
 from taskstream.constants import SQS_MAX_MESSAGE_BYTES
 from taskstream.errors import ConfigurationError
 from taskstream.settings import DEFAULT_MAX_ATTEMPTS
+from taskstream.urloptions import Option, URLOptions
 
 __all__ = [
     "DEFAULT_GROUP",
