@@ -1,4 +1,4 @@
-"""``taskstream pipeline run|graph|stages|stop``."""
+"""``taskstream pipeline run|graph|stages|stop|rescale``."""
 
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def test_run_fused_and_run_one_stage(tmp_path: Path, monkeypatch: pytest.MonkeyP
     windows, _late = sensor_windows.read_results(db)
     assert len(windows) > 10
     # one stage replica: the source stage publishes to its queues and ends (memory broker: in this process)
+    state = f"sqlite:///{tmp_path / 'state.db'}"  # the source stage snapshots its position
     result = runner.invoke(
-        cli, ["pipeline", "run", "cli_pipeline:pipeline", "--stage", "sensor", "--broker", "memory://"]
+        cli,
+        ["pipeline", "run", "cli_pipeline:pipeline", "--stage", "sensor", "--broker", "memory://", "--state", state],
     )
     assert result.exit_code == 0, result.output
     assert "stage 'sensor' replica 0" in result.output
@@ -64,6 +66,16 @@ def test_run_fused_and_run_one_stage(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_stop_puts_a_stop_message(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["pipeline", "stop", "some-queue", "--broker", "memory://"])
     assert result.exit_code == 0 and "sent Stop" in result.output
+
+
+def test_rescale_moves_a_stage_to_the_pipelines_parallelism_and_refuses_a_source_stage(tmp_path: Path) -> None:
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    args = ["pipeline", "rescale", "examples.sensor_windows:build_pipeline", "--broker", "memory://", "--state", state]
+    result = runner.invoke(cli, [*args, "--stage", "windows", "--from", "2"])
+    assert result.exit_code == 0, result.output
+    assert "stage 'windows': 2 -> 3 replicas" in result.output
+    result = runner.invoke(cli, [*args, "--stage", "sensor", "--from", "2"])
+    assert result.exit_code != 0 and "reads a source" in str(result.exception)
 
 
 def test_target_that_is_not_a_pipeline_is_refused() -> None:

@@ -148,7 +148,7 @@ def test_example_readers_close_their_sqlite_connections(tmp_path: Path, monkeypa
     connect = sqlite3.connect
 
     def tracked(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = connect(*args, **kwargs)
+        conn: sqlite3.Connection = connect(*args, **kwargs)
         opened.append(conn)
         return conn
 

@@ -39,7 +39,9 @@ def windows_of(out: list[Any]) -> list[tuple[str, float, float, Any]]:
     ]
 
 
-async def run_window(records: list[dict[str, Any]], windower: Any, clock: Any, **aggs: Any) -> tuple[list, list]:
+async def run_window(
+    records: list[dict[str, Any]], windower: Any, clock: Any, **aggs: Any
+) -> tuple[list[Any], list[Any]]:
     p = Pipeline("win")
     w = p.source("in", records).key_by(lambda x: x["k"]).window(windower, clock).aggregate(**aggs)
     out, late = w.collect(), w.late.collect()

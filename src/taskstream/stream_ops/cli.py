@@ -8,6 +8,8 @@ Command                                                            Does
 ``taskstream pipeline graph module:pipeline -o graph.svg``          draws stages and queues (``.svg`` or ``.png``)
 ``taskstream pipeline stages module:pipeline``                      prints stages, steps, replicas and queues
 ``taskstream pipeline stop QUEUE``                                  puts a ``Stop`` control message on QUEUE
+``taskstream pipeline rescale module:pipeline --stage S --from N``  moves stage S from N replicas to the
+                                                                   pipeline's parallelism (pipeline stopped)
 =================================================================  ==================================================
 
 ``module:pipeline`` names a :class:`Pipeline` or a function without arguments that returns one.
@@ -164,6 +166,35 @@ def stop_command(
 
     asyncio.run(go())
     typer.echo(f"sent Stop to {queue}")
+
+
+@pipeline_cli.command("rescale")
+def rescale_command(
+    target: Annotated[str, typer.Argument(help="module:pipeline, declaring the new parallelism")],
+    stage: Annotated[str, typer.Option(help="The stage whose parallelism changes.")],
+    old: Annotated[int, typer.Option("--from", help="How many replicas the stage ran with.")],
+    broker: BrokerOpt = None,
+    state: Annotated[str | None, typer.Option(help="State store URL of the snapshots (sqlite:///path, ...).")] = None,
+) -> None:
+    """Move a stopped pipeline's stage to its new parallelism: state and queued records go to the new owners."""
+    from taskstream.config_check import check_broker_url, open_state_store
+    from taskstream.settings import Settings, env_name
+    from taskstream.stream_ops.rescale import rescale_stage
+
+    if broker:
+        os.environ["TASKSTREAM_BROKER_URL"] = broker
+    pipeline = load_pipeline(target)
+    bus = check_broker_url(broker, name="--broker" if broker else env_name("broker_url"))
+    store = open_state_store(state, Settings(), name="--state" if state else None)
+
+    async def go() -> str:
+        try:
+            async with bus as b:
+                return (await rescale_stage(pipeline, stage, old, broker=b, store=store)).summary()
+        finally:
+            await store.close()
+
+    typer.echo(asyncio.run(go()))
 
 
 def register(cli: typer.Typer) -> None:

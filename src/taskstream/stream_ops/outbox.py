@@ -2,18 +2,20 @@
 
 The runner publishes what the :class:`Outbox` and :class:`DeadLetters` hold after each input batch, before
 it commits its snapshot and acks the input. The Outbox gives each record the id derived from its lineage
-(:mod:`~taskstream.stream_ops.lineage`) and routes keyed items by a hash of their key.
+(:mod:`~taskstream.stream_ops.lineage`) and routes each record to the replica owning its key group
+(:mod:`~taskstream.stream_ops.keygroups`), counting what it sent per downstream stage and group for
+end-of-stream.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 from taskstream.brokers.base import OutgoingMessage
 from taskstream.intake import dead_letter_headers
 from taskstream.messages import dumps
+from taskstream.stream_ops.keygroups import KEY_GROUPS, group_of, owner
 from taskstream.stream_ops.lineage import derive_id
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import RuntimeContext
@@ -56,7 +58,7 @@ class DeadLetters:
 
 
 class Outbox:
-    """Items bound for other stages, encoded per destination queue; ``sent`` counts per queue."""
+    """Items bound for other stages, encoded per destination queue; ``sent`` counts per stage and key group."""
 
     def __init__(self, plan: Plan, stage: StagePlan, replica: int, now: Callable[[], float]) -> None:
         self.plan = plan
@@ -64,7 +66,7 @@ class Outbox:
         self.src = f"{stage.name}/{replica}"
         self.now = now
         self.pending: dict[str, list[OutgoingMessage]] = {}
-        self.sent: dict[str, int] = {}
+        self.sent: dict[str, dict[str, int]] = {}  # per downstream stage: records sent per key group
         self._rr: dict[str, int] = {}
         self.lineage = ""
         self._made: dict[str, int] = {}
@@ -100,43 +102,25 @@ class Outbox:
         entry: str | list[str] = entries[0] if len(entries) == 1 else entries
         mids = self._ids(target, origin, items, ids)
         n = target.parallelism
-        if n == 1:
-            queue = target.queue(0)
-            try:
-                messages = [
-                    record_message(item, entry, self.src, now, mid) for item, mid in zip(items, mids, strict=True)
-                ]
-            except TypeError:
-                return self._add_each(target, entry, items, now, mids)
-            self.pending.setdefault(queue, []).extend(messages)
-            self.sent[queue] = self.sent.get(queue, 0) + len(messages)
-            return None
-        return self._add_each(target, entry, items, now, mids)
-
-    def _add_each(
-        self, target: StagePlan, entry: str | list[str], items: list[Any], now: float, mids: list[str]
-    ) -> dict[int, TypeError] | None:
-        failed: dict[int, TypeError] | None = None
-        n = target.parallelism
         queues = target.queues
+        sent = self.sent.setdefault(target.name, {})
+        failed: dict[int, TypeError] | None = None
         for index, item in enumerate(items):
+            if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
+                group = group_of(item[0])
+            else:
+                group = self._rr.get(target.name, 0)
+                self._rr[target.name] = (group + 1) % KEY_GROUPS
             try:
-                message = record_message(item, entry, self.src, now, mids[index])
+                message = record_message(item, entry, self.src, now, mids[index], group)
             except TypeError as exc:
                 if failed is None:
                     failed = {}
                 failed[index] = exc
                 continue
-            if n == 1:
-                replica = 0
-            elif type(item) is tuple and len(item) == 2 and type(item[0]) is str:
-                replica = zlib.crc32(item[0].encode()) % n
-            else:
-                replica = self._rr.get(target.name, 0)
-                self._rr[target.name] = (replica + 1) % n
-            queue = queues[replica]
-            self.pending.setdefault(queue, []).append(message)
-            self.sent[queue] = self.sent.get(queue, 0) + 1
+            self.pending.setdefault(queues[owner(group, n)], []).append(message)
+            g = str(group)
+            sent[g] = sent.get(g, 0) + 1
         return failed
 
     def take(self) -> dict[str, list[OutgoingMessage]]:

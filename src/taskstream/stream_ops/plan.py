@@ -11,8 +11,9 @@ Stage rules (what runs together as one consumer):
   input: adjacent stateless steps are fused into one consumer.
 
 Each replica ``i`` of a stage consumes one queue, ``<pipeline>-<stage>-<i>``. An edge between stages is a
-publish to the downstream stage's queues: keyed items go to replica ``crc32(key) % N``, unkeyed items round
-robin. A stateful step in a stage with more than one replica must be fed from other stages (so its keys
+publish to the downstream stage's queues: keyed items go to the replica owning their key group
+(:mod:`~taskstream.stream_ops.keygroups`: ``crc32(key) % 128``, groups owned in ranges), unkeyed items take the
+groups in turn. A stateful step in a stage with more than one replica must be fed from other stages (so its keys
 arrive partitioned).
 """
 

@@ -44,6 +44,7 @@ from taskstream.observe.metrics import recorder_for
 from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
 from taskstream.producer import Producer
+from taskstream.stream_ops.accounting import Accounting
 from taskstream.stream_ops.core import SourceNode
 from taskstream.stream_ops.executor import Executor
 from taskstream.stream_ops.lineage import AppliedIds, derive_id
@@ -149,8 +150,7 @@ class Runner:
         resumable = any(source.resumable for source in self.sources.values())
         self.uses_store = self.stage is not None and bool(self.stage.entries or self.stage.stateful or resumable)
         # end-of-stream accounting (persisted in the snapshot)
-        self.counts: dict[str, int] = {}
-        self.eos: dict[str, int] = {}
+        self.accounting = Accounting(plan, stage, replica)
         self.applied = AppliedIds(self.config.remember_per_sender)
         self.positions: dict[str, Any] = {}  # source step -> where it stands (resumable sources)
         self.received = 0
@@ -194,8 +194,7 @@ class Runner:
         if not meta:
             return False
         self.executor.restore(rows)
-        self.counts = dict(meta.get("counts", {}))
-        self.eos = dict(meta.get("eos", {}))
+        self.accounting.restore(meta)
         self.received = int(meta.get("received", 0))
         if self.outbox is not None:
             self.outbox.sent = dict(meta.get("sent", {}))
@@ -224,7 +223,7 @@ class Runner:
                 if self.store is None:
                     raise ConfigurationError(f"stage {self.ctx.stage!r} keeps state and needs a state store")
                 finished = await self._restore()
-                result.restored = bool(self.counts or self.eos or self.received)
+                result.restored = bool(self.accounting.counts or self.accounting.eos or self.received)
                 if finished:
                     await self._send_eos()
                     await self.store.clear(self.namespace)
@@ -266,7 +265,6 @@ class Runner:
     async def _loop(self, inbox: asyncio.Queue[tuple[Any, ...]], n_sources: int) -> str:
         stage = self.stage
         sources_left = n_sources
-        expected = self.plan.upstream_replicas(stage.name) if stage is not None else set()
         has_queue = stage is not None and bool(stage.entries)
         idle = stage.idle_timeout if stage is not None else None
         max_messages = stage.max_messages if stage is not None else None
@@ -277,11 +275,7 @@ class Runner:
             if has_queue and sources_left == 0:
                 if self.stop_requested:
                     return "stop"
-                if (
-                    expected
-                    and expected <= set(self.eos)
-                    and all(self.counts.get(src, 0) >= sent for src, sent in self.eos.items())
-                ):
+                if self.accounting.complete():
                     return "end-of-stream"
                 if max_messages is not None and self.received >= max_messages:
                     return f"max_messages ({max_messages})"
@@ -434,7 +428,7 @@ class Runner:
         if not all(t in entries for t in targets):
             raise MalformedMessage(f"record for step {to!r}, which is not an entry of this stage")
         if record.src:
-            self.counts[record.src] = self.counts.get(record.src, 0) + 1
+            self.accounting.count(record.src, record.group, record.key)
         self.applied.add(record.src or "", record.id)
         item = (record.key, record.body) if record.key is not None else record.body
         return record.id, entry, item
@@ -443,17 +437,11 @@ class Runner:
         """Apply a control message.
 
         Raises:
-            MalformedMessage: an end-of-stream whose ``from`` is not a string or ``sent`` not a count.
+            MalformedMessage: an end-of-stream whose ``from`` is not a string or ``sent`` not counts per group.
         """
         control = body.get("control") if isinstance(body, dict) else None
         if control == "eos":
-            source, sent = body.get("from"), body.get("sent", 0)
-            if not isinstance(source, str) or type(sent) is not int or sent < 0:
-                raise MalformedMessage(
-                    "malformed message: end-of-stream needs 'from' (a string) and 'sent' (a count), "
-                    f"got from={source!r:.40}, sent={sent!r:.40}"
-                )
-            self.eos[source] = sent
+            self.accounting.end_of_stream(body)
         elif control == "stop":
             log.info("%s: Stop received", self.namespace)
             self.stop_requested = True
@@ -491,8 +479,8 @@ class Runner:
 
     def _meta(self, finished: bool) -> dict[str, Any]:
         return {
-            "counts": self.counts,
-            "eos": self.eos,
+            "counts": self.accounting.counts,
+            "eos": self.accounting.eos,
             "received": self.received,
             "sent": self.outbox.sent if self.outbox is not None else {},
             "positions": self.positions,
@@ -515,7 +503,7 @@ class Runner:
         sent = self.outbox.sent if self.outbox is not None else {}
         for name in self.stage.downstream:
             for queue in self.plan.stages[name].queues:
-                message = control_message({"control": "eos", "from": self.src, "sent": sent.get(queue, 0)})
+                message = control_message({"control": "eos", "from": self.src, "sent": sent.get(name, {})})
                 await self._declare(queue)
                 await self.broker.publish(queue, message.body, headers=message.headers, message_id=message.message_id)
 

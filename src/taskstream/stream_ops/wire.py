@@ -1,18 +1,20 @@
 """How records and control messages travel between stages.
 
 A record is a standard taskstream envelope (``kind="record"``); a keyed item ``(key, value)`` travels as
-``key=key, body=value``. Two envelope headers route it: ``to`` (the step, or list of steps, receiving it downstream)
-and ``src`` (``"<stage>/<replica>"`` of the sender, for end-of-stream accounting).
+``key=key, body=value``. Envelope headers route it: ``to`` (the step, or list of steps, receiving it downstream),
+``src`` (``"<stage>/<replica>"`` of the sender) and ``g`` (the record's key group, :mod:`.keygroups`); the last
+two are for end-of-stream accounting.
 
 Control envelopes (``kind="control"``):
 
-=========================================================  ==================================================
-Body                                                       Meaning
-=========================================================  ==================================================
-``{"control": "eos", "from": "stage/replica", "sent": n}``  that upstream replica finished after sending ``n``
-                                                           records to this queue
-``{"control": "stop"}``                                    end this component now (flush, end-of-stream down)
-=========================================================  ==================================================
+==============================================================  =============================================
+Body                                                            Meaning
+==============================================================  =============================================
+``{"control": "eos", "from": "stage/replica", "sent": {g: n}}``  that upstream replica finished after sending
+                                                                ``n`` records of key group ``g`` to this stage
+``{"control": "stop"}``                                         end this component now (flush, end-of-stream
+                                                                down)
+==============================================================  =============================================
 
 Large records travel by reference (claim-check, :mod:`taskstream.payloads`), as task arguments do: whoever
 publishes records (stage outputs, dead letters, ``QueueSink``) passes them through
@@ -31,6 +33,7 @@ from typing import Any
 from taskstream.brokers.base import Broker, OutgoingMessage
 from taskstream.errors import MalformedMessage
 from taskstream.messages import CONTENT_TYPE, WIRE_VERSION, dumps, new_id
+from taskstream.stream_ops.keygroups import KEY_GROUPS
 
 __all__ = ["Record", "Stop", "control_message", "read_record", "record_message", "send_stop"]
 
@@ -38,19 +41,24 @@ RECORD_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record"}
 CONTROL_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "control"}
 
 
-def record_message(item: Any, to: str | list[str], src: str, now: float, mid: str | None = None) -> OutgoingMessage:
+def record_message(
+    item: Any, to: str | list[str], src: str, now: float, mid: str | None = None, group: int | None = None
+) -> OutgoingMessage:
     """Encode one item for the stage queue of step ``to`` (or of several steps of that stage).
 
     ``mid`` is the record's id (derived from its lineage, :mod:`~taskstream.stream_ops.lineage`); a new random
-    one when not given.
+    one when not given. ``group`` is its key group (:mod:`~taskstream.stream_ops.keygroups`).
     """
     mid = mid or new_id()
+    headers: dict[str, Any] = {"to": to, "src": src}
+    if group is not None:
+        headers["g"] = group
     doc: dict[str, Any] = {
         "ts": WIRE_VERSION,
         "id": mid,
         "kind": "record",
         "created_at": now,
-        "headers": {"to": to, "src": src},
+        "headers": headers,
         "body": item,
     }
     key = None
@@ -78,6 +86,7 @@ class Record:
     src: str | None
     key: str | None
     body: Any
+    group: int | None = None
 
 
 def read_record(doc: dict[str, Any], message_id: str | None) -> Record:
@@ -100,7 +109,10 @@ def read_record(doc: dict[str, Any], message_id: str | None) -> Record:
     src = headers.get("src")
     if src is not None and not isinstance(src, str):
         raise MalformedMessage("malformed message: header 'src' must be a string")
-    return Record(mid, kind, to, src, key, doc.get("body"))
+    group = headers.get("g")
+    if group is not None and (type(group) is not int or not 0 <= group < KEY_GROUPS):
+        raise MalformedMessage(f"malformed message: header 'g' must be a key group (0-{KEY_GROUPS - 1})")
+    return Record(mid, kind, to, src, key, doc.get("body"), group)
 
 
 class Stop:
