@@ -3,6 +3,8 @@
 #   systemd-analyze  verifies rendered systemd units            (Debian: systemd)
 #   cloud-init       checks rendered cloud-config files          (Debian: cloud-init)
 #   docker-compose   1.29's `config` checks docker-compose.yml   (Debian: docker-compose; no engine needed)
+#   promtool         checks deploy/prometheus and the dashboard's PromQL; `prometheus` scrapes the native stack
+#                    (Debian: prometheus; its service is not started)
 # Python-side validators (check-jsonschema, kubernetes-validate) come with the dev extras.
 set -euo pipefail
 
@@ -10,9 +12,10 @@ missing=()
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v cloud-init >/dev/null 2>&1 || missing+=(cloud-init)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "deploy-tools: systemd-analyze, cloud-init and docker-compose present"
+  echo "deploy-tools: systemd-analyze, cloud-init, docker-compose and promtool present"
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -7,12 +7,19 @@
    extras, are configured only through ``TASKSTREAM_*`` variables that taskstream reads, run real ``taskstream``
    verbs with options the CLI accepts and targets that import, wait for healthy brokers, and probe the health
    port they configure; other images are pinned.
-3. (test_compose_native.py) every taskstream service command runs natively against local servers.
+3. Prometheus and Grafana: the scrape config passes promtool and scrapes every taskstream service on the port
+   it serves /metrics on; Grafana's provisioning and dashboard are the mounted files of this repository, every
+   panel reads the provisioned datasource, and every query parses as PromQL (promtool) and uses only metric
+   names and labels of taskstream's metrics catalogue.
+4. (test_compose_native.py) every taskstream service command runs natively against local servers, scraped by
+   a native Prometheus with the stack's scrape config, which answers the dashboard's queries.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -224,3 +231,290 @@ def test_the_variant_helper_really_changes_the_file(tmp_path: Path) -> None:
     changed = yaml.safe_load(path.read_text())
     assert set(original["services"]) - set(changed["services"]) == {"azurite"}
     assert copy.deepcopy(original) == load_compose()
+
+
+# -- 3. Prometheus and Grafana -----------------------------------------------------------------------
+
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "taskstream.json"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "taskstream.yml"
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+#: what Grafana puts in place of its variables before Prometheus sees a query
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$queue": ".*"}
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), f"{path}: not a mapping"
+    return data
+
+
+def load_dashboard() -> dict[str, Any]:
+    data = json.loads(DASHBOARD.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def scrape_targets(config: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(job, host, port) of every static target of a Prometheus config."""
+    found = []
+    for job in config["scrape_configs"]:
+        for group in job.get("static_configs", []):
+            for target in group["targets"]:
+                host, _, port = target.rpartition(":")
+                found.append((job["job_name"], host, port))
+    return found
+
+
+def container_ports(svc: dict[str, Any]) -> set[str]:
+    return {str(entry).rpartition(":")[2] for entry in svc.get("ports", [])}
+
+
+def scrape_problems(compose: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """What is wrong between the scrape config and the compose services (empty when they agree)."""
+    problems = []
+    ours = taskstream_services(compose)
+    scraped = set()
+    for job, host, port in scrape_targets(config):
+        svc = compose["services"].get(host)
+        if svc is None:
+            problems.append(f"{job}: target {host}:{port} is not a compose service")
+        elif host in ours:
+            scraped.add(host)
+            health = str(svc.get("environment", {}).get("TASKSTREAM_HEALTH_PORT"))
+            if port != health:
+                problems.append(f"{job}: {host} serves /metrics on {health}, not {port}")
+        elif port not in container_ports(svc):
+            problems.append(f"{job}: {host} does not listen on {port}")
+    for name in sorted(set(ours) - scraped):
+        problems.append(f"{name} is not scraped")
+    for job in config["scrape_configs"]:
+        path = job.get("metrics_path", "/metrics")
+        if path != "/metrics" and any(h in ours for _, h, _ in scrape_targets({"scrape_configs": [job]})):
+            problems.append(f"{job['job_name']}: taskstream serves /metrics, not {path}")
+    return problems
+
+
+def mounts(svc: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts (named volumes left out)."""
+    found = {}
+    for entry in svc.get("volumes", []):
+        source, target = str(entry).split(":")[:2]
+        if source.startswith("."):
+            found[target] = ROOT / source
+    return found
+
+
+def in_container(svc: dict[str, Any], path: str) -> Path:
+    """The host file a container path of ``svc`` shows (through its bind mounts)."""
+    for target, source in sorted(mounts(svc).items(), key=lambda item: -len(item[0])):
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return source / path[len(target) :].lstrip("/")
+    pytest.fail(f"{path} is not mounted from the repository")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_tool("promtool"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    result = promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = load_yaml(PROMETHEUS_CONFIG)
+    broken["global"]["scrape_interval"] = "5 seconds"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(broken))
+    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert result.returncode != 0 and "5 seconds" in result.stdout + result.stderr
+
+
+def test_prometheus_scrapes_every_taskstream_service_on_its_health_port() -> None:
+    compose, config = load_compose(), load_yaml(PROMETHEUS_CONFIG)
+    assert scrape_problems(compose, config) == []
+    hosts = {host for _, host, _ in scrape_targets(config)}
+    assert set(taskstream_services(compose)) <= hosts
+    # negative controls: a mistyped target, a wrong port and a service left out are each caught
+    typo = copy.deepcopy(config)
+    typo["scrape_configs"][0]["static_configs"][0]["targets"] = ["wroker:8080"]
+    assert "taskstream-worker: target wroker:8080 is not a compose service" in scrape_problems(compose, typo)
+    assert "worker is not scraped" in scrape_problems(compose, typo)
+    wrong_port = copy.deepcopy(compose)
+    wrong_port["services"]["worker"]["environment"]["TASKSTREAM_HEALTH_PORT"] = "9100"
+    assert scrape_problems(wrong_port, config) == ["taskstream-worker: worker serves /metrics on 9100, not 8080"]
+
+
+def test_every_taskstream_service_serves_metrics_and_its_image_can() -> None:
+    for name, svc in taskstream_services(load_compose()).items():
+        assert svc["environment"].get("TASKSTREAM_HEALTH_PORT"), f"{name}: no /metrics without a health port"
+        extras = set(svc["build"]["args"]["EXTRAS"].split(","))
+        assert extras & {"metrics", "all"}, f"{name}: /metrics needs prometheus-client (the metrics extra)"
+
+
+def test_prometheus_and_grafana_read_the_files_of_this_repository() -> None:
+    compose = load_compose()
+    prometheus, grafana = compose["services"]["prometheus"], compose["services"]["grafana"]
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in prometheus["command"])
+    assert in_container(prometheus, flags["config.file"]) == PROMETHEUS_CONFIG
+    assert in_container(grafana, "/etc/grafana/provisioning/datasources/prometheus.yml") == DATASOURCES
+    assert in_container(grafana, "/etc/grafana/provisioning/dashboards/taskstream.yml") == DASHBOARD_PROVIDERS
+    (provider,) = load_yaml(DASHBOARD_PROVIDERS)["providers"]
+    assert provider["type"] == "file"
+    assert in_container(grafana, provider["options"]["path"]) / DASHBOARD.name == DASHBOARD
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert in_container(grafana, home) == DASHBOARD
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert "3000" in container_ports(grafana)
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def test_grafana_datasource_is_the_prometheus_service() -> None:
+    compose = load_compose()
+    config = load_yaml(DATASOURCES)
+    assert config["apiVersion"] == 1
+    (source,) = config["datasources"]
+    assert source["type"] == "prometheus" and source["access"] == "proxy" and source["isDefault"] is True
+    url = urlsplit(source["url"])
+    assert url.hostname == "prometheus" and str(url.port) in container_ports(compose["services"]["prometheus"])
+    assert source["jsonData"]["timeInterval"] == load_yaml(PROMETHEUS_CONFIG)["global"]["scrape_interval"]
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(panel title, refId, PromQL with Grafana's variables replaced) of every panel target."""
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{panel['title']}: a variable the test does not know in {target['expr']}"
+            queries.append((panel["title"], target["refId"], expr))
+    return queries
+
+
+def catalogued(series: str) -> tuple[str, tuple[str, ...]]:
+    """(type, labels) of a series name the metrics catalogue defines (histograms by _bucket/_sum/_count)."""
+    from taskstream.observe.metrics import METRICS
+
+    if series in METRICS:
+        kind, labels, _ = METRICS[series]
+        return kind, labels
+    for suffix in HISTOGRAM_SERIES:
+        base = series.removesuffix(suffix)
+        if base != series and METRICS.get(base, ("",))[0] == "histogram":
+            labels = METRICS[base][1]
+            return ("counter", (*labels, "le")) if suffix == "_bucket" else ("counter", labels)
+    raise AssertionError(f"{series} is not in taskstream.observe.metrics.METRICS")
+
+
+def query_problems(expr: str, legend: str = "") -> list[str]:
+    """What a dashboard query gets wrong about the catalogue: names, labels, rate() of a gauge, legend labels."""
+    problems = []
+    names = re.findall(r"\btaskstream_\w+", expr)
+    if not names:
+        return [f"{expr}: reads no taskstream metric"]
+    known: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name in names:
+        try:
+            known[name] = catalogued(name)
+        except AssertionError as exc:
+            problems.append(str(exc))
+    labels = {label for _, labels in known.values() for label in labels}
+    for name, selector in re.findall(r"(taskstream_\w+)\{([^}]*)\}", expr):
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
+            if name in known and label not in known[name][1]:
+                problems.append(f"{name} has no label {label!r}")
+    grouped: set[str] = set()
+    for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        grouped |= {label.strip() for label in group.split(",") if label.strip()}
+    problems += [f"{expr}: groups by {label!r}, which its metrics lack" for label in sorted(grouped - labels)]
+    for name in re.findall(r"\b(?:rate|irate|increase)\((taskstream_\w+)", expr):
+        if name in known and known[name][0] != "counter":
+            problems.append(f"{expr}: rate() of the {known[name][0]} {name}")
+    if "histogram_quantile" in expr and ("_bucket" not in expr or "le" not in grouped):
+        problems.append(f"{expr}: histogram_quantile needs the _bucket series summed by le")
+    for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend):
+        if label not in grouped:
+            problems.append(f"legend {legend!r}: {label!r} is not kept by the query")
+    return problems
+
+
+def test_query_problems_catches_what_it_should() -> None:
+    good = 'sum by (queue) (rate(taskstream_messages_received_total{queue=~".*"}[1m]))'
+    assert query_problems(good, "{{queue}}") == []
+    assert query_problems(good.replace("received", "recieved"))  # a misspelt name
+    assert query_problems(good.replace("by (queue)", "by (task)"))  # a label the metric lacks
+    assert query_problems(good.replace("{queue=~", "{stage=~"))
+    assert query_problems("rate(taskstream_queue_depth[1m])")  # rate of a gauge
+    assert query_problems("histogram_quantile(0.5, sum by (queue) (rate(taskstream_task_run_seconds_bucket[1m])))")
+    assert query_problems(good, "{{reason}}")
+    assert query_problems("sum(rate(process_cpu_seconds_total[1m]))")
+
+
+def test_dashboard_queries_use_only_catalogued_metrics_and_labels() -> None:
+    dashboard = load_dashboard()
+    problems = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            problems += [f"{panel['title']}: {p}" for p in query_problems(expr, target.get("legendFormat", ""))]
+    for variable in dashboard["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((taskstream_\w+),\s*(\w+)\)", variable["definition"])
+        assert match, f"variable {variable['name']}: {variable['definition']}"
+        assert match.group(2) in catalogued(match.group(1))[1]
+        assert variable["datasource"]["uid"] == load_yaml(DATASOURCES)["datasources"][0]["uid"]
+    assert problems == []
+
+
+def test_dashboard_has_the_panels_the_stack_needs() -> None:
+    exprs = [expr for _, _, expr in dashboard_queries(load_dashboard())]
+
+    def shown(*parts: str) -> bool:
+        return any(all(part in expr for part in parts) for expr in exprs)
+
+    for counter in ("received", "handled", "retried", "dead_lettered"):
+        assert shown(f"rate(taskstream_messages_{counter}_total", "by (queue"), counter
+    for histogram in ("taskstream_handler_duration_seconds", "taskstream_publish_duration_seconds"):
+        assert shown("histogram_quantile(0.5,", histogram) and shown("histogram_quantile(0.95,", histogram)
+    assert shown("taskstream_queue_depth") and shown("taskstream_dead_letter_depth")
+    assert shown("rate(taskstream_tasks_finished_total", "status")
+    for direction in ("in", "out"):
+        assert shown(f"rate(taskstream_stream_records_{direction}_total", "step")
+
+
+def test_dashboard_panels_read_the_provisioned_datasource_and_do_not_overlap() -> None:
+    dashboard = load_dashboard()
+    uid = load_yaml(DATASOURCES)["datasources"][0]["uid"]
+    assert dashboard["uid"] and dashboard["title"] and dashboard["panels"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        title = panel["title"]
+        assert panel["type"] in {"timeseries", "stat", "gauge", "bargauge", "table"}, title
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, title
+        assert panel["targets"], title
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), title
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": uid}, title
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0 and pos["w"] > 0 and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, title
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{title} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = title
+
+
+def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
+    def rules_file(queries: list[tuple[str, str, str]]) -> str:
+        rules = [{"record": f"dashboard:query_{i}", "expr": expr} for i, (_, _, expr) in enumerate(queries)]
+        path = tmp_path / f"rules-{len(queries)}.yml"
+        path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+        return str(path)
+
+    queries = dashboard_queries(load_dashboard())
+    result = promtool("check", "rules", rules_file(queries))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+    broken = [("broken", "A", "sum by (queue) (rate(taskstream_messages_received_total[1m])")]
+    assert promtool("check", "rules", rules_file(broken)).returncode != 0
