@@ -25,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import unquote
 
 from taskstream.errors import ConfigurationError
+from taskstream.settings import redact_url
 
 __all__ = ["Kind", "Option", "URLOptions", "parse_bool", "parse_duration", "split_query"]
 
@@ -68,6 +69,11 @@ def parse_duration(value: str) -> float:
     if match is None:
         raise ValueError(f"not a duration: {value!r}")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _in(url: str | None) -> str:
+    """`` in '<url, redacted>'`` for an error message, or nothing without a URL."""
+    return "" if url is None else f" in {redact_url(url)!r}"
 
 
 def _parse_int(value: str) -> int:
@@ -122,7 +128,7 @@ class Option:
     doc: str
     secret: bool = False
 
-    def convert(self, raw: Any, where: str) -> Any:
+    def convert(self, raw: Any, where: str, url: str | None = None) -> Any:
         """``raw`` from the URL (a string) converted by :attr:`kind`; other values pass unchanged.
 
         Raises:
@@ -136,7 +142,7 @@ class Option:
             shown = "***" if self.secret else repr(raw)
             expected = _EXPECTED.get(self.kind, self.kind)
             raise ConfigurationError(
-                f"{where} URL parameter {self.name}={shown} is not a valid value (expected {expected})"
+                f"{where} URL parameter {self.name}={shown} is not a valid value (expected {expected}){_in(url)}"
             ) from None
 
 
@@ -161,32 +167,39 @@ class URLOptions:
         """Every option's default, by name."""
         return {name: option.default for name, option in self.options.items()}
 
-    def parse(self, query: str | Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def parse(
+        self,
+        query: str | Mapping[str, str],
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        url: str | None = None,
+    ) -> dict[str, Any]:
         """The options given in ``query`` or ``overrides`` (which win), converted; defaults are not filled in.
 
         Args:
             query: the URL's query string (or its already split parameters).
             overrides: keyword options given in code; ``None`` values count as not given.
+            url: the whole URL, named (redacted) in error messages.
 
         Raises:
-            ConfigurationError: an unknown option (named, with a "did you mean" and the known ones) or a value
-                its kind does not accept.
+            ConfigurationError: an unknown option (named, with a "did you mean", the URL and the known ones) or
+                a value its kind does not accept.
         """
         given: dict[str, Any] = dict(split_query(query) if isinstance(query, str) else query)
         given.update({name: value for name, value in (overrides or {}).items() if value is not None})
         unknown = sorted(name for name in given if name not in self.options)
         if unknown:
-            raise ConfigurationError(self._unknown(unknown))
-        return {name: self.options[name].convert(raw, self.where) for name, raw in given.items()}
+            raise ConfigurationError(self._unknown(unknown, url))
+        return {name: self.options[name].convert(raw, self.where, url) for name, raw in given.items()}
 
-    def _unknown(self, names: Sequence[str]) -> str:
+    def _unknown(self, names: Sequence[str], url: str | None) -> str:
         described = []
         for name in names:
             hint = difflib.get_close_matches(name, list(self.options), n=1)
             described.append(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         plural = "s" if len(names) > 1 else ""
         return (
-            f"unknown {self.where} URL parameter{plural} {', '.join(described)}; "
+            f"unknown {self.where} URL parameter{plural} {', '.join(described)}{_in(url)}; "
             f"known: {', '.join(sorted(self.options))}"
         )
 

@@ -90,3 +90,22 @@ def test_settings_are_passed_to_the_backend_never_read_by_it(monkeypatch: pytest
     assert isinstance(explicit, SQSBroker)
     assert explicit.redrive_count == 8
     assert broker_from_url("memory://", settings=Settings()).capabilities.name == "memory"  # takes no settings
+
+
+def test_rabbitmq_refuses_unknown_options_and_passes_the_drivers_own() -> None:
+    from taskstream.brokers.rabbitmq.config import parse_url
+
+    with pytest.raises(ConfigurationError) as info:
+        broker_from_url("amqp://guest:hunter2@127.0.0.1/?wait_time=5")
+    message = str(info.value)
+    assert "unknown RabbitMQ URL parameter 'wait_time'" in message and "amqp://guest:***@127.0.0.1/" in message
+    assert "hunter2" not in message
+    with pytest.raises(ConfigurationError, match=r"'heartbeet' \(did you mean 'heartbeat'\?\)"):
+        broker_from_url("amqp://guest:guest@127.0.0.1/?heartbeet=5")
+    driver_url, config = parse_url(
+        "amqp://u:p@h1,h2/v?heartbeat=5&name=worker%201&publish_timeout=2s&cafile=/etc/ca.pem&fail_fast=0", {}
+    )
+    assert config.publish_timeout == 2.0
+    assert driver_url == (
+        "amqp://u:p@h1,h2/v?heartbeat=5&name=worker%201&cafile=%2Fetc%2Fca.pem&fail_fast=0&reconnect_interval=1.0"
+    )

@@ -8,12 +8,13 @@ per node, in the order written (the connection tries them in that order, then ro
 from __future__ import annotations
 
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskstream.errors import ConfigurationError
 from taskstream.settings import redact_url
+from taskstream.urloptions import Option, URLOptions
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -22,6 +23,8 @@ __all__ = [
     "DEFAULT_RECONNECT_INTERVAL",
     "DEFAULT_RECONNECT_TIMEOUT",
     "DEFAULT_TOPIC_EXCHANGE",
+    "DRIVER_OPTIONS",
+    "OPTIONS",
     "RabbitMQConfig",
     "parse_url",
     "split_hosts",
@@ -53,13 +56,50 @@ class RabbitMQConfig(BaseModel):
 
 _OWN_OPTIONS = frozenset(RabbitMQConfig.model_fields)
 
+#: aio-pika's and aiormq's own URL options (aio-pika 10, aiormq 7), handed to the driver as written.
+DRIVER_OPTIONS = URLOptions(
+    "RabbitMQ",
+    [
+        Option("name", "str", None, "connection name shown by the management UI (aiormq)"),
+        Option("heartbeat", "str", "60", "AMQP heartbeat seconds, 0 to disable (aiormq)"),
+        Option("timeout", "str", "60", "seconds for AMQP handshake steps (aiormq)"),
+        Option("auth", "str", "plain", "SASL mechanism: plain, amqplain or external (aiormq)"),
+        Option("cafile", "str", None, "CA certificate file (aiormq, TLS)"),
+        Option("capath", "str", None, "CA certificate directory (aiormq, TLS)"),
+        Option("cadata", "str", None, "CA certificates, URL-encoded (aiormq, TLS)"),
+        Option("keyfile", "str", None, "client key file (aiormq, TLS)"),
+        Option("certfile", "str", None, "client certificate file (aiormq, TLS)"),
+        Option("no_verify_ssl", "str", "0", "1: do not verify the server certificate (aiormq, TLS)"),
+        Option("interleave", "str", None, "address families interleaved when connecting (aio-pika)"),
+        Option("happy_eyeballs_delay", "str", None, "seconds before the next address is tried (aio-pika)"),
+        Option("fail_fast", "str", "1", "first connect fails at once instead of retrying (aio-pika)"),
+    ],
+)
+
+#: Every option a RabbitMQ URL may carry: taskstream's (the config) and the driver's.
+OPTIONS = URLOptions(
+    "RabbitMQ",
+    [
+        Option("queue_type", "str", "classic", "classic or quorum queues"),
+        Option("max_message_bytes", "int", DEFAULT_MAX_MESSAGE_BYTES, "largest body published"),
+        Option("persistent", "bool", True, "delivery_mode=2 on every message"),
+        Option("durable", "bool", True, "durable queues"),
+        Option("publish_timeout", "duration", DEFAULT_PUBLISH_TIMEOUT, "seconds a publish waits for its confirm"),
+        Option("connect_timeout", "duration", DEFAULT_CONNECT_TIMEOUT, "seconds the first connect may take"),
+        Option("reconnect_timeout", "duration", DEFAULT_RECONNECT_TIMEOUT, "seconds without a connection"),
+        Option("reconnect_interval", "duration", DEFAULT_RECONNECT_INTERVAL, "seconds between reconnect attempts"),
+        Option("topic_exchange", "str", DEFAULT_TOPIC_EXCHANGE, "topic exchange of publish_topic"),
+        *DRIVER_OPTIONS,
+    ],
+)
+
 
 def parse_url(url: str, options: dict[str, Any]) -> tuple[str, RabbitMQConfig]:
     """Split an AMQP URL into the driver's URL and taskstream's options.
 
-    taskstream's own options are taken out of the query string (``options`` override them); the rest (aio-pika's
-    ``heartbeat``, ``name``, TLS files, ...) stay in the URL handed to the driver, with ``reconnect_interval``
-    added when the URL does not set it.
+    taskstream's own options are taken out of the query string (``options`` override them); aio-pika's
+    (:data:`DRIVER_OPTIONS`: ``heartbeat``, ``name``, TLS files, ...) stay in the URL handed to the driver, with
+    ``reconnect_interval`` from the config. Any other option is refused.
 
     Args:
         url: ``amqp://user:pass@host:port/vhost?options`` (or ``amqps://``).
@@ -70,7 +110,8 @@ def parse_url(url: str, options: dict[str, Any]) -> tuple[str, RabbitMQConfig]:
 
     Raises:
         ConfigurationError: not an AMQP URL, an empty host or a bad port in its host list, or an option that is
-            unknown or out of range (the URL in the message has its password redacted).
+            unknown (named, with a "did you mean") or out of range (the URL in the message has its password
+            redacted).
 
     Example:
         >>> parse_url("amqp://guest:guest@127.0.0.1/?queue_type=quorum&heartbeat=5", {})[1].queue_type
@@ -80,18 +121,15 @@ def parse_url(url: str, options: dict[str, Any]) -> tuple[str, RabbitMQConfig]:
     if parts.scheme not in ("amqp", "amqps"):
         raise ConfigurationError(f"not an AMQP URL: {redact_url(url)!r}")
     _check_hosts(url, parts.netloc)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    own: dict[str, Any] = {k: v for k, v in query if k in _OWN_OPTIONS}
-    passthrough = [(k, v) for k, v in query if k not in _OWN_OPTIONS]
-    own.update(options)
+    values = OPTIONS.parse(parts.query, options, url=url)
     try:
-        config = RabbitMQConfig.model_validate(own)
+        config = RabbitMQConfig.model_validate({k: v for k, v in values.items() if k in _OWN_OPTIONS})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigurationError(f"bad RabbitMQ URL {redact_url(url)!r}: {problems}") from None
-    if not any(k == "reconnect_interval" for k, _ in passthrough):
-        passthrough.append(("reconnect_interval", str(config.reconnect_interval)))
-    driver_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(passthrough), ""))
+    driver = [(k, str(v)) for k, v in values.items() if k in DRIVER_OPTIONS.options]
+    driver.append(("reconnect_interval", str(config.reconnect_interval)))
+    driver_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(driver, quote_via=quote), ""))
     return driver_url, config
 
 
