@@ -10,6 +10,10 @@ a RabbitMQ virtual host of its own so the run shares nothing with other tests on
 The test then does what a user of ``docker compose up`` sees: the health checks pass (run natively as well),
 the worker answers a task, and the sensor pipeline's store fills with window results, which must equal those of
 the same pipeline run fused in one process on the embedded broker. SIGTERM stops every service with exit 0.
+
+Prometheus runs natively too, with the stack's scrape config (deploy/prometheus/prometheus.yml) whose targets
+are mapped the same way: every target is up, every query of the Grafana dashboard answers (only the dead-letter
+and publish-error series may be absent while nothing failed), and the tasks it counts are the ones submitted.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.request import urlopen
 
 import pytest
+import yaml
 
 from examples import sensor_windows, stack
 
 from .conftest import ROOT, VENV_BIN, require_tool
-from .test_compose import load_compose, taskstream_services
+from .test_compose import PROMETHEUS_CONFIG, dashboard_queries, load_compose, load_dashboard, taskstream_services
 from .test_image import instructions, stages
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -44,6 +50,8 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 IMAGE_PATHS = {"/opt/taskstream/venv": str(VENV_BIN.parent), "/app": str(ROOT)}
 MIN_WINDOW_ROWS = 16
 SAMPLES, SEED = 20_000, 7
+#: series that exist only after a failure: their dashboard queries may answer nothing in a healthy run
+ONLY_AFTER_FAILURES = ("taskstream_messages_dead_lettered_total", "taskstream_publish_errors_total")
 
 
 def free_port() -> int:
@@ -202,6 +210,71 @@ class NativeStack:
         return codes
 
 
+class NativePrometheus:
+    """The stack's Prometheus as a local process: its scrape config with every target mapped onto the native stack."""
+
+    def __init__(self, native: NativeStack, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+        config["global"].update(scrape_interval="1s", scrape_timeout="1s")  # quick to see, same targets
+        self.targets = 0
+        for job in config["scrape_configs"]:
+            for group in job.get("static_configs", []):
+                group["targets"] = [self.map_target(native, target) for target in group["targets"]]
+                self.targets += len(group["targets"])
+        workdir.mkdir(parents=True)
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                require_tool("prometheus"),
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def map_target(self, native: NativeStack, target: str) -> str:
+        host, _, port = target.rpartition(":")
+        if host in native.services:
+            return f"127.0.0.1:{native.health_ports[host][int(port)]}"
+        if host == "prometheus":
+            return f"127.0.0.1:{self.port}"
+        pytest.fail(f"scrape target {target} is no service the native stack runs")
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector ``expr`` evaluates to now (empty while Prometheus is not up yet)."""
+        assert self.proc.poll() is None, (self.workdir / "prometheus.log").read_text(errors="replace")[-3000:]
+        try:
+            with urlopen(f"http://127.0.0.1:{self.port}/api/v1/query?{urlencode({'query': expr})}", timeout=10) as r:
+                answer = json.load(r)
+        except OSError:
+            return []
+        assert answer["status"] == "success", answer
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def unanswered(self) -> list[str]:
+        """The dashboard queries that answer nothing yet."""
+        return [
+            f"{title} {ref}: {expr}"
+            for title, ref, expr in dashboard_queries(load_dashboard())
+            if not any(name in expr for name in ONLY_AFTER_FAILURES) and not self.query(expr)
+        ]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
 def window_rows(db: Path) -> list[tuple[Any, ...]]:
     if not db.exists():
         return []
@@ -235,6 +308,22 @@ def submit_task(env: dict[str, str], cwd: Path, *argv: str) -> subprocess.Comple
     )
 
 
+def check_prometheus(prometheus: NativePrometheus, native: NativeStack) -> None:
+    """Every target up, every dashboard query answered, and the two submitted tasks counted as successes."""
+    wait_for(lambda: len(prometheus.query("up == 1")) == prometheus.targets, native, 60, "every scrape target up")
+    finished = 'sum by (task, status) (taskstream_tasks_finished_total{job="taskstream-worker"})'
+
+    def counted() -> dict[tuple[str, str], float]:
+        return {(r["metric"]["task"], r["metric"]["status"]): float(r["value"][1]) for r in prometheus.query(finished)}
+
+    wait_for(lambda: len(counted()) == 2, native, 60, "the finished tasks in Prometheus")
+    assert counted() == {("estimate_pi", "success"): 1.0, ("window_stats", "success"): 1.0}
+    wait_for(lambda: not prometheus.unanswered(), native, 60, "answers to the dashboard's queries")
+    stages = prometheus.query('sum by (stage) (taskstream_stream_records_out_total{job="taskstream-pipeline"})')
+    assert {r["metric"]["stage"] for r in stages} == {"sensor", "windows", "store"}
+    assert all(float(r["value"][1]) > 0 for r in stages), stages
+
+
 def test_every_taskstream_service_runs_natively(tmp_path: Path, vhost: str) -> None:
     compose = load_compose()
     native = NativeStack(compose, tmp_path / "containers", vhost)
@@ -242,9 +331,11 @@ def test_every_taskstream_service_runs_natively(tmp_path: Path, vhost: str) -> N
     order = native.start_order()
     assert order[-1] == "sensor-source", order
 
+    prometheus: NativePrometheus | None = None
     try:
         for name in order:
             native.start(name)
+        prometheus = NativePrometheus(native, tmp_path / "prometheus")
 
         # Health checks, as compose runs them, pass once each service is consuming.
         for name in [n for n in native.services if "healthcheck" in native.services[n]]:
@@ -262,9 +353,13 @@ def test_every_taskstream_service_runs_natively(tmp_path: Path, vhost: str) -> N
         # The pipeline produces window results.
         db = native.workdir / "sensor-store" / stack.RESULTS_DB
         wait_for(lambda: len(window_rows(db)) >= MIN_WINDOW_ROWS, native, 90, f"{MIN_WINDOW_ROWS} window results")
+
+        check_prometheus(prometheus, native)
         native.assert_running()
     finally:
         codes = native.stop()
+        if prometheus is not None:
+            prometheus.stop()
 
     assert codes == dict.fromkeys(native.procs, 0), {n: native.log(n)[-2000:] for n, c in codes.items() if c}
     for name in native.procs:
