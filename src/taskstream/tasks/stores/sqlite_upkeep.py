@@ -29,6 +29,7 @@ So the file holds at most about a TTL's worth of records plus the reserve, and s
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -100,10 +101,13 @@ class Upkeep:
         self._thread: threading.Thread | None = None
         self._next_purge = 0.0
         self._started = threading.Lock()
+        self._pid = os.getpid()
 
     def touch(self) -> None:
         """Note a write (the thread runs only while the store is written); starts the thread on first use."""
         self._dirty.set()
+        if self._pid != os.getpid():  # a forked child: the thread and the connection stayed in the parent
+            self._pid, self._thread, self._conn = os.getpid(), None, None
         if self._thread is None and not self._stop.is_set():
             with self._started:
                 if self._thread is None:
