@@ -273,6 +273,7 @@ class Consumer:
         except Exception as exc:
             # The broker is unreachable or the queue is gone: the message comes back (at-least-once) and
             # its payload must stay for that redelivery. Never let this escape the task unhandled.
+            self.stats.ack_failed += 1
             self.stats.last_error = f"ack failed: {type(exc).__name__}: {exc}"
             log.warning(
                 "could not ack message %s on %r (%s: %s); the broker will deliver it again",

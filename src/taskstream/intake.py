@@ -150,6 +150,7 @@ class IntakeStats:
 
     received: int = 0
     acked: int = 0
+    ack_failed: int = 0
     retried: int = 0
     dead_lettered: int = 0
     requeued_on_stop: int = 0
