@@ -256,8 +256,10 @@ def test_url_forms() -> None:
     for bad, why in [
         ("zmq://localhost", "HOST:PORT"),
         ("zmq://ipc/", "socket path"),
-        ("zmq://h:1?heartbeat=-1", "greater than 0"),
-        ("zmq://h:1?colour=blue", "unknown zmq URL option 'colour'"),
+        ("zmq://h:1?heartbeat=-1", "heartbeat='-1' is not a valid value"),
+        ("zmq://h:1?request_timeout=0", "greater than 0"),
+        ("zmq://h:1?colour=blue", "unknown zmq URL parameter 'colour'"),
+        ("zmq://h:1?livenes=3", r"'livenes' \(did you mean 'liveness'\?\) in 'zmq://h:1\?livenes=\*\*\*'"),
     ]:
         with pytest.raises(ConfigurationError, match=why):
             broker_from_url(bad)

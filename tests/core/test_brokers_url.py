@@ -20,6 +20,44 @@ def test_memory_url_with_options() -> None:
     assert broker.capabilities.max_message_bytes == 1000
 
 
+@pytest.mark.parametrize(
+    ("url", "named", "suggested"),
+    [
+        (
+            "memory://hub-b?visibilty_timeout=5",
+            "unknown memory broker URL parameter 'visibilty_timeout'",
+            "visibility_timeout",
+        ),
+        ("amqp://guest:hunter2@127.0.0.1/?wait_time=5", "unknown RabbitMQ URL parameter 'wait_time'", None),
+        (
+            "amqp://guest:hunter2@127.0.0.1/?queue_typ=quorum",
+            "unknown RabbitMQ URL parameter 'queue_typ'",
+            "queue_type",
+        ),
+        ("sqs://us-east-1/?wiat_time=5", "unknown SQS URL parameter 'wiat_time'", "wait_time"),
+        ("azurequeue://devstorage?pol_interval=1", "unknown Azure queue URL parameter 'pol_interval'", "poll_interval"),
+        ("zmq://127.0.0.1:5555?hearbeat=1", "unknown zmq URL parameter 'hearbeat'", "heartbeat"),
+    ],
+)
+def test_every_backend_refuses_an_unknown_option_by_name_with_the_url(
+    url: str, named: str, suggested: str | None
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        broker_from_url(url)
+    message = str(info.value)
+    assert named in message
+    assert f"in {redact_url(url)!r}" in message and "hunter2" not in message
+    if suggested is not None:
+        assert f"(did you mean {suggested!r}?)" in message
+
+
+def test_memory_option_values_are_typed() -> None:
+    broker = broker_from_url("memory://?visibility_timeout=500ms")
+    assert broker.capabilities.visibility_timeout == 0.5
+    with pytest.raises(ConfigurationError, match=r"max_message_bytes='lots' is not a valid value"):
+        broker_from_url("memory://?max_message_bytes=lots")
+
+
 def test_unknown_scheme_suggests_the_closest_one_and_hides_the_password() -> None:
     with pytest.raises(ConfigurationError) as info:
         broker_from_url("amqq://guest:hunter2@localhost/")

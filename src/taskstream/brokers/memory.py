@@ -29,16 +29,25 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from taskstream.brokers.base import Broker, Capabilities, Delivery, Subscription, topic_matches
 from taskstream.constants import MEMORY_MAX_MESSAGE_BYTES
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageTooLarge, QueueNotFound
 from taskstream.messages import new_id
+from taskstream.urloptions import Option, URLOptions
 
-__all__ = ["DEFAULT_VISIBILITY_TIMEOUT", "MemoryBroker"]
+__all__ = ["DEFAULT_VISIBILITY_TIMEOUT", "OPTIONS", "MemoryBroker"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
+
+OPTIONS = URLOptions(
+    "memory broker",
+    [
+        Option("visibility_timeout", "duration", DEFAULT_VISIBILITY_TIMEOUT, "seconds an unacked message stays hidden"),
+        Option("max_message_bytes", "int", MEMORY_MAX_MESSAGE_BYTES, "largest body published"),
+    ],
+)
 
 
 @dataclass(slots=True)
@@ -200,17 +209,13 @@ class MemoryBroker(Broker):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryBroker:
+        """Build from ``memory://[hub]?options``; ``options`` override the query string.
+
+        Raises:
+            ConfigurationError: an unknown option (named, with a "did you mean") or a bad value.
+        """
         parts = urlsplit(url)
-        params: dict[str, Any] = dict(parse_qsl(parts.query))
-        params.update(options)
-        try:
-            return cls(
-                parts.netloc or None,
-                visibility_timeout=float(params.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)),
-                max_message_bytes=int(params.get("max_message_bytes", MEMORY_MAX_MESSAGE_BYTES)),
-            )
-        except ValueError as exc:
-            raise ConfigurationError(f"bad memory broker URL {url!r}: {exc}") from exc
+        return cls(parts.netloc or None, **OPTIONS.parse(parts.query, options, url=url))
 
     async def connect(self) -> None:
         self._connected = True

@@ -189,7 +189,7 @@ def broker_arguments(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if parts.scheme.lower() != "azurequeue":
         raise ConfigurationError(f"not an azurequeue:// URL: {redact_url(url)!r}")
     # Plain percent-decoding (split_query): account keys and SAS tokens contain '+' that must survive.
-    values = OPTIONS.parse(split_query(parts.query), options)
+    values = OPTIONS.parse(split_query(parts.query), options, url=url)
     tuning = {name: value for name, value in values.items() if name not in _CONNECTION}
     host = parts.hostname or ""
     if values.get("connection_string"):

@@ -106,7 +106,7 @@ class SQSBroker(Broker):
         overrides = dict(options)
         region = parts.hostname or overrides.pop("region", None) or None  # ?region= in the query is ignored
         query = {name: value for name, value in split_query(parts.query).items() if name != "region"}
-        values = OPTIONS.parse(query, overrides)
+        values = OPTIONS.parse(query, overrides, url=url)
         return cls(SQSOptions(region=region, **values), settings=settings)
 
     # -- connection -----------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskstream.errors import ConfigurationError, MissingExtraError
+from taskstream.settings import redact_url
+from taskstream.urloptions import Option, URLOptions
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -20,6 +22,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_PUBSUB_HWM",
     "DEFAULT_REQUEST_TIMEOUT",
+    "OPTIONS",
     "DeviceConfig",
     "ZeroMQConfig",
     "check_endpoint",
@@ -36,16 +39,21 @@ DEFAULT_PUBSUB_HWM = 100_000
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT = 10.0
 
-# URL query name -> ZeroMQConfig field (docs/brokers.md, section ZeroMQ, lists them)
-_URL_OPTIONS = {
-    "heartbeat": "heartbeat_interval",
-    "heartbeat_interval": "heartbeat_interval",
-    "liveness": "heartbeat_liveness",
-    "heartbeat_liveness": "heartbeat_liveness",
-    "request_timeout": "request_timeout",
-    "max_message_bytes": "max_message_bytes",
-    "hwm": "hwm",
-}
+#: The options of a ``zmq://`` URL (docs/brokers.md, section ZeroMQ, lists them).
+OPTIONS = URLOptions(
+    "zmq",
+    [
+        Option("heartbeat", "duration", DEFAULT_HEARTBEAT_INTERVAL, "seconds between heartbeats to the device"),
+        Option("heartbeat_interval", "duration", DEFAULT_HEARTBEAT_INTERVAL, "the same as heartbeat"),
+        Option("liveness", "int", DEFAULT_HEARTBEAT_LIVENESS, "missed heartbeats before the device requeues"),
+        Option("heartbeat_liveness", "int", DEFAULT_HEARTBEAT_LIVENESS, "the same as liveness"),
+        Option("request_timeout", "duration", DEFAULT_REQUEST_TIMEOUT, "seconds to wait for the device's answer"),
+        Option("max_message_bytes", "int", DEFAULT_MAX_MESSAGE_BYTES, "largest message body published"),
+        Option("hwm", "int", DEFAULT_HWM, "high-water mark of the DEALER socket (messages)"),
+    ],
+)
+# URL option -> ZeroMQConfig field, for the short names
+_FIELDS = {"heartbeat": "heartbeat_interval", "liveness": "heartbeat_liveness"}
 
 
 def require_zmq() -> None:
@@ -155,15 +163,11 @@ def config_from_url(url: str, **options: Any) -> ZeroMQConfig:
     """The :class:`ZeroMQConfig` of ``zmq://HOST:PORT?heartbeat=1&liveness=5``; ``options`` override the query.
 
     Raises:
-        ConfigurationError: an unknown option (the message lists the known ones) or a bad value.
+        ConfigurationError: an unknown option (named, with a "did you mean" and the known ones) or a bad value.
     """
-    params: dict[str, Any] = {}
-    for name, value in [*parse_qsl(urlsplit(url).query), *options.items()]:
-        field_name = _URL_OPTIONS.get(name)
-        if field_name is None:
-            raise ConfigurationError(f"unknown zmq URL option {name!r} (known: {', '.join(sorted(_URL_OPTIONS))})")
-        params[field_name] = value
+    values = OPTIONS.parse(urlsplit(url).query, options, url=url)
+    params = {_FIELDS.get(name, name): value for name, value in values.items()}
     try:
         return ZeroMQConfig(**params)
     except ValidationError as exc:
-        raise ConfigurationError(f"bad zmq URL {url!r}: {exc.errors()[0]['msg']}") from exc
+        raise ConfigurationError(f"bad zmq URL {redact_url(url)!r}: {exc.errors()[0]['msg']}") from exc
