@@ -154,7 +154,7 @@ async def test_sqlite_file_settings_and_the_synchronous_option(tmp_path: Path) -
     finally:
         await normal.close()
         await full.close()
-    with pytest.raises(ConfigurationError, match="unknown option 'fsync'"):
+    with pytest.raises(ConfigurationError, match="unknown SQLite result store URL parameter 'fsync'"):
         store_from_url(f"sqlite:///{tmp_path / 'x.sqlite3'}?fsync=1")
     with pytest.raises(ConfigurationError, match="synchronous='off' is not one of normal, full"):
         store_from_url(f"sqlite:///{tmp_path / 'x.sqlite3'}?synchronous=off")

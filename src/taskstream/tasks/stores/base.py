@@ -37,14 +37,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs
 
 from taskstream.errors import ConfigurationError
 from taskstream.settings import redact_url
+from taskstream.urloptions import Option, URLOptions
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
     "FINAL_STATES",
+    "SQLITE_OPTIONS",
     "ResultStore",
     "Status",
     "TaskInfo",
@@ -201,16 +202,10 @@ class ResultStore(abc.ABC):
         return f"<{type(self).__name__} {redact_url(self.url)!r}>"
 
 
-def _sqlite_options(url: str, query: str) -> dict[str, str]:
-    """The options of a ``sqlite://`` URL's query string (``synchronous=normal|full``)."""
-    options: dict[str, str] = {}
-    for key, values in parse_qs(query, keep_blank_values=True).items():
-        if key != "synchronous":
-            raise ConfigurationError(f"SQLite store URL {url!r}: unknown option {key!r} (known: synchronous)")
-        if values[-1].lower() not in ("normal", "full"):
-            raise ConfigurationError(f"SQLite store URL {url!r}: synchronous={values[-1]!r} is not one of normal, full")
-        options[key] = values[-1].lower()
-    return options
+SQLITE_OPTIONS = URLOptions(
+    "SQLite result store",
+    [Option("synchronous", "str", "normal", "normal: survives a crash of the process; full: also a power loss")],
+)
 
 
 def store_from_url(url: str, *, ttl: float = 86400.0) -> ResultStore:
@@ -236,7 +231,7 @@ def store_from_url(url: str, *, ttl: float = 86400.0) -> ResultStore:
         path = path[1:]
         if not path:
             raise ConfigurationError(f"SQLite store URL {url!r} names no file")
-        return SQLiteResultStore(path, ttl=ttl, **_sqlite_options(url, query))
+        return SQLiteResultStore(path, ttl=ttl, **SQLITE_OPTIONS.parse(query, url=url))
     if scheme in ("redis", "rediss"):
         try:
             import redis  # noqa: F401

@@ -250,6 +250,7 @@ class SQLiteResultStore(ResultStore):
     """
 
     def __init__(self, path: str | Path, *, ttl: float = 86400.0, synchronous: str = "normal") -> None:
+        synchronous = synchronous.lower()
         if synchronous not in SYNCHRONOUS_LEVELS:
             raise ConfigurationError(
                 f"SQLite result store synchronous={synchronous!r} is not one of {', '.join(SYNCHRONOUS_LEVELS)}"
