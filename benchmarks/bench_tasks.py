@@ -17,7 +17,10 @@ Workloads, alternating which side goes first each round:
 * latency: 200 tasks one after another, each awaited before the next (p50 and p99 in ms).
 
 Needs RabbitMQ on 127.0.0.1:5672 (``BENCH_AMQP_URL`` elsewhere); ``BENCH_TASKS_N`` / ``BENCH_TASKS_SEQ`` change
-the counts. Targets: throughput at least 0.7x the baseline, p50 latency at most 1.5x (ratio >= 0.67).
+the counts; ``BENCH_TASKS_STORE=memory`` runs the worker with the ``memory://`` result store instead of a fresh
+SQLite file, to tell the store's cost from the path's. Each row also records the CPU time per task of the worker
+process and of the client (``extra``): on a shared, noisy machine that figure moves far less than the rates.
+Targets: throughput at least 0.7x the baseline, p50 latency at most 1.5x (ratio >= 0.67).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -55,6 +59,7 @@ PIPELINE = 1000
 THROUGHPUT_TARGET = 0.7
 LATENCY_TARGET = 1 / 1.5
 HERE = Path(__file__).resolve()
+STORE = os.environ.get("BENCH_TASKS_STORE", "sqlite")  # "sqlite" (the default for real brokers) or "memory"
 
 
 # -- the taskstream side -----------------------------------------------------------------------------
@@ -168,7 +173,7 @@ class BaselineClient:
 
 async def baseline_throughput(client: BaselineClient, n: int) -> float:
     started = time.perf_counter()
-    futures = []
+    futures: list[asyncio.Future[Any]] = []
     for first in range(0, n, PIPELINE):
         calls = [client.call(i) for i in range(first, min(n, first + PIPELINE))]
         futures.extend(f for f, _ in calls)
@@ -197,19 +202,56 @@ def _serve(kind: str, queue: str, env: dict[str, str]) -> subprocess.Popen[bytes
     return subprocess.Popen([sys.executable, str(HERE), f"--serve-{kind}", queue], env=env)
 
 
-async def one_round(ts_queue: str, raw_queue: str, taskstream_first: bool) -> dict[str, Any]:
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux ``/proc``; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """Microseconds of CPU per task spent by a worker process and by this (client) process."""
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self._start = (0.0, 0.0)
+
+    def start(self) -> None:
+        self._start = (_process_cpu(self.worker_pid), _own_cpu())
+
+    def per_task(self, n: int) -> tuple[float, float]:
+        worker, client = _process_cpu(self.worker_pid) - self._start[0], _own_cpu() - self._start[1]
+        return worker * 1e6 / n, client * 1e6 / n
+
+
+async def one_round(
+    ts_queue: str, raw_queue: str, taskstream_first: bool, pids: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    ts_cpu, raw_cpu = CpuMeter(pids[0]), CpuMeter(pids[1])
 
     async def taskstream_side() -> None:
         async with taskstream_app(ts_queue, worker=False) as app:
             await taskstream_throughput(app, 200)  # warm-up: connections, reply queue, worker
+            ts_cpu.start()
             out["ts_rate"] = await taskstream_throughput(app, N)
+            out["ts_cpu"] = ts_cpu.per_task(N)
             out["ts_lat"] = await taskstream_latencies(app, SEQUENTIAL)
 
     async def baseline_side() -> None:
         async with BaselineClient(raw_queue) as client:
             await baseline_throughput(client, 200)
+            raw_cpu.start()
             out["raw_rate"] = await baseline_throughput(client, N)
+            out["raw_cpu"] = raw_cpu.per_task(N)
             out["raw_lat"] = await baseline_latencies(client, SEQUENTIAL)
 
     sides = [taskstream_side, baseline_side] if taskstream_first else [baseline_side, taskstream_side]
@@ -228,12 +270,14 @@ def measure(repeats: int = 3) -> list[Row]:
     stem = uuid.uuid4().hex[:8]
     ts_queue, raw_queue = f"bench-tasks-ts-{stem}", f"bench-tasks-raw-{stem}"
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, TASKSTREAM_RESULT_STORE_URL=f"sqlite:///{tmp}/results.sqlite3")
+        store = "memory://" if STORE == "memory" else f"sqlite:///{tmp}/results.sqlite3"
+        env = dict(os.environ, TASKSTREAM_RESULT_STORE_URL=store)
         os.environ["TASKSTREAM_RESULT_STORE_URL"] = env["TASKSTREAM_RESULT_STORE_URL"]
         servers = [_serve("taskstream", ts_queue, env), _serve("baseline", raw_queue, env)]
         try:
             time.sleep(3.0)  # both workers connect and start consuming
-            rounds = [asyncio.run(one_round(ts_queue, raw_queue, i % 2 == 0)) for i in range(repeats)]
+            pids = (servers[0].pid, servers[1].pid)
+            rounds = [asyncio.run(one_round(ts_queue, raw_queue, i % 2 == 0, pids)) for i in range(repeats)]
         finally:
             for server in servers:
                 server.send_signal(signal.SIGTERM)
@@ -245,10 +289,20 @@ def measure(repeats: int = 3) -> list[Row]:
             os.environ.pop("TASKSTREAM_RESULT_STORE_URL", None)
             asyncio.run(_delete_queues([ts_queue, f"{ts_queue}.dlq", raw_queue]))
     ms = 1000.0
+    subject = f"taskstream futures (RabbitMQ, {'memory' if STORE == 'memory' else 'SQLite'} store)"
+    cpu = {
+        "cpu_us_per_task": {
+            side: {
+                "worker": statistics.median(r[f"{key}_cpu"][0] for r in rounds),
+                "client": statistics.median(r[f"{key}_cpu"][1] for r in rounds),
+            }
+            for side, key in (("taskstream", "ts"), ("baseline", "raw"))
+        }
+    }
     return [
         Row(
             workload=f"tasks: {N} no-op submitted then awaited",
-            subject="taskstream futures (RabbitMQ, SQLite store)",
+            subject=subject,
             baseline="hand-written aio-pika RPC",
             unit="tasks/s",
             values=[r["ts_rate"] for r in rounds],
@@ -256,11 +310,11 @@ def measure(repeats: int = 3) -> list[Row]:
             higher_is_better=True,
             target=THROUGHPUT_TARGET,
             notes="worker in its own process on both sides; taskstream also records every task in its store",
-            extra={"n": N, "concurrency": CONCURRENCY},
+            extra={"n": N, "concurrency": CONCURRENCY, "store": STORE, **cpu},
         ),
         Row(
             workload=f"tasks: {SEQUENTIAL} sequential, p50",
-            subject="taskstream futures (RabbitMQ, SQLite store)",
+            subject=subject,
             baseline="hand-written aio-pika RPC",
             unit="ms",
             values=[_quantile(r["ts_lat"], 0.5) * ms for r in rounds],
@@ -271,7 +325,7 @@ def measure(repeats: int = 3) -> list[Row]:
         ),
         Row(
             workload=f"tasks: {SEQUENTIAL} sequential, p99",
-            subject="taskstream futures (RabbitMQ, SQLite store)",
+            subject=subject,
             baseline="hand-written aio-pika RPC",
             unit="ms",
             values=[_quantile(r["ts_lat"], 0.99) * ms for r in rounds],
@@ -314,3 +368,5 @@ if __name__ == "__main__":
         print_rows(rows)
         for row in rows:
             print(f"  {row.workload}: taskstream {statistics.median(row.values):.2f} {row.unit}, ratio {row.ratio:.2f}")
+        for side, used in rows[0].extra["cpu_us_per_task"].items():
+            print(f"  CPU per task, {side}: worker {used['worker']:.0f} us, client {used['client']:.0f} us")

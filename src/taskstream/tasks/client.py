@@ -247,9 +247,10 @@ class TaskClient(FutureOwner):
             await self.ensure_started()
             await self._ensure_queue(queue)
             parts = list(chunked(batch, size))
-            results = await asyncio.gather(
-                *(self._publish(queue, [m for m, _ in part]) for part in parts), return_exceptions=True
-            )
+            if len(parts) == 1:  # one broker batch (always for a lone submit): no gather, no task
+                results: list[BaseException | None] = [await self._publish_part(queue, parts[0])]
+            else:
+                results = await asyncio.gather(*(self._publish_part(queue, part) for part in parts))
         except Exception as exc:
             results = [exc]
             parts = [batch]
@@ -257,6 +258,14 @@ class TaskClient(FutureOwner):
             if isinstance(result, BaseException):
                 for _, entry in part:
                     self._fail(entry, result)
+
+    async def _publish_part(self, queue: str, part: Sequence[tuple[OutgoingMessage, _Pending]]) -> BaseException | None:
+        """Publish one broker batch; the exception that failed it, or ``None``."""
+        try:
+            await self._publish(queue, [m for m, _ in part])
+        except Exception as exc:
+            return exc
+        return None
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
         """Publish a batch; arguments over the broker's threshold travel by reference (taskstream.payloads)."""

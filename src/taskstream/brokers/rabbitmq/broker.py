@@ -243,17 +243,20 @@ class RabbitMQBroker(Broker):
             await self._publish_batch(queue, messages)
 
     async def _publish_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> None:
-        sends = []
-        for message in messages:
-            properties = outgoing_properties(message.headers, message.message_id, message.key, self._delivery_mode)
-            if message.delay is not None and message.delay > 0:
-                sends.append(self._send_delayed(queue, message.body, properties, message.delay))
-            else:
-                sends.append(self._send("", queue, message.body, properties, mandatory=True))
-        results = await asyncio.gather(*sends, return_exceptions=True)
+        if len(messages) == 1:  # a lone submit or reply: no gather, no task per message, one loop turn less
+            await self._send_one(queue, messages[0])
+            return
+        results = await asyncio.gather(*(self._send_one(queue, m) for m in messages), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    async def _send_one(self, queue: str, message: OutgoingMessage) -> None:
+        properties = outgoing_properties(message.headers, message.message_id, message.key, self._delivery_mode)
+        if message.delay is not None and message.delay > 0:
+            await self._send_delayed(queue, message.body, properties, message.delay)
+        else:
+            await self._send("", queue, message.body, properties, mandatory=True)
 
     async def publish_topic(
         self,
