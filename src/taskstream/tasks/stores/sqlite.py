@@ -1,20 +1,21 @@
 """The SQLite result store: one file shared by every process on a host (the default for real brokers).
 
 WAL journal and a busy timeout let clients and workers in many processes read and write the same file. The
-hot-path writes (``add_pending``, ``claim``, ``finish``) run on
-the loop's thread, no thread hand-off: while the store is quiet each write commits at once (tens of
-microseconds); once writes arrive faster, those made during one turn of the event loop are committed together
-in one transaction at the end of that turn, so thousands of tasks a second cost a few short commits.
-``get`` and ``try_cancel`` work from any thread, with or without an event loop.
+hot-path writes (``add_pending``, ``claim``, ``finish``) run on the loop's thread, no thread hand-off: while the
+store is quiet each write commits at once (tens of microseconds); once writes arrive faster, those made during
+one turn of the event loop are committed together in one transaction at the end of that turn, so thousands of
+tasks a second cost a few short commits. ``get`` and ``try_cancel`` work from any thread, with or without an
+event loop.
 
 Claim and cancel are single UPSERT statements guarded by ``WHERE status IN (...)``: SQLite serialises
 writers, so a task is either cancelled before it is claimed or claimed before it is cancelled, never both.
 
-Every statement is an index search (``EXPLAIN QUERY PLAN``): the primary key for get, claim, finish, refusals
-and cancel; the ``expires_at`` index for expiry. So a task costs the same with a million records in the file as
-with none. Expiry, WAL checkpoints and giving free pages back (``auto_vacuum=INCREMENTAL``) run on a thread of
-their own, bounded per pass, never inside a task's commit (:mod:`.sqlite_upkeep`): the file holds about a TTL's
-worth of records and shrinks when the load drops.
+Every statement is an index search (``EXPLAIN QUERY PLAN``): the ``task_id`` index for get, claim, finish,
+refusals and cancel; the ``expires_at`` index for expiry. So no statement scans, and a task's cost grows only
+with the depth of those indexes (``benchmarks/bench_store.py`` measures it at a million records). Expiry, WAL
+checkpoints and giving free pages back (``auto_vacuum=INCREMENTAL``) run on a thread of their own, bounded per
+pass, never inside a task's commit (:mod:`.sqlite_upkeep`): the file holds about a TTL's worth of records and
+shrinks when the load drops.
 
 Durability (``synchronous``, the ``?synchronous=`` URL option):
 
