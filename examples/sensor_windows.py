@@ -21,8 +21,13 @@ or stage by stage over RabbitMQ, each replica its own process (what VMs or compo
     taskstream pipeline run examples.sensor_windows:pipeline --stage sensor
 
 The window results are the same either way (watermarks are kept per sensor, so how sensors are spread over
-replicas does not change which readings are late). ``taskstream pipeline graph examples.sensor_windows:pipeline
--o s8.svg`` draws the stages.
+replicas does not change which readings are late), also when a replica or the source stage is killed and
+restarted (the sensor resumes at its committed position). To go to 2 window replicas, stop every process, then::
+
+    SENSOR_WINDOWS_REPLICAS=2 taskstream pipeline rescale examples.sensor_windows:pipeline --stage windows --from 3
+
+and start the stages again with ``SENSOR_WINDOWS_REPLICAS=2`` (replicas 0 and 1).
+``taskstream pipeline graph examples.sensor_windows:pipeline -o s8.svg`` draws the stages.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Scenario S8: the sensor pipeline fused on memory, then stage by stage over RabbitMQ with the window stage on
-3 replicas (each its own process), and a window replica killed mid-stream and restarted: same results."""
+3 replicas (each its own process), and a window replica or the source stage killed mid-stream and restarted: same
+results."""
 
 from __future__ import annotations
 
@@ -189,4 +190,36 @@ async def test_a_window_replica_killed_mid_stream_and_restarted_gives_the_same_r
     assert "restored snapshot" in run.log("windows", victim)
     windows, late = sensor_windows.read_results(run.db)
     assert windows == expected_windows
+    assert late == expected_late
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+async def test_the_source_stage_killed_mid_stream_and_restarted_resumes_without_replaying(tmp_path: Path) -> None:
+    await _check_rabbitmq()
+    count = 4000
+    expected_windows, expected_late = await reference(tmp_path, count)
+    run = Distributed(tmp_path, f"s8src-{uuid.uuid4().hex[:8]}", count=count, realtime=True)  # ~4 s of readings
+    try:
+        for replica in range(3):
+            run.start("windows", replica)
+        run.start("store")
+        run.start("sensor")
+        deadline = time.monotonic() + 30
+        while run.replica_state_rows("sensor", 0) == 0:  # it has published and committed a position
+            assert time.monotonic() < deadline, f"source never committed:\n{run.log('sensor')}"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        proc = run.procs[("sensor", 0)]
+        assert proc.poll() is None, "the source finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        run.start("sensor")  # same command: it resumes at its committed position
+        await asyncio.to_thread(run.wait_all, 120)
+    finally:
+        run.kill_all()
+        await run.cleanup()
+    assert "restored snapshot" in run.log("sensor")
+    windows, late = sensor_windows.read_results(run.db)
+    assert windows == expected_windows  # a replayed reading would be counted twice or reported late
     assert late == expected_late

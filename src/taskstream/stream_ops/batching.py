@@ -163,6 +163,6 @@ def rate_limit_op(
                 await wait(allowed_at - t)
             return items
 
-        return BatchOp(limit, None, is_async=True, chunk=chunk)
+        return BatchOp(limit, None, is_async=True, chunk=chunk, subset=True)
 
     return build

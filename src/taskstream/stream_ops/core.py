@@ -87,7 +87,9 @@ class BatchOp:
 
     When the batch function raises, the runtime retries item by item with ``item`` (when given) so that only
     the failing items are dead-lettered and the rest go on. ``one_to_one`` says output ``i`` comes from input
-    ``i`` (so an output that cannot be sent to another stage is dead-lettered as the record that produced it).
+    ``i`` (so an output that cannot be sent to another stage is dead-lettered as the record that produced it);
+    ``subset`` says the outputs are some of the input objects themselves, in order (a filter), so each keeps the
+    lineage of its input (:mod:`~taskstream.stream_ops.lineage`).
     """
 
     batch: BatchFn
@@ -96,6 +98,7 @@ class BatchOp:
     chunk: int | None = None  # feed at most this many items per call (rate limiting)
     close: Callable[[], Awaitable[None]] | None = None
     one_to_one: bool = False
+    subset: bool = False
 
 
 @dataclass(eq=False)

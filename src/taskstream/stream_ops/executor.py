@@ -172,8 +172,27 @@ class OpRuntime(NodeRuntime):
             self.fail(items[0], exc)
             return
         self.inputs = items
-        keep = ids is not None and self.op.one_to_one and len(out) == len(items)  # output i is from input i
-        await self.emit("down", out, ids if keep else None)
+        await self.emit("down", out, self._lineage(items, ids, out))
+
+    def _lineage(self, items: list[Any], ids: Ids, out: list[Any]) -> Ids:
+        """The lineage of the outputs: input ``i``'s for output ``i`` of a one-to-one step, each kept input's for a
+        subset step (matched by identity, in order); none otherwise."""
+        if ids is None:
+            return None
+        if self.op.one_to_one and len(out) == len(items):
+            return ids
+        if not self.op.subset:
+            return None
+        kept: list[str | None] = []
+        i = 0
+        for value in out:
+            while i < len(items) and items[i] is not value:
+                i += 1
+            if i == len(items):
+                return None  # not a subset after all
+            kept.append(ids[i])
+            i += 1
+        return kept
 
     def unsendable(self, items: list[Any], failed: dict[int, TypeError]) -> None:
         """Dead-letter the record that produced each unsendable output, when it is known: the batch's only

@@ -7,15 +7,16 @@ same id, and the replica downstream skips it:
 =============================================  ==================================================================
 Record                                         Lineage its id is derived from
 =============================================  ==================================================================
+a source's record                              the source step and the record's place in the source
 a window's result                              the window step, the key and the window (``start``, ``end``)
-a late record, and its one-to-one successors   the step and the id of the message that brought it
-anything else (source records, stateless       the input batch (a source: where the batch starts; a queue: the ids
-outputs of a batch)                            of its messages), the destination queue and the place in the batch
+a late record                                  the step and the id of the message that brought it
+anything else (after ``flat_map``, ...)        the input batch (a source: where the batch starts; a queue: the ids
+                                               of its messages), the destination stage and the place in the batch
 =============================================  ==================================================================
 
-The last row is stable when the batch is made again the same way: always for a resumable source (the stage
-restarts at the committed position with the same batch size), not always for a batch of queue messages
-(redelivery may group them otherwise). See docs/streams.md "Delivery guarantees".
+Steps that map one record to one (``map``, ``key_by``) or keep some of them (``filter``, ``inspect``,
+``rate_limit``, branches) pass the lineage on. The last row is stable only when the batch is made again the
+same way, which redelivery does not promise. See docs/streams.md "Delivery guarantees".
 
 :class:`AppliedIds` remembers, per upstream sender, the ids of the last records applied from it; it lives in the
 replica's snapshot as one row per id, so a commit writes only what changed.

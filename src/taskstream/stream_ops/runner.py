@@ -153,6 +153,7 @@ class Runner:
         self.accounting = Accounting(plan, stage, replica)
         self.applied = AppliedIds(self.config.remember_per_sender)
         self.positions: dict[str, Any] = {}  # source step -> where it stands (resumable sources)
+        self.emitted: dict[str, int] = {}  # source step -> items taken from it (their lineage)
         self.received = 0
         self.duplicates = 0
         self.stop_requested = False
@@ -199,6 +200,7 @@ class Runner:
         if self.outbox is not None:
             self.outbox.sent = dict(meta.get("sent", {}))
         self.positions = dict(meta.get("positions", {}))
+        self.emitted = {k: int(v) for k, v in meta.get("emitted", {}).items()}
         self.applied.restore(rows)
         for ids in meta.get("applied", []):  # snapshots written before ids were kept per sender
             for mid in ids:
@@ -309,10 +311,9 @@ class Runner:
                 _, node_id, batch = message
                 assert isinstance(batch, SourceBatch)
                 self.received += len(batch.items)
-                if self.outbox is not None:  # ids of what this batch sends: from where the batch starts
-                    self.outbox.begin(f"{node_id}@{self.positions.get(node_id)!r}")
+                ids = self._source_lineage(node_id, batch)
                 with self.tracing.source_batch(self.plan.pipeline, node_id, len(batch.items)):
-                    await self.executor.feed(node_id, batch.items)
+                    await self.executor.feed(node_id, batch.items, ids)
                     if batch.position is not None:
                         self.positions[node_id] = batch.position
                     await self._after_batch()
@@ -332,6 +333,16 @@ class Runner:
                     await self.claim_check.release(ref)
             elif kind == "queue-end":
                 raise BrokerConnectionError(f"the subscription to {stage.queue(self.replica)!r} ended")  # type: ignore[union-attr]
+
+    def _source_lineage(self, node_id: str, batch: SourceBatch) -> list[str | None] | None:
+        """Each item's lineage: the source step and the item's place in the source (stable across restarts, however
+        the items are batched); ``None`` in a fused run (nothing is published to other stages)."""
+        if self.outbox is None:
+            return None
+        self.outbox.begin(f"{node_id}@{self.positions.get(node_id)!r}")
+        first = self.emitted.get(node_id, 0)
+        self.emitted[node_id] = first + len(batch.items)
+        return [f"{node_id}#{first + i}" for i in range(len(batch.items))]
 
     async def _after_batch(self) -> None:
         if self.executor.timed:
@@ -484,6 +495,7 @@ class Runner:
             "received": self.received,
             "sent": self.outbox.sent if self.outbox is not None else {},
             "positions": self.positions,
+            "emitted": self.emitted,
             "finished": finished,
         }
 

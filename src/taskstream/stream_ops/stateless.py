@@ -71,8 +71,8 @@ def filter_op(predicate: Callable[[Any], Any]) -> BatchOp:
         async def afilter_one(x: Any) -> list[Any]:
             return [x] if await predicate(x) else []
 
-        return BatchOp(afilter, afilter_one, is_async=True)
-    return BatchOp(lambda items: [x for x in items if predicate(x)], lambda x: [x] if predicate(x) else [])
+        return BatchOp(afilter, afilter_one, is_async=True, subset=True)
+    return BatchOp(lambda items: [x for x in items if predicate(x)], lambda x: [x] if predicate(x) else [], subset=True)
 
 
 def flat_map_op(fn: Callable[[Any], Any]) -> BatchOp:
@@ -115,7 +115,7 @@ def inspect_op(fn: Callable[[Any], Any]) -> BatchOp:
                 await fn(x)
             return items
 
-        return BatchOp(ainspect, None, is_async=True)
+        return BatchOp(ainspect, None, is_async=True, subset=True)
 
     def sinspect(items: list[Any]) -> list[Any]:
         for x in items:
@@ -124,4 +124,4 @@ def inspect_op(fn: Callable[[Any], Any]) -> BatchOp:
                 raise TypeError("inspect() got a plain function that returned an awaitable; use 'async def'")
         return items
 
-    return BatchOp(sinspect, None)
+    return BatchOp(sinspect, None, subset=True)
