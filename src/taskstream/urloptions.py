@@ -200,7 +200,7 @@ class URLOptions:
         plural = "s" if len(names) > 1 else ""
         return (
             f"unknown {self.where} URL parameter{plural} {', '.join(described)}{_in(url)}; "
-            f"known: {', '.join(sorted(self.options))}"
+            f"known: {', '.join(sorted(self.options)) or 'none'}"
         )
 
     def table(self) -> str:

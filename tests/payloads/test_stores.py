@@ -83,6 +83,40 @@ def test_bad_store_urls_say_what_is_wrong(url: str, message: str) -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "named", "suggested"),
+    [
+        ("file:///var/tmp/x?create=1", "unknown local payload store URL parameter 'create'", None),
+        ("s3://bucket/p?regoin=eu-west-1", "unknown S3 payload store URL parameter 'regoin'", "region"),
+        (
+            "azureblob://box/p?connection_string=UseDevelopmentStorage%3Dtrue&craete=1",
+            "unknown Azure Blob payload store URL parameter 'craete'",
+            "create",
+        ),
+    ],
+)
+def test_an_unknown_store_option_is_refused_by_name_with_the_url(url: str, named: str, suggested: str | None) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        blob_store_from_url(url)
+    message = str(info.value)
+    assert named in message and f"in '{url.split('?')[0]}?" in message
+    assert "UseDevelopmentStorage" not in message  # the connection string is redacted
+    if suggested is not None:
+        assert f"(did you mean {suggested!r}?)" in message
+
+
+def test_store_option_values_are_typed_and_secrets_stay_hidden() -> None:
+    with pytest.raises(ConfigurationError, match=r"create='maybe' is not a valid value \(expected true or false\)"):
+        blob_store_from_url("s3://bucket/p?create=maybe")
+    from taskstream.payloads.s3 import S3Store
+
+    for store in (blob_store_from_url("s3://bucket/p?create=yes"), blob_store_from_url("s3://bucket/p", create=True)):
+        assert isinstance(store, S3Store) and store.create is True
+    with pytest.raises(ConfigurationError) as info:
+        blob_store_from_url("s3://bucket/p?aws_secret_access_key=secret&bogus=1")
+    assert "secret" not in str(info.value).replace("aws_secret_access_key", "")
+
+
 def test_a_mistyped_scheme_gets_a_did_you_mean() -> None:
     with pytest.raises(ConfigurationError, match=r"scheme 'fil' .*did you mean file://\?"):
         blob_store_from_url("fil:///var/tmp/x")

@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from taskstream.errors import ConfigurationError
 from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, StoreURL, check_key
+from taskstream.urloptions import Option, URLOptions
 
 __all__ = ["AzureBlobStore", "account_name"]
 
@@ -68,6 +69,13 @@ class AzureBlobStore(BlobStore):
     """
 
     name = "azureblob"
+    OPTIONS: ClassVar[URLOptions] = URLOptions(
+        "Azure Blob payload store",
+        [
+            Option("connection_string", "str", None, "the account's connection string, URL-encoded", secret=True),
+            Option("create", "bool", False, "create the container on first use"),
+        ],
+    )
 
     def __init__(
         self,
@@ -95,7 +103,8 @@ class AzureBlobStore(BlobStore):
     def from_url(cls, url: StoreURL) -> Self:
         """``azureblob://container[/prefix]`` with the query parameters of the module table."""
         container, prefix = url.place("Azure Blob payload store", "container")
-        return cls(container, prefix, connection_string=url.get("connection_string"), create=url.flag("create"))
+        create = bool(url.options.get("create", False))
+        return cls(container, prefix, connection_string=url.get("connection_string"), create=create)
 
     @property
     def location(self) -> str:

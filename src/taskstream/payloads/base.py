@@ -25,10 +25,11 @@ import importlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Self
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, ClassVar, Self
+from urllib.parse import unquote, urlsplit
 
 from taskstream.errors import ConfigurationError, MessageError, MissingExtraError, TaskstreamError
+from taskstream.urloptions import URLOptions
 
 __all__ = [
     "BlobInfo",
@@ -100,6 +101,8 @@ class BlobStore(abc.ABC):
 
     #: short backend name for messages and logs
     name: str = "blob"
+    #: the URL options :meth:`from_url` reads; any other is refused by name
+    OPTIONS: ClassVar[URLOptions] = URLOptions("payload store", [])
 
     @property
     @abc.abstractmethod
@@ -177,22 +180,26 @@ class StoreURL:
         scheme: the scheme, lowercase.
         netloc: the part after ``scheme://`` up to the path (bucket, container or host).
         path: the path, percent-decoded.
-        options: the query parameters, overridden by the caller's options.
+        options: the options given (query parameters overridden by the caller's), converted by their kinds.
     """
 
     url: str
     scheme: str
     netloc: str
     path: str
-    options: dict[str, str]
+    options: dict[str, Any]
 
     @classmethod
-    def parse(cls, url: str, **options: Any) -> StoreURL:
-        """Split ``url``; ``options`` override its query parameters (values become strings)."""
+    def parse(cls, url: str, declared: URLOptions, **options: Any) -> StoreURL:
+        """Split ``url``; its query parameters, overridden by ``options``, are parsed against ``declared``.
+
+        Raises:
+            ConfigurationError: an unknown option (named, with a "did you mean" and the redacted URL) or a value
+                its kind does not accept.
+        """
         parts = urlsplit(url.strip())
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        overrides = {k: str(v) for k, v in options.items()}
-        return cls(url, parts.scheme.lower(), parts.netloc, unquote(parts.path), {**query, **overrides})
+        values = declared.parse(parts.query, options, url=url)
+        return cls(url, parts.scheme.lower(), parts.netloc, unquote(parts.path), values)
 
     @property
     def redacted(self) -> str:
@@ -212,15 +219,8 @@ class StoreURL:
         return self.netloc, self.path.lstrip("/")
 
     def get(self, *names: str) -> str | None:
-        """The first of ``names`` given a non-empty value, else ``None``."""
-        return next((value for name in names if (value := self.options.get(name))), None)
-
-    def flag(self, name: str, default: bool = False) -> bool:
-        """Option ``name`` as a boolean (``1``, ``true``, ``yes``, ``on``)."""
-        value = self.options.get(name)
-        if value is None:
-            return default
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        """The first of ``names`` given a non-empty value, as text, else ``None``."""
+        return next((str(value) for name in names if (value := self.options.get(name))), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +261,15 @@ def _store_class(backend: _Backend) -> type[BlobStore]:
 def blob_store_from_url(url: str, **options: Any) -> BlobStore | None:
     """Build the store for ``url`` (see the module table); ``none``/``off``/``""`` gives ``None``.
 
-    ``options`` override the URL's query parameters.
+    ``options`` override the URL's query parameters; an option the store does not read is refused.
 
     Example:
         >>> blob_store_from_url("file:///tmp/payloads").location.endswith("/tmp/payloads")
         True
 
     Raises:
-        ConfigurationError: unknown scheme (with a "did you mean") or a bad URL; the message shows the URL
-            without secrets.
+        ConfigurationError: unknown scheme or option (with a "did you mean") or a bad URL; the message shows the
+            URL without secrets.
         MissingExtraError: the backend's client library is not installed; the message names the ``pip install``.
     """
     text = url.strip()
@@ -285,4 +285,5 @@ def blob_store_from_url(url: str, **options: Any) -> BlobStore | None:
             f"unknown payload store URL scheme {scheme!r} in {redact_store_url(url)!r}{suggestion} "
             f"(known: {known}, none)"
         )
-    return _store_class(backend).from_url(StoreURL.parse(url, **options))
+    cls = _store_class(backend)
+    return cls.from_url(StoreURL.parse(url, cls.OPTIONS, **options))

@@ -17,10 +17,11 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 from taskstream.errors import ConfigurationError
 from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, StoreURL, check_key
+from taskstream.urloptions import URLOptions
 
 __all__ = ["LocalStore", "default_directory"]
 
@@ -41,6 +42,7 @@ class LocalStore(BlobStore):
     """
 
     name = "local"
+    OPTIONS: ClassVar[URLOptions] = URLOptions("local payload store", [])  # a directory takes no options
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory).expanduser().resolve()

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from taskstream.payloads.base import BlobInfo, BlobStore, PayloadMissing, PayloadStoreError, StoreURL, check_key
+from taskstream.urloptions import Option, URLOptions
 
 __all__ = ["S3Store"]
 
@@ -52,6 +53,17 @@ class S3Store(BlobStore):
     """
 
     name = "s3"
+    OPTIONS: ClassVar[URLOptions] = URLOptions(
+        "S3 payload store",
+        [
+            Option("endpoint_url", "str", None, "a non-AWS endpoint (moto, MinIO, LocalStack)"),
+            Option("region", "str", None, "region name"),
+            Option("region_name", "str", None, "the same as region"),
+            Option("aws_access_key_id", "str", None, "explicit access key", secret=True),
+            Option("aws_secret_access_key", "str", None, "explicit secret key", secret=True),
+            Option("create", "bool", False, "create the bucket on first use"),
+        ],
+    )
 
     def __init__(
         self,
@@ -93,7 +105,7 @@ class S3Store(BlobStore):
             region=url.get("region", "region_name"),
             aws_access_key_id=url.get("aws_access_key_id"),
             aws_secret_access_key=url.get("aws_secret_access_key"),
-            create=url.flag("create"),
+            create=bool(url.options.get("create", False)),
         )
 
     @property
