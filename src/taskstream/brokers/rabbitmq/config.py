@@ -56,7 +56,7 @@ class RabbitMQConfig(BaseModel):
 
 _OWN_OPTIONS = frozenset(RabbitMQConfig.model_fields)
 
-#: aio-pika's and aiormq's own URL options (aio-pika 10, aiormq 7), handed to the driver as written.
+#: aio-pika's and aiormq's own URL options (aio-pika 10, aiormq 7), handed to the driver.
 DRIVER_OPTIONS = URLOptions(
     "RabbitMQ",
     [
