@@ -342,6 +342,8 @@ class Runner:
         self.outbox.begin(f"{node_id}@{self.positions.get(node_id)!r}")
         first = self.emitted.get(node_id, 0)
         self.emitted[node_id] = first + len(batch.items)
+        if batch.ids is not None:  # items with ids of their own (queue messages): unique across runs
+            return [f"{node_id}:{i}" if i is not None else f"{node_id}#{first + n}" for n, i in enumerate(batch.ids)]
         return [f"{node_id}#{first + i}" for i in range(len(batch.items))]
 
     async def _after_batch(self) -> None:

@@ -41,12 +41,15 @@ def is_stop(value: Any) -> bool:
 class SourceBatch:
     """Items read together; ``ack`` (when set) is awaited once they were processed and published.
 
-    ``position`` (resumable sources) is where the source stands after these items, as JSON data.
+    ``position`` (resumable sources) is where the source stands after these items, as JSON data. ``ids`` (sources
+    whose items have ids of their own, like a queue's message ids) name each item for good: records derived from it
+    keep that lineage across restarts and runs, so a redelivered message is recognised downstream.
     """
 
     items: list[Any]
     ack: Callable[[], Awaitable[None]] | None = None
     position: Any = None
+    ids: list[str | None] | None = None
 
 
 class Source(abc.ABC):

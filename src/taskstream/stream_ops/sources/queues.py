@@ -103,6 +103,7 @@ class QueueSource(Source):
                     log.info("queue source %r idle for %s s: ending", self.queue, self.idle_timeout)
                     break
                 items: list[Any] = []
+                ids: list[str | None] = []
                 settle: list[Delivery] = []
                 refs: list[PayloadRef] = []
                 stop = False
@@ -127,6 +128,7 @@ class QueueSource(Source):
                         stop = stop or control == "stop"
                         continue
                     items.append(value)
+                    ids.append(_item_id(opened.doc, delivery.message_id))
 
                 done = asyncio.Event()
                 acked.append(done)
@@ -141,7 +143,7 @@ class QueueSource(Source):
                     done.set()
 
                 emitted += len(items)
-                yield SourceBatch(items, ack)
+                yield SourceBatch(items, ack, ids=ids)
                 acked[:] = [e for e in acked if not e.is_set()]
                 if stop:
                     break
@@ -196,3 +198,10 @@ class QueueSource(Source):
         if is_stop(doc):
             return None, "stop"
         return doc, None
+
+
+def _item_id(doc: Any, message_id: str | None) -> str | None:
+    """The id an item read from a queue keeps downstream: its envelope's id, else the broker's message id."""
+    if is_envelope_document(doc) and isinstance(doc.get("id"), str):
+        return str(doc["id"])
+    return message_id or None
