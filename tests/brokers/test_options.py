@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from taskstream.brokers.azure_queues import OPTIONS as AZURE_OPTIONS
@@ -9,7 +11,7 @@ from taskstream.brokers.base import broker_from_url
 from taskstream.brokers.sqs import OPTIONS as SQS_OPTIONS
 from taskstream.brokers.sqs import SQSBroker
 from taskstream.errors import ConfigurationError
-from taskstream.settings import DEFAULT_MAX_ATTEMPTS, Settings
+from taskstream.settings import DEFAULT_MAX_ATTEMPTS, Settings, redact_url
 from taskstream.urloptions import Option, URLOptions, parse_bool, parse_duration, split_query
 
 DEMO = URLOptions(
@@ -109,3 +111,38 @@ def test_rabbitmq_refuses_unknown_options_and_passes_the_drivers_own() -> None:
     assert driver_url == (
         "amqp://u:p@h1,h2/v?heartbeat=5&name=worker%201&cafile=%2Fetc%2Fca.pem&fail_fast=0&reconnect_interval=1.0"
     )
+
+
+@pytest.mark.parametrize(
+    ("build", "url", "named", "suggested"),
+    [
+        ("result", "memory://results?ttl=5", "unknown memory result store URL parameter 'ttl'", None),
+        ("result", "sqlite:///r.db?synchronus=full", "unknown SQLite result store URL parameter", "synchronous"),
+        ("result", "redis://:hunter2@127.0.0.1:6379/0?socket_timout=5", "unknown Redis result store", "socket_timeout"),
+        ("state", "sqlite:///s.db?journal=wal", "unknown SQLite state store URL parameter 'journal'", None),
+        ("state", "memory://?size=3", "unknown memory state store URL parameter 'size'", None),
+        ("state", "redis://:hunter2@127.0.0.1:6379/0?db_=1", "unknown Redis state store URL parameter 'db_'", "db"),
+    ],
+)
+def test_result_and_state_stores_refuse_unknown_options(
+    build: str, url: str, named: str, suggested: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskstream.stream_ops.state import state_store_from_url
+    from taskstream.tasks.stores.base import store_from_url
+
+    monkeypatch.chdir(tmp_path)  # relative SQLite files, if one were made, land here
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(url) if build == "result" else state_store_from_url(url)
+    message = str(info.value)
+    assert named in message and f"in {redact_url(url)!r}" in message and "hunter2" not in message
+    if suggested is not None:
+        assert f"(did you mean {suggested!r}?)" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_redis_urls_keep_the_options_redis_py_reads() -> None:
+    from taskstream.redis_url import check_redis_url
+
+    check_redis_url("rediss://h:6380/2?socket_timeout=5&ssl_cert_reqs=none&health_check_interval=10", "Redis store")
+    with pytest.raises(ConfigurationError, match=r"'socket_timout' \(did you mean 'socket_timeout'\?\)"):
+        check_redis_url("redis://h/0?socket_timout=5", "Redis store")

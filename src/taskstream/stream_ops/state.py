@@ -26,7 +26,9 @@ from urllib.parse import urlsplit
 
 from taskstream.errors import ConfigurationError
 from taskstream.messages import dumps, loads
+from taskstream.redis_url import check_redis_url
 from taskstream.settings import redact_url
+from taskstream.urloptions import URLOptions
 
 __all__ = [
     "DEFAULT_STATE_URL",
@@ -38,6 +40,9 @@ __all__ = [
 ]
 
 DEFAULT_STATE_URL = "sqlite:///.taskstream/state.db"
+# SQLite and memory state stores read no URL options: any given is refused by name.
+_SQLITE_OPTIONS = URLOptions("SQLite state store", [])
+_MEMORY_OPTIONS = URLOptions("memory state store", [])
 
 
 class StateStore(abc.ABC):
@@ -156,6 +161,7 @@ class RedisStateStore(StateStore):
             import redis.asyncio as aioredis
         except ImportError as exc:  # pragma: no cover - the extra is installed in dev
             raise ConfigurationError("the Redis state store needs redis: pip install 'taskstream[redis]'") from exc
+        check_redis_url(url, "Redis state store")
         self.url = url
         self._client = aioredis.Redis.from_url(url)
 
@@ -194,7 +200,8 @@ def state_store_from_url(url: str | None = None) -> StateStore:
     url = url or os.environ.get("TASKSTREAM_STATE_URL") or DEFAULT_STATE_URL
     scheme = urlsplit(url).scheme.lower()
     if scheme == "sqlite":
-        path = url.split("://", 1)[1]
+        path, _, query = url.split("://", 1)[1].partition("?")
+        _SQLITE_OPTIONS.parse(query, url=url)
         if path.startswith("/"):
             path = path[1:]  # sqlite:///relative, sqlite:////absolute
         if not path:
@@ -203,6 +210,7 @@ def state_store_from_url(url: str | None = None) -> StateStore:
     if scheme in ("redis", "rediss"):
         return RedisStateStore(url)
     if scheme == "memory":
+        _MEMORY_OPTIONS.parse(urlsplit(url).query, url=url)
         return MemoryStateStore()
     raise ConfigurationError(
         f"unknown state store URL {redact_url(url)!r}: use sqlite:///path, redis://host:port/db or memory://"

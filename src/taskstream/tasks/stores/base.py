@@ -202,6 +202,7 @@ class ResultStore(abc.ABC):
         return f"<{type(self).__name__} {redact_url(self.url)!r}>"
 
 
+MEMORY_OPTIONS = URLOptions("memory result store", [])
 SQLITE_OPTIONS = URLOptions(
     "SQLite result store",
     [Option("synchronous", "str", "normal", "normal: survives a crash of the process; full: also a power loss")],
@@ -221,7 +222,9 @@ def store_from_url(url: str, *, ttl: float = 86400.0) -> ResultStore:
     if scheme == "memory":
         from taskstream.tasks.stores.memory import MemoryResultStore
 
-        return MemoryResultStore.shared(url.split("://", 1)[1], ttl=ttl)
+        name, _, query = url.split("://", 1)[1].partition("?")
+        MEMORY_OPTIONS.parse(query, url=url)  # it takes none: refuse any by name
+        return MemoryResultStore.shared(name, ttl=ttl)
     if scheme == "sqlite":
         from taskstream.tasks.stores.sqlite import SQLiteResultStore
 

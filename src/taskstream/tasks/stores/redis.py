@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from taskstream.messages import dumps, loads
+from taskstream.redis_url import check_redis_url
 from taskstream.settings import redact_url
 from taskstream.tasks.errors import ResultStoreError
 from taskstream.tasks.stores.base import ResultStore, TaskInfo
@@ -130,6 +131,7 @@ class RedisResultStore(ResultStore):
     """
 
     def __init__(self, url: str, *, ttl: float = 86400.0) -> None:
+        check_redis_url(url, "Redis result store")
         self.url = url
         self.ttl = ttl
         self._ttl_ms = max(1, int(ttl * 1000))
