@@ -42,6 +42,8 @@ __all__ = ["TaskClient"]
 log = logging.getLogger("taskstream.tasks.client")
 
 REPLY_PREFETCH = 1000
+REPLY_ACK_DELAY = 0.02  # seconds a handled reply waits to be acked with others (see _listen)
+REPLY_ACK_BATCH = REPLY_PREFETCH // 2  # acked at once from this many, so the prefetch window never fills
 PENDING_DELAY = 0.05  # seconds pending records wait, to be written in fewer, larger batches
 
 Call = tuple[Sequence[Any], dict[str, Any]]
@@ -79,6 +81,7 @@ class TaskClient(FutureOwner):
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._to_ack: list[Delivery] = []
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._to_release: list[PayloadRef] = []  # payloads of large results, deleted once their reply is acked
 
     # -- FutureOwner ---------------------------------------------------------------------------------
@@ -361,9 +364,15 @@ class TaskClient(FutureOwner):
                     self._on_reply(opened.envelope)
                 except Exception as exc:  # a bug here must not stop the listener for every other task
                     log.exception("could not apply a reply on %s: %s", self.reply_queue, exc)
-                if not self._to_ack:
-                    asyncio.get_running_loop().call_soon(self._ack_replies)
                 self._to_ack.append(delivery)
+                if len(self._to_ack) >= REPLY_ACK_BATCH:
+                    self._ack_replies()
+                elif self._ack_timer is None:
+                    # Acks of handled replies wait a moment and go out together, off the latency path: a lone
+                    # round trip would otherwise send an ack frame (and wake the broker) just as the caller
+                    # submits its next task. The future is settled already; a reply redelivered because its ack
+                    # was late or lost finds no waiting entry and is ignored.
+                    self._ack_timer = asyncio.get_running_loop().call_later(REPLY_ACK_DELAY, self._ack_replies)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -371,7 +380,10 @@ class TaskClient(FutureOwner):
             self._fail_all(BrokerConnectionError(f"the reply listener stopped: {exc}"))
 
     def _ack_replies(self) -> None:
-        """Ack every reply handled during this loop turn together (brokers merge same-turn acks)."""
+        """Ack every reply handled since the last call together (brokers merge same-turn acks)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         deliveries, self._to_ack = self._to_ack, []
         refs, self._to_release = self._to_release, []
         self._spawn(self._ack_all(deliveries, refs))
