@@ -19,7 +19,8 @@ Workloads, alternating which side goes first each round:
 Needs RabbitMQ on 127.0.0.1:5672 (``BENCH_AMQP_URL`` elsewhere); ``BENCH_TASKS_N`` / ``BENCH_TASKS_SEQ`` change
 the counts; ``BENCH_TASKS_STORE=memory`` runs the worker with the ``memory://`` result store instead of a fresh
 SQLite file, to tell the store's cost from the path's. Each row also records the CPU time per task of the worker
-process and of the client (``extra``): on a shared, noisy machine that figure moves far less than the rates.
+process, of the client and of a local RabbitMQ server (``extra``): on a shared, noisy machine those figures
+move far less than the rates.
 Targets: throughput at least 0.7x the baseline, p50 latency at most 1.5x (ratio >= 0.67).
 """
 
@@ -217,26 +218,44 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class CpuMeter:
-    """Microseconds of CPU per task spent by a worker process and by this (client) process."""
+def _broker_pid() -> int:
+    """The local RabbitMQ server's process id (its Erlang VM), or 0 when it is not on this machine."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"beam.smp" in cmdline and b"rabbit" in cmdline:
+            return int(entry.name)
+    return 0
 
-    def __init__(self, worker_pid: int) -> None:
-        self.worker_pid = worker_pid
-        self._start = (0.0, 0.0)
+
+class CpuMeter:
+    """Microseconds of CPU per task spent by a worker process, this (client) process and the local RabbitMQ."""
+
+    def __init__(self, worker_pid: int, broker_pid: int) -> None:
+        self.pids = (worker_pid, broker_pid)
+        self._start = (0.0, 0.0, 0.0)
+
+    def _now(self) -> tuple[float, float, float]:
+        return _process_cpu(self.pids[0]), _own_cpu(), _process_cpu(self.pids[1]) if self.pids[1] else 0.0
 
     def start(self) -> None:
-        self._start = (_process_cpu(self.worker_pid), _own_cpu())
+        self._start = self._now()
 
-    def per_task(self, n: int) -> tuple[float, float]:
-        worker, client = _process_cpu(self.worker_pid) - self._start[0], _own_cpu() - self._start[1]
-        return worker * 1e6 / n, client * 1e6 / n
+    def per_task(self, n: int) -> tuple[float, float, float]:
+        """(worker, client, broker) microseconds per task since :meth:`start`."""
+        now = self._now()
+        worker, client, broker = (b - a for a, b in zip(self._start, now, strict=True))
+        return worker * 1e6 / n, client * 1e6 / n, broker * 1e6 / n
 
 
 async def one_round(
     ts_queue: str, raw_queue: str, taskstream_first: bool, pids: tuple[int, int] = (0, 0)
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    ts_cpu, raw_cpu = CpuMeter(pids[0]), CpuMeter(pids[1])
+    broker = _broker_pid()
+    ts_cpu, raw_cpu = CpuMeter(pids[0], broker), CpuMeter(pids[1], broker)
 
     async def taskstream_side() -> None:
         async with taskstream_app(ts_queue, worker=False) as app:
@@ -295,6 +314,7 @@ def measure(repeats: int = 3) -> list[Row]:
             side: {
                 "worker": statistics.median(r[f"{key}_cpu"][0] for r in rounds),
                 "client": statistics.median(r[f"{key}_cpu"][1] for r in rounds),
+                "rabbitmq": statistics.median(r[f"{key}_cpu"][2] for r in rounds),
             }
             for side, key in (("taskstream", "ts"), ("baseline", "raw"))
         }
@@ -369,4 +389,7 @@ if __name__ == "__main__":
         for row in rows:
             print(f"  {row.workload}: taskstream {statistics.median(row.values):.2f} {row.unit}, ratio {row.ratio:.2f}")
         for side, used in rows[0].extra["cpu_us_per_task"].items():
-            print(f"  CPU per task, {side}: worker {used['worker']:.0f} us, client {used['client']:.0f} us")
+            print(
+                f"  CPU per task, {side}: worker {used['worker']:.0f} us, client {used['client']:.0f} us, "
+                f"RabbitMQ {used['rabbitmq']:.0f} us"
+            )
