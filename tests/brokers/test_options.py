@@ -146,3 +146,26 @@ def test_redis_urls_keep_the_options_redis_py_reads() -> None:
     check_redis_url("rediss://h:6380/2?socket_timeout=5&ssl_cert_reqs=none&health_check_interval=10", "Redis store")
     with pytest.raises(ConfigurationError, match=r"'socket_timout' \(did you mean 'socket_timeout'\?\)"):
         check_redis_url("redis://h/0?socket_timout=5", "Redis store")
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_connects_with_the_drivers_own_options() -> None:
+    import os
+    import uuid
+
+    from taskstream.brokers.rabbitmq import RabbitMQBroker
+
+    base = os.environ.get("TASKSTREAM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    url = f"{base}?heartbeat=7&name=taskstream%20options%20test&timeout=10&fail_fast=1&connect_timeout=5s"
+    broker = RabbitMQBroker.from_url(url)
+    queue = f"ts-test-options-{uuid.uuid4().hex[:8]}"
+    async with broker:
+        await broker.declare(queue)
+        try:
+            await broker.publish(queue, b"hello", headers={}, message_id="m1")
+            async with broker.consume(queue, prefetch=1) as subscription:
+                delivery = await anext(subscription)
+                assert delivery.body == b"hello"
+                await delivery.ack()
+        finally:
+            await broker.delete_queue(queue)
