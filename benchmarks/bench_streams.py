@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/
 
 from common import Row, machine_info, print_rows
 
@@ -238,6 +239,88 @@ def run_bytewax(python: Path, n: int) -> tuple[float, int]:
     return float(result["seconds"]), int(result["windows"])
 
 
+# -- S8 stage by stage (examples/sensor_windows.py) ---------------------------------------------------
+
+RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+S8_COUNT = int(os.environ.get("BENCH_STREAMS_S8_COUNT", "40000"))
+S8_REPLICAS = (1, 2, 3)
+
+
+def _s8(db: str, replicas: int, name: str) -> Any:
+    from examples.sensor_windows import build_pipeline
+
+    return build_pipeline(db=db, count=S8_COUNT, replicas=replicas, name=name)
+
+
+async def run_s8(url: str | None, replicas: int) -> tuple[float, Any]:
+    """S8 fused (``url=None``, memory broker) or stage by stage on ``url``: (seconds, the result tables)."""
+    from examples.sensor_windows import read_results
+
+    from taskstream.brokers.base import broker_from_url
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "s8.db")
+        name = f"bench-s8-{os.getpid()}-{time.monotonic_ns()}"
+        p = _s8(db, replicas, name)
+        if url is None:
+            started = time.perf_counter()
+            await p.run("memory://")
+            return time.perf_counter() - started, read_results(db)
+        broker = broker_from_url(url)
+        await broker.connect()
+        try:
+            started = time.perf_counter()
+            await p.run_distributed(broker, store="memory://")
+            seconds = time.perf_counter() - started
+            for sp in p.plan().stages.values():
+                for queue in [*sp.queues, p.plan().dead_letter_queue]:
+                    try:
+                        await broker.delete_queue(queue)
+                    except Exception:  # noqa: BLE001 - best effort: a bench leaves no queues behind
+                        pass
+        finally:
+            await broker.close()
+        return seconds, read_results(db)
+
+
+def measure_s8(repeats: int) -> list[Row]:
+    """Distributed S8 over RabbitMQ and the ZeroMQ device, 1/2/3 window replicas, against fused in the same run."""
+    from bench_zmq import start_device
+
+    device, zmq_url = start_device()
+    rows: list[Row] = []
+    try:
+        fused: list[float] = []
+        rates: dict[tuple[str, int], list[float]] = {}
+        same: dict[tuple[str, int], bool] = {}
+        for _ in range(repeats):
+            seconds, expected = asyncio.run(run_s8(None, 3))
+            fused.append(S8_COUNT / seconds)
+            for broker, url in (("RabbitMQ", RABBITMQ_URL), ("ZeroMQ device", zmq_url)):
+                for replicas in S8_REPLICAS:
+                    seconds, got = asyncio.run(run_s8(url, replicas))
+                    rates.setdefault((broker, replicas), []).append(S8_COUNT / seconds)
+                    same[(broker, replicas)] = same.get((broker, replicas), True) and got == expected
+        for (broker, replicas), values in rates.items():
+            target = 0.4 if broker == "RabbitMQ" else None
+            rows.append(
+                Row(
+                    workload=f"S8 stage by stage, {broker}, {replicas} window replica(s) (readings/s)",
+                    subject="taskstream run_distributed (every stage replica a consumer)",
+                    baseline="the same pipeline fused, memory broker",
+                    unit="rec/s",
+                    values=values,
+                    baseline_values=fused,
+                    target=target,
+                    notes="" if same[(broker, replicas)] else "RESULTS DIFFER FROM FUSED",
+                    extra={**machine_info(), "readings": S8_COUNT, "same_results": same[(broker, replicas)]},
+                )
+            )
+    finally:
+        device.stop()
+    return rows
+
+
 # -- measure -------------------------------------------------------------------------------------------
 
 
@@ -283,6 +366,8 @@ def measure(repeats: int = 3) -> list[Row]:
                 extra=info,
             )
         )
+    if os.environ.get("BENCH_STREAMS_S8", "1") != "0":
+        rows.extend(measure_s8(repeats))
     return rows
 
 

@@ -4,7 +4,8 @@ The runner publishes what the :class:`Outbox` and :class:`DeadLetters` hold afte
 it commits its snapshot and acks the input. The Outbox gives each record the id derived from its lineage
 (:mod:`~taskstream.stream_ops.lineage`) and routes each record to the replica owning its key group
 (:mod:`~taskstream.stream_ops.keygroups`), counting what it sent per downstream stage and group for
-end-of-stream.
+end-of-stream. Each record is encoded when it is added (so one that cannot be encoded is known at once); what
+a batch sends to one queue leaves as record batches (:func:`~taskstream.stream_ops.wire.batch_messages`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from taskstream.stream_ops.keygroups import KEY_GROUPS, group_of, owner
 from taskstream.stream_ops.lineage import derive_id
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import RuntimeContext
-from taskstream.stream_ops.wire import record_message
+from taskstream.stream_ops.wire import BatchLimits, batch_entry, batch_messages
 
 __all__ = ["DeadLetters", "Ids", "Outbox"]
 
@@ -60,12 +61,20 @@ class DeadLetters:
 class Outbox:
     """Items bound for other stages, encoded per destination queue; ``sent`` counts per stage and key group."""
 
-    def __init__(self, plan: Plan, stage: StagePlan, replica: int, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        stage: StagePlan,
+        replica: int,
+        now: Callable[[], float],
+        limits: BatchLimits | None = None,
+    ) -> None:
         self.plan = plan
         self.stage = stage.name
         self.src = f"{stage.name}/{replica}"
         self.now = now
-        self.pending: dict[str, list[OutgoingMessage]] = {}
+        self.limits = limits or BatchLimits()
+        self.pending: dict[str, list[tuple[str, bytes]]] = {}  # per queue: (record id, encoded record)
         self.sent: dict[str, dict[str, int]] = {}  # per downstream stage: records sent per key group
         self._rr: dict[str, int] = {}
         self.lineage = ""
@@ -98,7 +107,6 @@ class Outbox:
             ``None`` when every item was queued; otherwise the index of each item that cannot be encoded
             (a value the wire format does not carry) and its error. The others are queued.
         """
-        now = self.now()
         entry: str | list[str] = entries[0] if len(entries) == 1 else entries
         mids = self._ids(target, origin, items, ids)
         n = target.parallelism
@@ -111,18 +119,21 @@ class Outbox:
             else:
                 group = self._rr.get(target.name, 0)
                 self._rr[target.name] = (group + 1) % KEY_GROUPS
+            mid = mids[index]
             try:
-                message = record_message(item, entry, self.src, now, mids[index], group)
+                data = batch_entry(item, entry, mid, group)
             except TypeError as exc:
                 if failed is None:
                     failed = {}
                 failed[index] = exc
                 continue
-            self.pending.setdefault(queues[owner(group, n)], []).append(message)
+            self.pending.setdefault(queues[owner(group, n)], []).append((mid, data))
             g = str(group)
             sent[g] = sent.get(g, 0) + 1
         return failed
 
     def take(self) -> dict[str, list[OutgoingMessage]]:
+        """The record batches to publish, per queue (and forget them)."""
         pending, self.pending = self.pending, {}
-        return pending
+        now = self.now()
+        return {queue: batch_messages(records, self.src, now, self.limits) for queue, records in pending.items()}

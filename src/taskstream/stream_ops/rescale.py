@@ -7,9 +7,9 @@ stopped (killed or stopped mid-run; none finished), :func:`rescale_stage`:
 1. loads the snapshots of the ``N`` old replicas and writes ``M`` new ones: each key's window state goes to
    the owner of its group, the per-group end-of-stream counts with it; end-of-streams already received and the
    ids already applied go to every new replica; what the stage sent downstream is summed;
-2. moves the records waiting on the old replicas' queues to the queues of their groups' new owners (same
-   body, headers and id; control messages to every new queue), acking the old copies after the new ones are
-   published.
+2. moves the records waiting on the old replicas' queues to the queues of their groups' new owners (a record
+   batch is split by owner, each record keeping its id; single messages keep body, headers and id; control
+   messages go to every new queue), acking the old copies after the new ones are published.
 
 Then start the pipeline with the new parallelism: sources resume at their positions, upstream stages route
 by the new owners, and the results are those of an uninterrupted run. Run it once per change, with a backup of
@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from taskstream.brokers.base import Broker, Delivery
+from taskstream.brokers.base import Broker, Delivery, OutgoingMessage
 from taskstream.errors import ConfigurationError
 from taskstream.messages import is_envelope_document
 from taskstream.stream_ops.keygroups import KEY_GROUPS, group_of, owner
-from taskstream.stream_ops.lineage import ROW, SEP
+from taskstream.stream_ops.lineage import BATCH_ROW, ROW, SEP
 from taskstream.stream_ops.plan import queue_name
 from taskstream.stream_ops.state import StateStore
+from taskstream.stream_ops.wire import batch_messages, is_batch
 
 if TYPE_CHECKING:
     from taskstream.stream_ops.pipeline import Pipeline
@@ -98,6 +99,7 @@ def _split(olds: list[dict[str, Any]], new: int) -> tuple[list[dict[str, Any]], 
     """The new replicas' snapshot rows from the old ones'; and how many keys' state moved."""
     out: list[dict[str, Any]] = [{} for _ in range(new)]
     applied: dict[str, list[str]] = {}
+    batches: dict[str, Any] = {}
     keys = 0
     metas = [rows.get("meta") or {} for rows in olds]
     for rows in olds:
@@ -108,6 +110,8 @@ def _split(olds: list[dict[str, Any]], new: int) -> tuple[list[dict[str, Any]], 
                 keys += 1
             elif name.startswith(ROW) and isinstance(value, list) and len(value) == 2:
                 applied.setdefault(str(value[0]), []).append(name[len(ROW) :])
+            elif name.startswith(BATCH_ROW):  # the ids of one record batch: every new replica keeps them
+                batches[name] = value
     if not any(metas):
         return out, keys
     for i in range(new):
@@ -140,6 +144,7 @@ def _split(olds: list[dict[str, Any]], new: int) -> tuple[list[dict[str, Any]], 
         for sender, ids in applied.items():
             for n, mid in enumerate(ids, 1):
                 out[i][ROW + mid] = [sender, n]
+        out[i].update(batches)
     return out, keys
 
 
@@ -161,6 +166,28 @@ def _target(body: bytes, queues: list[str], turn: int) -> list[str]:
     return [queues[owner(group, len(queues))]]
 
 
+def _split_batch(body: bytes, queues: list[str]) -> dict[str, list[OutgoingMessage]] | None:
+    """A record batch read from an old queue as batches for the new owners of its records' groups (``None``
+    when the message is not a record batch; records without a valid group go to the first queue)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not is_envelope_document(doc) or not is_batch(doc) or not isinstance(doc.get("body"), list):
+        return None
+    headers = doc.get("headers") if isinstance(doc.get("headers"), dict) else {}
+    src = str(headers.get("src") or "")
+    per_queue: dict[str, list[tuple[str, bytes]]] = {}
+    for entry in doc["body"]:
+        group = entry[2] if isinstance(entry, list) and len(entry) == 5 else None
+        target = queues[owner(group, len(queues))] if type(group) is int and 0 <= group < KEY_GROUPS else queues[0]
+        mid = str(entry[0]) if isinstance(entry, list) and entry else ""
+        per_queue.setdefault(target, []).append((mid, orjson.dumps(entry)))
+    created = doc.get("created_at")
+    now = float(created) if isinstance(created, int | float) else 0.0
+    return {target: batch_messages(records, src, now) for target, records in per_queue.items()}
+
+
 async def _move_queue(broker: Broker, queue: str, queues: list[str]) -> int:
     """Re-route the messages waiting on ``queue`` to ``queues``; returns how many moved."""
     await broker.declare(queue)
@@ -175,6 +202,11 @@ async def _move_queue(broker: Broker, queue: str, queues: list[str]) -> int:
         while len(taken) < count:
             taken.append(await subscription.__anext__())
         for turn, delivery in enumerate(taken):
+            split = _split_batch(delivery.body, queues)
+            if split is not None:  # a record batch: its records go to their groups' new owners
+                for target, messages in split.items():
+                    await broker.publish_batch(target, messages)
+                continue
             for target in _target(delivery.body, queues, turn):
                 await broker.publish(target, delivery.body, headers=delivery.headers, message_id=delivery.message_id)
         for delivery in taken:

@@ -38,8 +38,8 @@ from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, Subscription
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MalformedMessage, MessageError
-from taskstream.intake import Intake, Refused
-from taskstream.messages import is_envelope_document
+from taskstream.intake import Intake, Refused, dead_letter_headers
+from taskstream.messages import dumps, is_envelope_document
 from taskstream.observe.metrics import recorder_for
 from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
@@ -50,14 +50,25 @@ from taskstream.stream_ops.executor import Executor
 from taskstream.stream_ops.lineage import AppliedIds, derive_id
 from taskstream.stream_ops.outbox import Outbox
 from taskstream.stream_ops.plan import Plan, StagePlan
+from taskstream.stream_ops.readers import read_queue, read_source
 from taskstream.stream_ops.runtime_context import NodeStats, RuntimeContext
 from taskstream.stream_ops.sources.base import Source, SourceBatch
 from taskstream.stream_ops.state import StateStore
-from taskstream.stream_ops.wire import control_message, read_record
+from taskstream.stream_ops.wire import (
+    BatchLimits,
+    Record,
+    control_message,
+    is_batch,
+    read_batch,
+    read_entry,
+    read_record,
+)
 
 __all__ = ["RunConfig", "RunResult", "Runner"]
 
 log = logging.getLogger("taskstream.stream_ops")
+
+Routed = tuple[str | None, str | tuple[str, ...] | None, Any]  # (record id, entry step(s), item)
 
 
 @dataclass(frozen=True)
@@ -143,7 +154,8 @@ class Runner:
         self.metrics = recorder_for(broker)  # step counters are read from ctx.stats when scraped
         self.metrics.watch_runtime(self.ctx)
         self.tracing = tracing_for(broker)
-        self.outbox = Outbox(plan, self.stage, replica, now) if self.stage is not None else None
+        limits = BatchLimits(min(BatchLimits().max_bytes, self.producer.inline_limit))
+        self.outbox = Outbox(plan, self.stage, replica, now, limits) if self.stage is not None else None
         self.executor = Executor(plan, self.ctx, stage=self.stage, outbox=self.outbox)
         self.namespace = f"{plan.pipeline}/{stage}/{replica}"
         self.src = f"{stage}/{replica}"
@@ -156,6 +168,7 @@ class Runner:
         self.emitted: dict[str, int] = {}  # source step -> items taken from it (their lineage)
         self.received = 0
         self.duplicates = 0
+        self.bad_records = 0  # records of batches dead-lettered alone
         self.stop_requested = False
         self.raw_dead: list[OutgoingMessage] = []
         self.intake: Intake | None = None
@@ -233,7 +246,10 @@ class Runner:
                     return result
             sources = self.sources
             for node_id, source in sources.items():
-                readers.append(asyncio.create_task(self._read_source(node_id, source, inbox), name=f"source:{node_id}"))
+                batches = source.open_batches(self.ctx, self.config.batch_size, self.positions.get(node_id))
+                readers.append(
+                    asyncio.create_task(read_source(node_id, source, batches, inbox), name=f"source:{node_id}")
+                )
             if stage is not None and stage.entries:
                 queue = stage.queue(self.replica)
                 await self._declare(queue)
@@ -242,7 +258,8 @@ class Runner:
                 )
                 prefetch = self.config.prefetch or 4 * self.config.batch_size
                 self._subscription = self.broker.consume(queue, prefetch=prefetch)
-                readers.append(asyncio.create_task(self._read_queue(self._subscription, inbox), name=f"queue:{queue}"))
+                reader = read_queue(self._subscription, inbox, self.config.batch_size, self.config.linger)
+                readers.append(asyncio.create_task(reader, name=f"queue:{queue}"))
             result.ended_by = await self._loop(inbox, len(sources))
             await self._finish()
         finally:
@@ -259,7 +276,7 @@ class Runner:
             result.received = self.received
             result.duplicates_skipped = self.duplicates
             unreadable = self.intake.stats.dead_lettered if self.intake is not None else 0
-            result.dead_lettered = self.executor.dead.total + unreadable
+            result.dead_lettered = self.executor.dead.total + unreadable + self.bad_records
             result.late = sum(s.late for s in self.ctx.stats.values())
         log.info("%s", result.summary())
         return result
@@ -392,19 +409,17 @@ class Runner:
                 continue
             if opened.ref is not None:
                 refs.append(opened.ref)
-            if routed is None:  # a duplicate
-                continue
-            mid, entry, item = routed
-            if mid is not None:
-                ids.append(mid)
-            if entry is None:  # a control message
-                continue
-            self.received += 1
-            if groups and groups[-1][0] == entry:
-                groups[-1][1].append(item)
-                groups[-1][2].append(mid)
-            else:
-                groups.append((entry, [item], [mid]))
+            for mid, entry, item in routed:  # none for a duplicate
+                if mid is not None:
+                    ids.append(mid)
+                if entry is None:  # a control message
+                    continue
+                self.received += 1
+                if groups and groups[-1][0] == entry:
+                    groups[-1][1].append(item)
+                    groups[-1][2].append(mid)
+                else:
+                    groups.append((entry, [item], [mid]))
         if self.outbox is not None:  # ids of what this batch sends: from the ids of its messages
             self.outbox.begin(derive_id(*sorted(ids)))
         for group_entry, items, item_ids in groups:
@@ -412,11 +427,9 @@ class Runner:
                 await self.executor.feed(node_id, items, item_ids)
         return settle, refs
 
-    def _route(
-        self, doc: Any, delivery: Delivery, entries: list[str]
-    ) -> tuple[str | None, str | tuple[str, ...] | None, Any] | None:
-        """``(message id, entry step(s), item)`` of a decoded message: the entry is ``None`` for a control
-        message (applied here), and ``None`` is returned for a duplicate.
+    def _route(self, doc: Any, delivery: Delivery, entries: list[str]) -> list[Routed]:
+        """``(record id, entry step(s), item)`` of each record a decoded message brings (none for a duplicate):
+        the entry is ``None`` for a control message (applied here).
 
         Raises:
             MessageError: the message cannot go anywhere in this stage (the reason is the dead letter's).
@@ -424,27 +437,77 @@ class Runner:
         if not is_envelope_document(doc):  # plain JSON from a foreign producer
             if len(entries) != 1:
                 raise MalformedMessage("raw message on a stage queue with several entry steps")
-            return None, entries[0], doc
+            return [(None, entries[0], doc)]
+        if is_batch(doc):
+            return self._route_batch(doc, delivery, entries)
         record = read_record(doc, delivery.message_id)
         if record.id in self.applied:
             self.duplicates += 1
-            return None
+            return []
         if record.kind == "control":
             self._control(record.body)
             self.applied.add("control", record.id)
-            return record.id, None, None
+            return [(record.id, None, None)]
         if record.kind != "record":
             raise MalformedMessage(f"malformed message: a stage reads records, not envelopes of kind {record.kind!r}")
+        entry = self._entry(record, entries)
+        if record.src:
+            self.accounting.count(record.src, record.group, record.key)
+        self.applied.add(record.src or "", record.id)
+        item = (record.key, record.body) if record.key is not None else record.body
+        return [(record.id, entry, item)]
+
+    def _entry(self, record: Record, entries: list[str]) -> str | tuple[str, ...]:
         to = record.to or (entries[0] if len(entries) == 1 else "")
         entry = tuple(to) if isinstance(to, list) else to
         targets = entry if isinstance(entry, tuple) else (entry,)
         if not all(t in entries for t in targets):
             raise MalformedMessage(f"record for step {to!r}, which is not an entry of this stage")
-        if record.src:
-            self.accounting.count(record.src, record.group, record.key)
-        self.applied.add(record.src or "", record.id)
-        item = (record.key, record.body) if record.key is not None else record.body
-        return record.id, entry, item
+        return entry
+
+    def _route_batch(self, doc: dict[str, Any], delivery: Delivery, entries: list[str]) -> list[Routed]:
+        """The records of a record batch not applied yet; a malformed record is dead-lettered alone."""
+        src, raw = read_batch(doc)
+        out: list[Routed] = []
+        fresh: list[str] = []
+        applied = self.applied
+        for index, entry in enumerate(raw):
+            try:
+                record = read_entry(entry, src)
+                if record.id in applied or record.id in fresh:
+                    self.duplicates += 1
+                    continue
+                target = self._entry(record, entries)
+            except MessageError as exc:
+                self.raw_dead.append(self._bad_record(delivery, doc, index, entry, str(exc)))
+                continue
+            if src:
+                self.accounting.count(src, record.group, record.key)
+            fresh.append(record.id)
+            out.append((record.id, target, (record.key, record.body) if record.key is not None else record.body))
+        applied.add_many(src or "", fresh)
+        return out
+
+    def _bad_record(
+        self, delivery: Delivery, doc: dict[str, Any], index: int, entry: Any, reason: str
+    ) -> OutgoingMessage:
+        """The dead letter of one record of a batch: the record alone, the reason, where it was."""
+        assert self.intake is not None
+        self.bad_records += 1
+        log.warning("dead-lettering record %d of batch %s from %r: %s", index, doc.get("id"), self.intake.queue, reason)
+        try:
+            body = dumps(entry)
+        except TypeError:
+            body = dumps({"item_repr": repr(entry)[:2000]})
+        headers = dead_letter_headers(
+            {},
+            reason,
+            queue=self.intake.queue,
+            message_id=delivery.message_id,
+            attempts=delivery.attempt,
+            **{"x-batch-id": str(doc.get("id")), "x-batch-index": index, "x-pipeline": self.plan.pipeline},
+        )
+        return OutgoingMessage(body, headers)
 
     def _control(self, body: Any) -> None:
         """Apply a control message.
@@ -530,48 +593,3 @@ class Runner:
         await self._send_eos()
         if self.uses_store and self.store is not None:
             await self.store.clear(self.namespace)
-
-    # -- readers --------------------------------------------------------------------------------------
-
-    async def _read_source(self, node_id: str, source: Source, inbox: asyncio.Queue[tuple[Any, ...]]) -> None:
-        batches = source.open_batches(self.ctx, self.config.batch_size, self.positions.get(node_id))
-        try:
-            while True:
-                if source.idle_timeout is not None and not source.handles_idle:
-                    batch = await asyncio.wait_for(anext(batches), source.idle_timeout)
-                else:
-                    batch = await anext(batches)
-                await inbox.put(("source", node_id, batch))
-        except StopAsyncIteration:
-            pass
-        except TimeoutError:
-            log.info("source %r idle for %s s: ending it", node_id, source.idle_timeout)
-        except Exception as exc:
-            await inbox.put(("error", exc))
-            return
-        finally:
-            with contextlib.suppress(Exception):
-                await batches.aclose()  # type: ignore[attr-defined]
-        await inbox.put(("source-end", node_id))
-
-    async def _read_queue(self, subscription: Subscription, inbox: asyncio.Queue[tuple[Any, ...]]) -> None:
-        size = self.config.batch_size
-        linger = self.config.linger
-        try:
-            while True:
-                batch = [await subscription.__anext__()]
-                deadline = time.monotonic() + linger
-                while len(batch) < size:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        async with asyncio.timeout(left):
-                            batch.append(await subscription.__anext__())
-                    except TimeoutError:
-                        break
-                await inbox.put(("deliveries", batch))
-        except StopAsyncIteration:
-            await inbox.put(("queue-end",))
-        except Exception as exc:
-            await inbox.put(("error", exc))

@@ -1,11 +1,31 @@
 """How records and control messages travel between stages.
 
-A record is a standard taskstream envelope (``kind="record"``); a keyed item ``(key, value)`` travels as
-``key=key, body=value``. Envelope headers route it: ``to`` (the step, or list of steps, receiving it downstream),
-``src`` (``"<stage>/<replica>"`` of the sender) and ``g`` (the record's key group, :mod:`.keygroups`); the last
-two are for end-of-stream accounting.
+Records travel in **record batches**: one broker message carries the records of one input batch bound for one
+stage queue (one replica), as a ``kind="record"`` envelope with the header ``"batch": 1`` whose body is a list
+of records, each a 5-list::
 
-Control envelopes (``kind="control"``):
+    {"ts": 1, "id": "<batch id>", "kind": "record", "created_at": 1767225600.0,
+     "headers": {"src": "sensor/0", "batch": 1},
+     "body": [["<record id>", "<to>", <g>, "<key>" | null, <value>], ...]}
+
+``src`` is ``"<stage>/<replica>"`` of the sender; per record, ``id`` is the record's id (derived from its
+lineage, :mod:`~taskstream.stream_ops.lineage`), ``to`` the step (or list of steps) receiving it downstream,
+``g`` its key group (:mod:`.keygroups`), ``key`` the key of a keyed item ``(key, value)`` (``null`` for an
+unkeyed one) and ``value`` the item. A replica deduplicates **per record id**, not per batch: a batch is made
+from an input batch, and input batches are not made again the same way after a restart (a source read under
+realtime pacing, deliveries gathered within ``linger``), so the same records can come back grouped otherwise.
+The batch id is derived from its sender and its first and last record ids; it names the message (dead letters
+point at it). A record of a batch that is malformed is dead-lettered alone, with the reason; the others are
+applied. Batches stay under the claim-check threshold of the broker (:class:`BatchLimits`); a single record
+over it travels by reference.
+
+(The batch travels as a record envelope, not a kind of its own, so that every reader of envelopes, the
+claim-check's included, takes it as it is.) A single record (``kind="record"`` without ``batch``, a keyed item
+as ``key=key, body=value``, headers ``to``, ``src``, ``g``) is still read, for messages written by earlier
+versions and by hand; stages no longer send it. Record batches travel only between taskstream's own stages: a
+``QueueSink`` publishes one message per record.
+
+Control envelopes (``kind="control"``) are single messages:
 
 ==============================================================  =============================================
 Body                                                            Meaning
@@ -34,11 +54,27 @@ from taskstream.brokers.base import Broker, OutgoingMessage
 from taskstream.errors import MalformedMessage
 from taskstream.messages import CONTENT_TYPE, WIRE_VERSION, dumps, new_id
 from taskstream.stream_ops.keygroups import KEY_GROUPS
+from taskstream.stream_ops.lineage import derive_id
 
-__all__ = ["Record", "Stop", "control_message", "read_record", "record_message", "send_stop"]
+__all__ = [
+    "BatchLimits",
+    "Record",
+    "Stop",
+    "batch_entry",
+    "batch_messages",
+    "control_message",
+    "is_batch",
+    "read_batch",
+    "read_entry",
+    "read_record",
+    "record_message",
+    "send_stop",
+]
 
 RECORD_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record"}
 CONTROL_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "control"}
+BATCH_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record", "ts_batch": 1}
+MAX_BATCH_BYTES = 1024 * 1024  # a batch message stays under this (and under the broker's claim-check threshold)
 
 
 def record_message(
@@ -67,6 +103,92 @@ def record_message(
         doc["key"] = key
         doc["body"] = item[1]
     return OutgoingMessage(dumps(doc), RECORD_HEADERS, message_id=mid, key=key)
+
+
+def batch_entry(item: Any, to: str | list[str], mid: str, group: int) -> bytes:
+    """Encode one item as a record of a batch, ``[id, to, g, key, value]``.
+
+    Raises:
+        TypeError: the item holds a value the wire format does not carry.
+    """
+    if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
+        return dumps([mid, to, group, item[0], item[1]])
+    return dumps([mid, to, group, None, item])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """How large a batch message grows: ``max_bytes`` of encoded records (a record alone may exceed it)."""
+
+    max_bytes: int = MAX_BATCH_BYTES
+
+
+def batch_messages(
+    records: list[tuple[str, bytes]], src: str, now: float, limits: BatchLimits = BatchLimits()
+) -> list[OutgoingMessage]:
+    """Pack encoded records (``(id, bytes)`` from :func:`batch_entry`) into as few batch messages as the limits
+    allow, in order."""
+    out: list[OutgoingMessage] = []
+    start, size = 0, 0
+    for index, (_, data) in enumerate(records):
+        if size and size + len(data) + 1 > limits.max_bytes:
+            out.append(_batch(records[start:index], src, now))
+            start, size = index, 0
+        size += len(data) + 1
+    if start < len(records):
+        out.append(_batch(records[start:], src, now))
+    return out
+
+
+def _batch(records: list[tuple[str, bytes]], src: str, now: float) -> OutgoingMessage:
+    bid = derive_id("batch", src, records[0][0], records[-1][0], len(records))
+    head = dumps(
+        {"ts": WIRE_VERSION, "id": bid, "kind": "record", "created_at": now, "headers": {"src": src, "batch": 1}}
+    )
+    body = b"".join((head[:-1], b',"body":[', b",".join(data for _, data in records), b"]}"))
+    return OutgoingMessage(body, BATCH_HEADERS, message_id=bid)
+
+
+def is_batch(doc: dict[str, Any]) -> bool:
+    """True for a record batch envelope (an envelope document, checked by the caller)."""
+    headers = doc.get("headers")
+    return doc.get("kind") == "record" and type(headers) is dict and headers.get("batch") == 1
+
+
+def read_batch(doc: dict[str, Any]) -> tuple[str | None, list[Any]]:
+    """The sender and the raw records of a batch envelope (check each with :func:`read_entry`).
+
+    Raises:
+        MalformedMessage: the body is not a list, or ``src`` not a string.
+    """
+    headers = doc.get("headers") or {}
+    src = headers.get("src") if isinstance(headers, dict) else None
+    body = doc.get("body")
+    if not isinstance(body, list):
+        raise MalformedMessage("malformed message: a record batch's body must be a list of records")
+    if src is not None and not isinstance(src, str):
+        raise MalformedMessage("malformed message: header 'src' must be a string")
+    return src, body
+
+
+def read_entry(entry: Any, src: str | None) -> Record:
+    """Check one record of a batch (``[id, to, g, key, value]``; a hostile one may hold anything).
+
+    Raises:
+        MalformedMessage: the record is not such a list, or a field has the wrong type, naming it.
+    """
+    if type(entry) is not list or len(entry) != 5:
+        raise MalformedMessage("malformed record in batch: not a list [id, to, g, key, value]")
+    mid, to, group, key, body = entry
+    if not isinstance(mid, str) or not mid:
+        raise MalformedMessage("malformed record in batch: the id must be a non-empty string")
+    if not (isinstance(to, str) or (isinstance(to, list) and to and all(isinstance(t, str) for t in to))):
+        raise MalformedMessage("malformed record in batch: 'to' must be a step name or a list of them")
+    if type(group) is not int or not 0 <= group < KEY_GROUPS:
+        raise MalformedMessage(f"malformed record in batch: 'g' must be a key group (0-{KEY_GROUPS - 1})")
+    if key is not None and not isinstance(key, str):
+        raise MalformedMessage(f"malformed record in batch: the key must be a string, not {type(key).__name__}")
+    return Record(mid, "record", to, src, key, body, group)
 
 
 def control_message(body: dict[str, Any], key: str | None = None) -> OutgoingMessage:
