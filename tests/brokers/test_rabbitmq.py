@@ -31,6 +31,7 @@ from taskstream.errors import (
 )
 from taskstream.messages import CONTENT_TYPE, Envelope, decode
 from taskstream.producer import Producer
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -159,16 +160,6 @@ async def cleanup() -> AsyncIterator[Cleanup]:
                     await channel.close()
 
 
-async def wait_for(predicate: object, timeout: float, what: str) -> None:
-    assert callable(predicate)
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 # -- reconnects --------------------------------------------------------------------------------------------
 
 
@@ -195,13 +186,13 @@ async def test_cut_connection_under_load_loses_nothing(
             await asyncio.sleep(0.02)
 
     publishing = asyncio.create_task(produce())
-    await wait_for(lambda: len(processed) >= total // 5, 60, "first fifth processed")
+    await wait_for(lambda: len(processed) >= total // 5, timeout=60, what="first fifth processed")
     assert not publishing.done(), "the cut must come while messages are still being published"
     proxy.cut()  # mid-flight: publishes waiting for confirms and unacked deliveries both
-    await wait_for(lambda: len(set(processed)) >= total // 2, 90, "half processed after the first cut")
+    await wait_for(lambda: len(set(processed)) >= total // 2, timeout=90, what="half processed after the first cut")
     proxy.cut()
     await publishing  # every publish returned, so the broker confirmed every message
-    await wait_for(lambda: len(set(processed)) == total, 120, f"all {total} processed")
+    await wait_for(lambda: len(set(processed)) == total, timeout=120, what=f"all {total} processed")
     await consumer.stop()
     counts = collections.Counter(processed)
     twice = sum(1 for c in counts.values() if c > 1)
@@ -306,7 +297,7 @@ async def test_plain_client_json_is_consumed_by_a_taskstream_handler(cleanup: Cl
 
     consumer = Consumer(broker, queue, handle)
     await consumer.start()  # declares the queue again: its existing arguments are kept
-    await wait_for(lambda: len(got) == 3, 20, "3 plain messages")
+    await wait_for(lambda: len(got) == 3, timeout=20, what="3 plain messages")
     await consumer.stop()
     assert sorted(m.envelope.body["reading"] for m in got) == [0, 1, 2]
     assert all(m.envelope.kind == "raw" for m in got)
@@ -422,7 +413,7 @@ async def test_dead_letters_carry_the_reason(cleanup: Cleanup) -> None:
     consumer = Consumer(broker, queue, fail, ConsumerConfig(max_attempts=2, retry_delay=0.1))
     await consumer.start()
     await Producer(broker).send(queue, Envelope(body="bad"))
-    await wait_for(lambda: consumer.stats.dead_lettered == 1, 20, "dead letter")
+    await wait_for(lambda: consumer.stats.dead_lettered == 1, timeout=20, what="dead letter")
     await consumer.stop()
     # a broker-side reject (nack without requeue) lands in the same queue through the dead-letter exchange
     await broker.publish(queue, b"rejected", headers={"n": 1, "at": 1795664159.8912, "nested": {"f": [0.1, "a"]}})
