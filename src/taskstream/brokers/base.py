@@ -1,6 +1,7 @@
 """The Broker protocol every backend implements, and ``broker_from_url``.
 
-A backend is small: connect/close, declare, publish, consume, purge, depth. Everything shared (retries,
+A backend is small: connect/close, declare, publish, consume, purge, depth (and queue_stats where the broker
+says more than a depth). Everything shared (retries,
 dead-letter routing with reasons, visibility heartbeats, claim-check, metrics) lives above it in
 :mod:`taskstream.consumer` and :mod:`taskstream.producer`, never in a backend.
 
@@ -14,6 +15,10 @@ Semantics every backend meets (checked by ``tests/brokers/contract``):
   where messages are held until ack.
 * ``publish`` returns once the broker has the message ("published" means "the broker has it").
 * Over ``capabilities.max_message_bytes`` a publish raises :class:`MessageTooLarge`, never a silent drop.
+* ``queue_stats(queue)`` gives a :class:`QueueStats`: the depth (ready and delayed messages; in-flight ones too
+  where ``capabilities.depth_counts_in_flight``), the messages in flight where ``capabilities.reports_in_flight``
+  and the consumers attached where ``capabilities.reports_consumers``; ``None`` for what the broker does not say.
+  The default reads :meth:`Broker.depth` only.
 
 URL schemes (imports are lazy, a missing extra names its ``pip install``):
 
@@ -47,6 +52,7 @@ __all__ = [
     "Capabilities",
     "Delivery",
     "OutgoingMessage",
+    "QueueStats",
     "Subscription",
     "broker_from_url",
     "dead_letter_name",
@@ -80,6 +86,9 @@ class Capabilities:
         max_delay: the longest delay the broker supports, in seconds.
         in_process: the broker lives inside this process (the embedded memory broker): no other process can
             reach it, so task workers run inside the submitting program.
+        reports_in_flight: :meth:`Broker.queue_stats` says how many messages are in flight (received, unsettled).
+        reports_consumers: :meth:`Broker.queue_stats` says how many consumers are attached.
+        depth_counts_in_flight: :meth:`Broker.depth` counts in-flight messages too (Azure's approximate count).
     """
 
     name: str
@@ -93,6 +102,25 @@ class Capabilities:
     max_batch: int = 100
     max_delay: float = 12 * 3600.0
     in_process: bool = False
+    reports_in_flight: bool = False
+    reports_consumers: bool = False
+    depth_counts_in_flight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Figures of one queue as its broker reports them (:meth:`Broker.queue_stats`); ``None``: not said.
+
+    Attributes:
+        depth: messages waiting: ready and delayed ones, and in-flight ones too where the broker's
+            ``capabilities.depth_counts_in_flight`` (the same figure as :meth:`Broker.depth`).
+        in_flight: messages handed to consumers and not yet settled (``capabilities.reports_in_flight``).
+        consumers: consumers attached to the queue (``capabilities.reports_consumers``).
+    """
+
+    depth: int | None
+    in_flight: int | None
+    consumers: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +303,17 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def depth(self, queue: str) -> int:
         """Approximate number of ready (not in-flight) messages in ``queue``."""
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """Depth, in-flight and consumer counts of ``queue``, each ``None`` where this broker does not say them.
+
+        The default is :meth:`depth` alone; a backend whose broker says more overrides it (in one request where
+        it can) and sets ``capabilities.reports_in_flight`` / ``reports_consumers`` to match.
+
+        Raises:
+            QueueNotFound: ``queue`` does not exist.
+        """
+        return QueueStats(await self.depth(queue), None, None)
 
     async def delete_queue(self, queue: str) -> None:
         """Delete ``queue`` and its messages. Optional; used by tests and tools."""

@@ -12,6 +12,7 @@ nack(no requeue)  dropped (the runtime dead-letters it first)
 extend            pushes the message's visibility deadline out
 visibility        an unacked message returns when its deadline passes or its subscription closes
 dead-letter       done by the consumer runtime (``<queue>.dlq``, reason in headers)
+queue_stats       depth (ready + delayed), the in-flight table's size, the open subscriptions on the queue
 size limit        ``max_message_bytes`` (16 MiB by default); over it ``MessageTooLarge``
 topics            ``declare(q, topics=["a.#"])`` + ``publish_topic("a.b", ...)``
 durability        none: messages live in this process
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from taskstream.brokers.base import Broker, Capabilities, Delivery, Subscription, topic_matches
+from taskstream.brokers.base import Broker, Capabilities, Delivery, QueueStats, Subscription, topic_matches
 from taskstream.constants import MEMORY_MAX_MESSAGE_BYTES
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MessageTooLarge, QueueNotFound
 from taskstream.messages import new_id
@@ -74,6 +75,7 @@ class _Queue:
     waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
     topics: list[str] = field(default_factory=list)
     delayed: int = 0
+    consumers: int = 0
 
     def wake(self) -> None:
         while self.waiters:
@@ -160,6 +162,7 @@ class _MemorySubscription(Subscription):
         if self._closed:
             return
         self._closed = True
+        self._queue.consumers -= 1
         for tag in list(self._tags):
             self._broker._settle(self._queue.name, tag, requeue=True, delay=None)
         for waiter in list(self._queue.waiters):
@@ -203,6 +206,8 @@ class MemoryBroker(Broker):
             visibility_timeout=visibility_timeout,
             max_batch=1000,
             in_process=True,
+            reports_in_flight=True,
+            reports_consumers=True,
         )
         self._subscriptions: set[_MemorySubscription] = set()
         self._connected = False
@@ -296,7 +301,9 @@ class MemoryBroker(Broker):
         q.wake()
 
     def consume(self, queue: str, *, prefetch: int = 64) -> Subscription:
-        subscription = _MemorySubscription(self, self._queue(queue), prefetch)
+        q = self._queue(queue)
+        subscription = _MemorySubscription(self, q, prefetch)
+        q.consumers += 1
         self._subscriptions.add(subscription)
         return subscription
 
@@ -339,6 +346,11 @@ class MemoryBroker(Broker):
     async def depth(self, queue: str) -> int:
         q = self._queue(queue)
         return len(q.ready) + q.delayed
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """Ready and delayed messages, the in-flight table's size and the open subscriptions of ``queue``."""
+        q = self._queue(queue)
+        return QueueStats(len(q.ready) + q.delayed, len(q.in_flight), q.consumers)
 
     async def delete_queue(self, queue: str) -> None:
         self._hub.queues.pop(queue, None)

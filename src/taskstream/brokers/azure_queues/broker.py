@@ -29,7 +29,7 @@ from taskstream.brokers.azure_queues.config import (
 )
 from taskstream.brokers.azure_queues.errors import check_delay, map_error, whole_seconds
 from taskstream.brokers.azure_queues.subscription import AzureQueueDelivery, AzureQueueSubscription
-from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, Subscription
+from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, QueueStats, Subscription
 from taskstream.errors import (
     BrokerConnectionError,
     BrokerError,
@@ -114,6 +114,7 @@ class AzureQueueBroker(Broker):
             visibility_timeout=float(self.visibility_timeout),
             max_batch=MAX_PAGE,
             max_delay=float(MAX_VISIBILITY),
+            depth_counts_in_flight=True,
         )
         self._service: QueueServiceClient | None = None
         self._clients: dict[str, QueueClient] = {}
@@ -228,6 +229,13 @@ class AzureQueueBroker(Broker):
         except AzureError as exc:
             raise map_error(exc, f"depth of {queue!r}", queue) from exc
         return int(properties.approximate_message_count or 0)
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """The approximate message count only (in-flight and delayed messages included); the rest is ``None``.
+
+        Azure Storage Queues say neither how many messages are invisible nor how many consumers poll.
+        """
+        return QueueStats(await self.depth(queue), None, None)
 
     async def delete_queue(self, queue: str) -> None:
         try:

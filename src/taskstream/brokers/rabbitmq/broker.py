@@ -20,7 +20,7 @@ import aiormq.exceptions as amqp_errors
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, Subscription
+from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, QueueStats, Subscription
 from taskstream.brokers.rabbitmq.channels import RETRYABLE, map_error, refused_size_limit
 from taskstream.brokers.rabbitmq.codec import DELAY_HEADER, outgoing_properties, requeued_properties
 from taskstream.brokers.rabbitmq.config import RabbitMQConfig, parse_url
@@ -61,6 +61,7 @@ class RabbitMQBroker(Broker):
             visibility_timeout=None,
             max_batch=1000,
             max_delay=MAX_DELAY,
+            reports_consumers=True,
         )
         self._delivery_mode = 2 if self.config.persistent else 1
         self._subscriptions: set[RabbitSubscription] = set()
@@ -117,6 +118,11 @@ class RabbitMQBroker(Broker):
 
     async def depth(self, queue: str) -> int:
         return await self._topology.depth(queue)
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """Ready messages and consumers from a passive declare; unacked ones need the management API: ``None``."""
+        ready, consumers = await self._topology.figures(queue)
+        return QueueStats(ready, None, consumers)
 
     async def delete_queue(self, queue: str) -> None:
         await self._topology.delete(queue)

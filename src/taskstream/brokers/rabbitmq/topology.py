@@ -226,6 +226,13 @@ class Topology:
         )
         return int(result.message_count or 0)
 
+    async def figures(self, queue: str) -> tuple[int, int]:
+        """(ready messages, consumers) of ``queue`` from one passive declare (``QueueNotFound`` if missing)."""
+        result = await self._connection.admin_call(
+            f"cannot read the figures of RabbitMQ queue {queue!r}", lambda ch: ch.queue_declare(queue, passive=True)
+        )
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
     async def delete(self, queue: str) -> None:
         """Delete ``queue`` and forget its declaration."""
         self._declared.pop(queue, None)

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, Subscription
+from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, QueueStats, Subscription
 from taskstream.brokers.sqs.client import AUTH_FAILED, Batcher, Entry, SQSClient, SQSError
 from taskstream.brokers.sqs.codec import QueueInfo, encode_entry
 from taskstream.brokers.sqs.config import (
@@ -69,6 +69,7 @@ class SQSBroker(Broker):
             visibility_timeout=self.options.visibility_timeout,
             max_batch=SQS_MAX_BATCH,
             max_delay=float(SQS_MAX_DELAY),
+            reports_in_flight=True,
         )
         self._client = SQSClient(self.options)
         self._queues: dict[str, QueueInfo] = {}
@@ -313,17 +314,31 @@ class SQSBroker(Broker):
             )
 
     async def depth(self, queue: str) -> int:
+        stats = await self.queue_stats(queue)
+        return stats.depth or 0
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """SQS's approximate counts; it does not say how many consumers poll a queue (``None``).
+
+        Depth is ``ApproximateNumberOfMessages`` + ``ApproximateNumberOfMessagesDelayed``; in flight is
+        ``ApproximateNumberOfMessagesNotVisible`` (received, not yet deleted or returned).
+        """
         info = await self._lookup(queue)
         response = await self._call(
             "get_queue_attributes",
-            f"read the depth of {queue!r}",
+            f"read the figures of {queue!r}",
             QueueUrl=info.url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesDelayed",
+                "ApproximateNumberOfMessagesNotVisible",
+            ],
         )
         attributes = response.get("Attributes", {})
-        return int(attributes.get("ApproximateNumberOfMessages", 0)) + int(
+        depth = int(attributes.get("ApproximateNumberOfMessages", 0)) + int(
             attributes.get("ApproximateNumberOfMessagesDelayed", 0)
         )
+        return QueueStats(depth, int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0)), None)
 
     # -- publishing -----------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from taskstream.brokers.base import Broker, Capabilities, Delivery, OutgoingMessage, Subscription
+from taskstream.brokers.base import Broker, Capabilities, Delivery, OutgoingMessage, QueueStats, Subscription
 from taskstream.brokers.zeromq.config import ZeroMQConfig, check_endpoint, config_from_url, endpoint_from_url
 from taskstream.brokers.zeromq.protocol import DRAIN, new_routing_id, recv_nowait, send_nowait
 from taskstream.errors import (
@@ -179,6 +179,8 @@ class ZeroMQBroker(Broker):
             native_delay=True,
             visibility_timeout=None,
             max_batch=1000,
+            reports_in_flight=True,
+            reports_consumers=True,
         )
         self._sock: zmq.asyncio.Socket | None = None
         self._closing = False
@@ -585,6 +587,13 @@ class ZeroMQBroker(Broker):
         self._check_open()
         stats: dict[str, Any] = await self._wait(self._request({"t": "stats"}), "stats")
         return stats
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """Ready + delayed, unacked and consumers of ``queue``, from the device's ``stats``."""
+        figures = (await self.device_stats())["queues"].get(queue)
+        if figures is None:
+            raise QueueNotFound(f"zmq device has no queue {queue!r} (declare it first)")
+        return QueueStats(figures["ready"] + figures["delayed"], figures["unacked"], figures["consumers"])
 
     def __repr__(self) -> str:
         state = "connected" if self._sock is not None else "closed"
