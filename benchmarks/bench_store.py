@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from common import Row, print_rows  # noqa: E402
 
-from taskstream.tasks.stores.base import ResultStore, TaskInfo, store_from_url  # noqa: E402
+from taskstream.tasks.stores.base import ResultStore, TaskInfo, result_store_from_url  # noqa: E402
 from taskstream.tasks.stores.sqlite import SQLiteResultStore  # noqa: E402
 
 RECORDS = int(os.environ.get("BENCH_STORE_RECORDS", "1000000"))
@@ -150,7 +150,7 @@ async def measure_sqlite(repeats: int) -> Row:
         counter = iter(range(10**9))
 
         def make_empty() -> ResultStore:
-            return store_from_url(f"sqlite:///{Path(tmp) / f'empty-{next(counter)}.sqlite3'}")
+            return result_store_from_url(f"sqlite:///{Path(tmp) / f'empty-{next(counter)}.sqlite3'}")
 
         size = path.stat().st_size
         row = await _rounds("SQLite", make_empty, full, repeats)
@@ -178,7 +178,10 @@ async def measure_redis(repeats: int) -> Row | None:
     empty_url = REDIS_URL.rsplit("/", 1)[0] + "/13"
     try:
         return await _rounds(
-            "Redis", lambda: store_from_url(empty_url, ttl=600.0), store_from_url(REDIS_URL, ttl=600.0), repeats
+            "Redis",
+            lambda: result_store_from_url(empty_url, ttl=600.0),
+            result_store_from_url(REDIS_URL, ttl=600.0),
+            repeats,
         )
     finally:
         client = redis.Redis.from_url(REDIS_URL)

@@ -128,11 +128,11 @@ def test_result_and_state_stores_refuse_unknown_options(
     build: str, url: str, named: str, suggested: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from taskstream.stream_ops.state import state_store_from_url
-    from taskstream.tasks.stores.base import store_from_url
+    from taskstream.tasks.stores.base import result_store_from_url
 
     monkeypatch.chdir(tmp_path)  # relative SQLite files, if one were made, land here
     with pytest.raises(ConfigurationError) as info:
-        store_from_url(url) if build == "result" else state_store_from_url(url)
+        result_store_from_url(url) if build == "result" else state_store_from_url(url)
     message = str(info.value)
     assert named in message and f"in {redact_url(url)!r}" in message and "hunter2" not in message
     if suggested is not None:

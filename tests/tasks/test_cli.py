@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from taskstream.tasks.stores.base import store_from_url
+from taskstream.tasks.stores.base import result_store_from_url
 from tests.brokers.contract.backends.rabbitmq import URL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def worker(cli_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
 
 def wait_status(task_id: str, env: dict[str, str], wanted: str, timeout: float = 60) -> dict[str, object]:
     """Poll the shared result store, then check ``taskstream status --json`` (another process) agrees."""
-    store = store_from_url(env["TASKSTREAM_RESULT_STORE_URL"])
+    store = result_store_from_url(env["TASKSTREAM_RESULT_STORE_URL"])
     deadline = time.monotonic() + timeout
     while (info := store.get(task_id)) is None or info.status != wanted:
         if time.monotonic() > deadline:

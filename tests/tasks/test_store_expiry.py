@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from taskstream.errors import ConfigurationError
-from taskstream.tasks.stores.base import TaskInfo, store_from_url
+from taskstream.tasks.stores.base import TaskInfo, result_store_from_url
 from taskstream.tasks.stores.memory import SWEEP_BATCH, MemoryResultStore
 from taskstream.tasks.stores.sqlite import SQLiteResultStore
 from taskstream.tasks.stores.sqlite_upkeep import _PURGE, PURGE_BATCH, PURGE_ROUNDS
@@ -141,8 +141,8 @@ def test_every_query_of_the_sqlite_store_searches_an_index(tmp_path: Path) -> No
 
 
 async def test_sqlite_file_settings_and_the_synchronous_option(tmp_path: Path) -> None:
-    normal = store_from_url(f"sqlite:///{tmp_path / 'n.sqlite3'}")
-    full = store_from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}?synchronous=FULL")
+    normal = result_store_from_url(f"sqlite:///{tmp_path / 'n.sqlite3'}")
+    full = result_store_from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}?synchronous=FULL")
     assert isinstance(normal, SQLiteResultStore) and isinstance(full, SQLiteResultStore)
     try:
         assert normal._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -154,9 +154,9 @@ async def test_sqlite_file_settings_and_the_synchronous_option(tmp_path: Path) -
         await normal.close()
         await full.close()
     with pytest.raises(ConfigurationError, match="unknown SQLite result store URL parameter 'fsync'"):
-        store_from_url(f"sqlite:///{tmp_path / 'x.sqlite3'}?fsync=1")
+        result_store_from_url(f"sqlite:///{tmp_path / 'x.sqlite3'}?fsync=1")
     with pytest.raises(ConfigurationError, match="synchronous='off' is not one of normal, full"):
-        store_from_url(f"sqlite:///{tmp_path / 'x.sqlite3'}?synchronous=off")
+        result_store_from_url(f"sqlite:///{tmp_path / 'x.sqlite3'}?synchronous=off")
 
 
 async def test_an_older_sqlite_file_gets_auto_vacuum_at_open(tmp_path: Path) -> None:
@@ -177,8 +177,8 @@ async def test_an_older_sqlite_file_gets_auto_vacuum_at_open(tmp_path: Path) -> 
 _CRASH = textwrap.dedent(
     """
     import asyncio, os, signal, sys
-    from taskstream.tasks.stores.base import TaskInfo, store_from_url
-    store = store_from_url(sys.argv[1])
+    from taskstream.tasks.stores.base import TaskInfo, result_store_from_url
+    store = result_store_from_url(sys.argv[1])
     info = TaskInfo(sys.argv[2], name="f", status="success", result=42, attempts=1)
     asyncio.run(store.finish(info))
     print("recorded", flush=True)  # the worker would publish the reply now, and then it dies
@@ -193,7 +193,7 @@ def test_a_recorded_result_survives_the_worker_process_being_killed(tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", _CRASH, url, task_id], capture_output=True, text=True, env=env)
     assert out.returncode == -9 and out.stdout.strip() == "recorded", out.stderr
-    store = store_from_url(url)
+    store = result_store_from_url(url)
     info = store.get(task_id)
     assert info is not None and info.status == "success" and info.result == 42
     asyncio.run(store.close())
@@ -222,7 +222,7 @@ async def test_every_redis_record_carries_its_ttl_and_goes_by_itself() -> None:
 
     from taskstream.tasks.stores.redis import _PREFIX
 
-    store = store_from_url(REDIS_URL, ttl=0.5)
+    store = result_store_from_url(REDIS_URL, ttl=0.5)
     pending, claimed, finished, cancelled, refused = (_id() for _ in range(5))
     await store.add_pending([TaskInfo(pending, name="f")])
     assert await store.claim(claimed, name="f", queue="q", worker="w", started_at=1.0) is None

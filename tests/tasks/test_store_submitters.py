@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from taskstream.tasks.stores.base import ResultStore, TaskInfo, store_from_url
+from taskstream.tasks.stores.base import ResultStore, TaskInfo, result_store_from_url
 from taskstream.tasks.stores.memory import MemoryResultStore
 from taskstream.tasks.stores.sqlite import SQLiteResultStore
 
@@ -26,9 +26,9 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         if request.param == "memory":
             store: ResultStore = MemoryResultStore()
         elif request.param == "sqlite":
-            store = store_from_url(f"sqlite:///{tmp_path / 'r.sqlite3'}")
+            store = result_store_from_url(f"sqlite:///{tmp_path / 'r.sqlite3'}")
         else:
-            store = store_from_url(REDIS_URL)
+            store = result_store_from_url(REDIS_URL)
         made.append(store)
         return store
 

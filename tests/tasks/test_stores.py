@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from taskstream.errors import ConfigurationError
-from taskstream.tasks.stores.base import ResultStore, TaskInfo, store_from_url
+from taskstream.tasks.stores.base import ResultStore, TaskInfo, result_store_from_url
 from taskstream.tasks.stores.memory import MemoryResultStore
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -27,9 +27,9 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         if request.param == "memory":
             store: ResultStore = MemoryResultStore(ttl=ttl)
         elif request.param == "sqlite":
-            store = store_from_url(f"sqlite:///{tmp_path / 'r.sqlite3'}", ttl=ttl)
+            store = result_store_from_url(f"sqlite:///{tmp_path / 'r.sqlite3'}", ttl=ttl)
         else:
-            store = store_from_url(REDIS_URL, ttl=ttl)
+            store = result_store_from_url(REDIS_URL, ttl=ttl)
         made.append(store)
         return store
 
@@ -125,12 +125,12 @@ async def test_many_concurrent_writes_batch_correctly(make_store: type) -> None:
 def test_sqlite_store_is_shared_by_processes(tmp_path: Path) -> None:
     """Another process (another client) sees records and its cancel is seen here."""
     url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
-    store = store_from_url(url)
+    store = result_store_from_url(url)
     mine, theirs = _id(), _id()
     asyncio.run(store.add_pending([TaskInfo(mine, name="mine"), TaskInfo(theirs, name="theirs")]))
     script = (
-        "import sys; from taskstream.tasks.stores.base import store_from_url\n"
-        "s = store_from_url(sys.argv[1]); print(s.get(sys.argv[2]).name, s.try_cancel(sys.argv[3]))"
+        "import sys; from taskstream.tasks.stores.base import result_store_from_url\n"
+        "s = result_store_from_url(sys.argv[1]); print(s.get(sys.argv[2]).name, s.try_cancel(sys.argv[3]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, url, mine, theirs], capture_output=True, text=True, check=True, timeout=60
@@ -142,18 +142,18 @@ def test_sqlite_store_is_shared_by_processes(tmp_path: Path) -> None:
 
 def test_store_urls_are_checked() -> None:
     with pytest.raises(ConfigurationError, match="known: memory, sqlite, redis"):
-        store_from_url("mongodb://x")
+        result_store_from_url("mongodb://x")
     with pytest.raises(ConfigurationError, match="names no file"):
-        store_from_url("sqlite:///")
+        result_store_from_url("sqlite:///")
     with pytest.raises(ConfigurationError, match="positive"):
-        store_from_url("memory://", ttl=0)
-    assert "secret" not in repr(store_from_url("redis://:secret@127.0.0.1:6379/0"))
+        result_store_from_url("memory://", ttl=0)
+    assert "secret" not in repr(result_store_from_url("redis://:secret@127.0.0.1:6379/0"))
 
 
 def test_memory_stores_are_shared_by_name() -> None:
-    a = store_from_url("memory://hub-a")
-    assert store_from_url("memory://hub-a") is a
-    assert store_from_url("memory://") is not store_from_url("memory://")
+    a = result_store_from_url("memory://hub-a")
+    assert result_store_from_url("memory://hub-a") is a
+    assert result_store_from_url("memory://") is not result_store_from_url("memory://")
     assert time.time() > 0 and a.get("x") is None
 
 

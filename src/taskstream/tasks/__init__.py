@@ -20,7 +20,7 @@ Pieces, one module each: :mod:`.registry` (``@app.task``, ``Task.submit``/``map`
 from taskstream.tasks.errors import DependencyFailed, TaskNotFound, TaskRefused, TaskTimeout, WorkerLost
 from taskstream.tasks.future import AsCompleted, GatheredFuture, TaskFuture, as_completed, gather
 from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, Task, TaskOptions
-from taskstream.tasks.stores.base import ResultStore, TaskInfo, store_from_url
+from taskstream.tasks.stores.base import ResultStore, TaskInfo, result_store_from_url
 from taskstream.tasks.worker import WorkerConfig
 
 __all__ = [
@@ -40,5 +40,5 @@ __all__ = [
     "WorkerLost",
     "as_completed",
     "gather",
-    "store_from_url",
+    "result_store_from_url",
 ]

@@ -223,7 +223,7 @@ def status(
 ) -> None:
     """Print a task's status, timestamps and result (or error) from the result store."""
     from taskstream.tasks.errors import TaskNotFound
-    from taskstream.tasks.stores.base import default_sqlite_path, store_from_url
+    from taskstream.tasks.stores.base import default_sqlite_path, result_store_from_url
 
     settings = Settings()
     url = result_store or (
@@ -232,7 +232,7 @@ def status(
         else f"sqlite:///{default_sqlite_path()}"
     )
     with setting("--result-store" if result_store else env_name("result_store_url")):
-        store = store_from_url(url, ttl=settings.result_ttl)
+        store = result_store_from_url(url, ttl=settings.result_ttl)
     info = store.get(task_id)
     if info is None:
         raise TaskNotFound(f"no task {task_id!r} in {store!r} (never submitted there, or expired)")

@@ -35,7 +35,7 @@ from taskstream.tasks.errors import TaskNotFound
 from taskstream.tasks.future import TaskFuture
 from taskstream.tasks.loop import LoopThread
 from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, Task, TaskOptions, function_ref
-from taskstream.tasks.stores.base import ResultStore, TaskInfo, default_sqlite_path, store_from_url
+from taskstream.tasks.stores.base import ResultStore, TaskInfo, default_sqlite_path, result_store_from_url
 from taskstream.tasks.stores.memory import MemoryResultStore
 from taskstream.tasks.worker import TaskWorker, WorkerConfig
 
@@ -100,7 +100,7 @@ class TaskRuntime:
 
     @property
     def store(self) -> ResultStore:
-        """The result store, built on first use (see :func:`store_from_url`)."""
+        """The result store, built on first use (see :func:`result_store_from_url`)."""
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
@@ -128,7 +128,7 @@ class TaskRuntime:
             else:
                 url = f"sqlite:///{default_sqlite_path()}"
         with setting(name):
-            return store_from_url(url, ttl=ttl)
+            return result_store_from_url(url, ttl=ttl)
 
     def open_store(self) -> None:
         """Open the result store now if it was configured or this App runs tasks, so a bad URL fails the start.

@@ -30,7 +30,7 @@ from taskstream.observe.console.sampler import Sampler
 from taskstream.observe.console.state import STATE, ConsoleState, template_environment
 from taskstream.observe.console.views import routes
 from taskstream.settings import env_name, redact_url
-from taskstream.tasks.stores.base import ResultStore, store_from_url
+from taskstream.tasks.stores.base import ResultStore, result_store_from_url
 
 __all__ = ["build_console", "run_console"]
 
@@ -62,7 +62,7 @@ def _open_store(config: ConsoleConfig) -> tuple[ResultStore | None, str | None]:
             "to look tasks up by id."
         )
     with setting("--result-store"):
-        return store_from_url(config.result_store_url), None
+        return result_store_from_url(config.result_store_url), None
 
 
 def _allowed_host(config: ConsoleConfig, request: web.Request) -> bool:

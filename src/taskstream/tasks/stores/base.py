@@ -39,18 +39,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from taskstream.errors import ConfigurationError
+from taskstream.schemes import Backend, load_backend
 from taskstream.settings import redact_url
-from taskstream.urloptions import Option, URLOptions
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
     "FINAL_STATES",
-    "SQLITE_OPTIONS",
     "ResultStore",
     "Status",
     "TaskInfo",
     "default_sqlite_path",
-    "store_from_url",
+    "result_store_from_url",
 ]
 
 Status = Literal["pending", "running", "success", "failed", "cancelled"]
@@ -195,6 +194,15 @@ class ResultStore(abc.ABC):
     def try_cancel(self, task_id: str) -> bool:
         """Mark a pending (or unknown) task ``cancelled``; ``False`` if it is running or finished."""
 
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str, *, ttl: float = 86400.0) -> ResultStore:
+        """Build the store from its URL (:func:`result_store_from_url` picks the class by scheme).
+
+        Raises:
+            ConfigurationError: an unknown option or a URL this store cannot use.
+        """
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Idempotent."""
 
@@ -202,49 +210,29 @@ class ResultStore(abc.ABC):
         return f"<{type(self).__name__} {redact_url(self.url)!r}>"
 
 
-MEMORY_OPTIONS = URLOptions("memory result store", [])
-SQLITE_OPTIONS = URLOptions(
-    "SQLite result store",
-    [Option("synchronous", "str", "normal", "normal: survives a crash of the process; full: also a power loss")],
-)
+_REDIS = Backend("taskstream.tasks.stores.redis:RedisResultStore", "Redis result store", "redis", "redis", "redis")
+#: URL scheme -> the store class (imported on first use) and the extra its client library comes with.
+_STORES: dict[str, Backend] = {
+    "memory": Backend("taskstream.tasks.stores.memory:MemoryResultStore", "memory result store"),
+    "sqlite": Backend("taskstream.tasks.stores.sqlite:SQLiteResultStore", "SQLite result store"),
+    "redis": _REDIS,
+    "rediss": _REDIS,
+}
 
 
-def store_from_url(url: str, *, ttl: float = 86400.0) -> ResultStore:
-    """Build the store for ``url`` (see the module table).
+def result_store_from_url(url: str, *, ttl: float = 86400.0) -> ResultStore:
+    """Build the store for ``url`` (see the module table); the scheme picks the class, its ``from_url`` the rest.
+
+    Example:
+        >>> result_store_from_url("memory://").get("no-such-task") is None
+        True
 
     Raises:
-        ConfigurationError: unknown scheme or unusable URL.
-        MissingExtraError: ``redis://`` without the ``redis`` package.
+        ConfigurationError: ``ttl`` not positive, unknown scheme (with a "did you mean") or option, or an unusable
+            URL; the message shows the URL without secrets.
+        MissingExtraError: ``redis://`` without the ``redis`` package; the message names the ``pip install``.
     """
     if ttl <= 0:
         raise ConfigurationError(f"result_ttl must be positive, got {ttl}")
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "memory":
-        from taskstream.tasks.stores.memory import MemoryResultStore
-
-        name, _, query = url.split("://", 1)[1].partition("?")
-        MEMORY_OPTIONS.parse(query, url=url)  # it takes none: refuse any by name
-        return MemoryResultStore.shared(name, ttl=ttl)
-    if scheme == "sqlite":
-        from taskstream.tasks.stores.sqlite import SQLiteResultStore
-
-        path, _, query = url.split("://", 1)[1].partition("?")
-        if not path.startswith("/"):
-            raise ConfigurationError(f"bad SQLite store URL {url!r}: use sqlite:///relative.db or sqlite:////abs.db")
-        path = path[1:]
-        if not path:
-            raise ConfigurationError(f"SQLite store URL {url!r} names no file")
-        return SQLiteResultStore(path, ttl=ttl, **SQLITE_OPTIONS.parse(query, url=url))
-    if scheme in ("redis", "rediss"):
-        try:
-            import redis  # noqa: F401
-        except ImportError as exc:
-            from taskstream.errors import MissingExtraError
-
-            raise MissingExtraError("redis result store", "redis", "redis") from exc
-        from taskstream.tasks.stores.redis import RedisResultStore
-
-        return RedisResultStore(url, ttl=ttl)
-    raise ConfigurationError(
-        f"unknown result store URL scheme {scheme!r} in {redact_url(url)!r} (known: memory, sqlite, redis)"
-    )
+    cls: type[ResultStore] = load_backend(_STORES, url, what="result store", base=ResultStore)
+    return cls.from_url(url, ttl=ttl)

@@ -14,8 +14,10 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import ClassVar
 
 from taskstream.tasks.stores.base import FINAL_STATES, ResultStore, TaskInfo
+from taskstream.urloptions import URLOptions
 
 __all__ = ["SWEEP_BATCH", "MemoryResultStore"]
 
@@ -38,6 +40,20 @@ class MemoryResultStore(ResultStore):
         self.url = f"memory://{name}"
         self._records: OrderedDict[str, TaskInfo] = OrderedDict()  # oldest last write first
         self._lock = threading.Lock()
+
+    #: it reads no URL options: any given is refused by name
+    OPTIONS: ClassVar[URLOptions] = URLOptions("memory result store", [])
+
+    @classmethod
+    def from_url(cls, url: str, *, ttl: float = 86400.0) -> MemoryResultStore:
+        """The store ``memory://NAME`` names, shared by name (``memory://``: a fresh private one).
+
+        Raises:
+            ConfigurationError: the URL has a query option (this store reads none).
+        """
+        name, _, query = url.split("://", 1)[-1].partition("?")
+        cls.OPTIONS.parse(query, url=url)
+        return cls.shared(name, ttl=ttl)
 
     @classmethod
     def shared(cls, name: str, *, ttl: float = 86400.0) -> MemoryResultStore:

@@ -130,6 +130,16 @@ class RedisResultStore(ResultStore):
         ttl: seconds a record is kept after its last write.
     """
 
+    @classmethod
+    def from_url(cls, url: str, *, ttl: float = 86400.0) -> RedisResultStore:
+        """The store of ``url``; it keeps the options the installed redis-py reads and refuses others.
+
+        Raises:
+            ConfigurationError: an option redis-py does not read (with a "did you mean").
+            ResultStoreError: a URL redis-py cannot use.
+        """
+        return cls(url, ttl=ttl)
+
     def __init__(self, url: str, *, ttl: float = 86400.0) -> None:
         check_redis_url(url, "Redis result store")
         self.url = url

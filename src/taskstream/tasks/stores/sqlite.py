@@ -38,13 +38,14 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from taskstream.errors import ConfigurationError
 from taskstream.messages import dumps, loads
 from taskstream.tasks.errors import ResultStoreError
 from taskstream.tasks.stores.base import ResultStore, TaskInfo
 from taskstream.tasks.stores.sqlite_upkeep import Upkeep, UpkeepReport
+from taskstream.urloptions import Option, URLOptions
 
 __all__ = ["SYNCHRONOUS_LEVELS", "SQLiteResultStore"]
 
@@ -249,6 +250,28 @@ class SQLiteResultStore(ResultStore):
         ConfigurationError: ``synchronous`` is not one of :data:`SYNCHRONOUS_LEVELS`.
         ResultStoreError: the file cannot be opened or created.
     """
+
+    #: the URL options :meth:`from_url` reads; any other is refused by name
+    OPTIONS: ClassVar[URLOptions] = URLOptions(
+        "SQLite result store",
+        [Option("synchronous", "str", "normal", "normal: survives a crash of the process; full: also a power loss")],
+    )
+
+    @classmethod
+    def from_url(cls, url: str, *, ttl: float = 86400.0) -> SQLiteResultStore:
+        """The store of ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` (``?synchronous=full``).
+
+        Raises:
+            ConfigurationError: the URL names no file, or has an unknown option.
+            ResultStoreError: the file cannot be opened or created.
+        """
+        path, _, query = url.split("://", 1)[-1].partition("?")
+        if not path.startswith("/"):
+            raise ConfigurationError(f"bad SQLite store URL {url!r}: use sqlite:///relative.db or sqlite:////abs.db")
+        path = path[1:]
+        if not path:
+            raise ConfigurationError(f"SQLite store URL {url!r} names no file")
+        return cls(path, ttl=ttl, **cls.OPTIONS.parse(query, url=url))
 
     def __init__(self, path: str | Path, *, ttl: float = 86400.0, synchronous: str = "normal") -> None:
         synchronous = synchronous.lower()
