@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from taskstream import App
+from taskstream.brokers.base import Broker, QueueStats
 from taskstream.brokers.memory import MemoryBroker
 from taskstream.errors import ConfigurationError
 from taskstream.observe import app_queues, inspect_queues, queue_info
@@ -56,9 +57,36 @@ async def test_figures_follow_the_queue() -> None:
         for n in range(3):
             await broker.publish("orders", b"{}", message_id=f"m{n}")
         info = await queue_info(broker, "orders")
-        assert (info.depth, info.dead_letter, info.dead_letter_depth, info.in_flight) == (3, "orders.dlq", None, None)
+        assert (info.depth, info.dead_letter, info.dead_letter_depth) == (3, "orders.dlq", None)
+        assert (info.in_flight, info.consumers, info.error) == (0, 0, None)
         await broker.declare("orders.dlq")
         await broker.publish("orders.dlq", b"{}")
-        [info] = await inspect_queues(broker, {"orders": None})
-        assert (info.depth, info.dead_letter_depth, info.error) == (3, 1, None)
-        assert info.as_dict()["dead_letter"] == "orders.dlq"
+        async with broker.consume("orders", prefetch=2) as sub:
+            held = [await sub.__anext__(), await sub.__anext__()]
+            [info] = await inspect_queues(broker, {"orders": None})
+            assert (info.depth, info.in_flight, info.consumers) == (1, 2, 1)
+            assert (info.dead_letter_depth, info.error) == (1, None)
+            assert info.as_dict()["dead_letter"] == "orders.dlq"
+            await held[0].ack()
+        info = await queue_info(broker, "orders")  # closing gave the unsettled one back
+        assert (info.depth, info.in_flight, info.consumers) == (2, 0, 0)
+
+
+@pytest.mark.memory
+async def test_a_missing_queue_is_reported_not_raised() -> None:
+    async with MemoryBroker() as broker:
+        info = await queue_info(broker, "nowhere")
+        assert (info.depth, info.in_flight, info.consumers, info.dead_letter_depth) == (None, None, None, None)
+        assert info.error == "nowhere does not exist"
+
+
+@pytest.mark.memory
+async def test_the_default_queue_stats_is_the_depth_alone() -> None:
+    async with MemoryBroker() as broker:
+        await broker.declare("orders")
+        await broker.publish("orders", b"{}")
+        async with broker.consume("orders") as sub:
+            await sub.__anext__()
+            await broker.publish("orders", b"{}")
+            assert await Broker.queue_stats(broker, "orders") == QueueStats(1, None, None)
+            assert await broker.queue_stats("orders") == QueueStats(1, 1, 1)

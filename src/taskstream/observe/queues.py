@@ -1,12 +1,18 @@
 """Queue figures on any broker: depth, dead letters, in flight and consumers (behind ``taskstream queues``).
 
-``depth`` and the dead-letter depth come from :meth:`Broker.depth` on every backend. In flight and consumers
-are shown only where the broker says them: the ZeroMQ device reports unacked messages and consumers per queue
-(``device_stats``), and any backend that grows an ``async queue_stats(queue) -> Mapping`` with ``in_flight``
-and ``consumers`` is read the same way; elsewhere they are ``None`` (shown as ``-``).
+Every figure comes from :meth:`Broker.queue_stats` (one request per queue where the broker allows it). In
+flight and consumers are shown only where the broker says them (``capabilities.reports_in_flight`` /
+``reports_consumers``); elsewhere they are ``None`` (shown as ``-``):
 
-What a broker counts as depth differs: RabbitMQ, SQS, memory and ZeroMQ count ready (and delayed) messages;
-Azure's ``approximate_message_count`` includes invisible (in-flight) ones.
+========  ===============================  ==============================  =====================
+Broker    depth                            in flight                       consumers
+========  ===============================  ==============================  =====================
+memory    ready + delayed                  its in-flight table             open subscriptions
+RabbitMQ  ready (a passive declare)        ``None`` (management API only)  the passive declare's
+SQS       approximate: visible + delayed   approximate: not visible        ``None``
+Azure     approximate, in flight included  ``None``                        ``None``
+ZeroMQ    ready + delayed (the device)     unacked (the device)            the device's
+========  ===============================  ==============================  =====================
 
 Example:
     >>> async def example(broker, app):
@@ -20,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from taskstream.brokers.base import Broker
+from taskstream.brokers.base import Broker, QueueStats
 from taskstream.errors import BrokerError, ConfigurationError, QueueNotFound
 
 __all__ = ["QueueInfo", "app_queues", "inspect_queues", "queue_info"]
@@ -53,34 +59,16 @@ class QueueInfo:
         return asdict(self)
 
 
-async def _depth(broker: Broker, queue: str, *, missing_ok: bool = False) -> tuple[int | None, str | None]:
+_UNKNOWN = QueueStats(None, None, None)
+
+
+async def _stats(broker: Broker, queue: str, *, missing_ok: bool = False) -> tuple[QueueStats, str | None]:
     try:
-        return await broker.depth(queue), None
+        return await broker.queue_stats(queue), None
     except QueueNotFound:
-        return None, None if missing_ok else f"{queue} does not exist"
+        return _UNKNOWN, None if missing_ok else f"{queue} does not exist"
     except BrokerError as exc:
-        return None, f"{queue}: {exc}"
-
-
-async def _live_figures(broker: Broker, queue: str) -> tuple[int | None, int | None]:
-    """(in flight, consumers) where the broker reports them."""
-    queue_stats = getattr(broker, "queue_stats", None)
-    if callable(queue_stats):
-        stats = await queue_stats(queue)
-        if isinstance(stats, Mapping):
-            return _int_or_none(stats.get("in_flight")), _int_or_none(stats.get("consumers"))
-    device_stats = getattr(broker, "device_stats", None)
-    if callable(device_stats):
-        snapshot = await device_stats()
-        queues = snapshot.get("queues", {}) if isinstance(snapshot, Mapping) else {}
-        figures = queues.get(queue)
-        if isinstance(figures, Mapping):
-            return _int_or_none(figures.get("unacked")), _int_or_none(figures.get("consumers"))
-    return None, None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return _UNKNOWN, f"{queue}: {exc}"
 
 
 async def queue_info(broker: Broker, queue: str, *, dead_letter: str | None = None) -> QueueInfo:
@@ -91,15 +79,9 @@ async def queue_info(broker: Broker, queue: str, *, dead_letter: str | None = No
     dlq = dead_letter or broker.dead_letter_name(queue)
     # A missing dead-letter queue is no error: nothing was dead-lettered yet (its depth shows as unknown).
     # One after the other: a refused passive declare closes RabbitMQ's admin channel under a parallel call.
-    depth, error = await _depth(broker, queue)
-    dlq_depth, dlq_error = await _depth(broker, dlq, missing_ok=True)
-    in_flight = consumers = None
-    if error is None:
-        try:
-            in_flight, consumers = await _live_figures(broker, queue)
-        except BrokerError as exc:
-            error = f"{queue}: in flight unknown: {exc}"
-    return QueueInfo(queue, depth, dlq, dlq_depth, in_flight, consumers, error or dlq_error)
+    stats, error = await _stats(broker, queue)
+    dlq_stats, dlq_error = await _stats(broker, dlq, missing_ok=True)
+    return QueueInfo(queue, stats.depth, dlq, dlq_stats.depth, stats.in_flight, stats.consumers, error or dlq_error)
 
 
 async def inspect_queues(broker: Broker, queues: Mapping[str, str | None] | Iterable[str]) -> list[QueueInfo]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import uuid
 
 import pytest
 
-from taskstream.brokers.base import OutgoingMessage
+from taskstream.brokers.base import Broker, OutgoingMessage, QueueStats
 from taskstream.consumer import Consumer, ConsumerConfig, Message
-from taskstream.errors import MessageTooLarge
+from taskstream.errors import MessageTooLarge, QueueNotFound
 from taskstream.messages import Envelope
 from taskstream.payloads import ClaimCheck
 from taskstream.producer import Producer
@@ -147,6 +148,38 @@ async def test_publish_batch_and_depth_and_purge(ctx: Ctx) -> None:
             break
         await asyncio.sleep(0.5)
     assert depth == 0
+
+
+async def settled_stats(broker: Broker, queue: str, expected: QueueStats) -> QueueStats:
+    """``queue_stats`` once it equals ``expected`` (approximate counts settle), or the last one after 30 s."""
+    stats = await broker.queue_stats(queue)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(30):
+            while stats != expected:
+                await asyncio.sleep(0.2)
+                stats = await broker.queue_stats(queue)
+    return stats
+
+
+async def test_queue_stats_count_ready_in_flight_and_consumers_as_the_capabilities_say(ctx: Ctx) -> None:
+    broker = await ctx.broker()
+    caps = broker.capabilities
+    queue = await ctx.queue(broker)
+    await broker.publish_batch(queue, [OutgoingMessage(str(i).encode()) for i in range(3)])
+    holding = QueueStats(
+        depth=3 if caps.depth_counts_in_flight else 2,
+        in_flight=1 if caps.reports_in_flight else None,
+        consumers=1 if caps.reports_consumers else None,
+    )
+    async with broker.consume(queue, prefetch=1) as sub:
+        [held] = await receive(sub, 1)
+        assert await settled_stats(broker, queue, holding) == holding
+        await held.ack()
+    after = QueueStats(2, 0 if caps.reports_in_flight else None, 0 if caps.reports_consumers else None)
+    assert await settled_stats(broker, queue, after) == after
+    assert await broker.depth(queue) == 2
+    with pytest.raises(QueueNotFound):
+        await broker.queue_stats(ctx.spec.queue_name(f"ct-missing-{uuid.uuid4().hex[:10]}"))
 
 
 async def test_message_over_size_limit_raises_a_clear_error(ctx: Ctx) -> None:
