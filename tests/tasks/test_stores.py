@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from taskstream.errors import ConfigurationError
+import taskstream.tasks.stores.base as stores_base
+from taskstream.errors import ConfigurationError, MissingExtraError
+from taskstream.schemes import Backend
 from taskstream.tasks.stores.base import ResultStore, TaskInfo, result_store_from_url
 from taskstream.tasks.stores.memory import MemoryResultStore
 
@@ -148,6 +152,44 @@ def test_store_urls_are_checked() -> None:
     with pytest.raises(ConfigurationError, match="positive"):
         result_store_from_url("memory://", ttl=0)
     assert "secret" not in repr(result_store_from_url("redis://:secret@127.0.0.1:6379/0"))
+
+
+def test_a_mistyped_scheme_gets_a_did_you_mean() -> None:
+    with pytest.raises(ConfigurationError, match=r"scheme 'sqlit' .*did you mean sqlite://\?") as info:
+        result_store_from_url("sqlit://:secret@/r.db")
+    assert "secret" not in str(info.value)
+
+
+def test_a_missing_redis_names_its_pip_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # importing it now fails as if it were not installed
+    with pytest.raises(MissingExtraError, match=re.escape("pip install 'taskstream[redis]'")):
+        result_store_from_url(REDIS_URL)
+
+
+def test_a_table_entry_whose_library_is_missing_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = Backend(
+        "taskstream.tasks.stores.etcd:EtcdResultStore", "etcd result store", "etcd", "no_such_etcd", "etcd3"
+    )
+    monkeypatch.setitem(stores_base._STORES, "etcd", entry)
+    with pytest.raises(MissingExtraError, match=r"etcd result store .*'etcd3'.*pip install 'taskstream\[etcd\]'"):
+        result_store_from_url("etcd://127.0.0.1:2379")
+
+
+def test_a_store_of_your_own_needs_no_from_url() -> None:
+    """``from_url`` is not abstract: a store passed to the App as an instance keeps working without one."""
+    assert "from_url" not in ResultStore.__abstractmethods__
+    with pytest.raises(ConfigurationError, match="ResultStore is not built from a URL"):
+        ResultStore.from_url("own://")
+
+
+def test_the_factory_imports_no_backend() -> None:
+    """base.py finds the stores through its scheme table (module:Class strings), so no base <-> backend cycle."""
+    tree = ast.parse(Path(stores_base.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    backends = {name for name in imported if name and name.startswith("taskstream.tasks.stores.")}
+    assert not backends and not {name for name in imported if name and name.split(".")[0] in ("redis", "sqlite3")}
 
 
 def test_memory_stores_are_shared_by_name() -> None:

@@ -195,13 +195,15 @@ class ResultStore(abc.ABC):
         """Mark a pending (or unknown) task ``cancelled``; ``False`` if it is running or finished."""
 
     @classmethod
-    @abc.abstractmethod
     def from_url(cls, url: str, *, ttl: float = 86400.0) -> ResultStore:
         """Build the store from its URL (:func:`result_store_from_url` picks the class by scheme).
+
+        A store of your own need not have one: pass it to the App as an instance.
 
         Raises:
             ConfigurationError: an unknown option or a URL this store cannot use.
         """
+        raise ConfigurationError(f"{cls.__name__} is not built from a URL: pass an instance")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Idempotent."""
