@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import re
 import sqlite3
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,9 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
+import taskstream.stream_ops.state as state_module
 from taskstream.brokers.memory import MemoryBroker
-from taskstream.errors import ConfigurationError
+from taskstream.errors import ConfigurationError, MissingExtraError
 from taskstream.messages import decode
+from taskstream.schemes import Backend
 from taskstream.stream_ops import (
     CallbackSink,
     JsonLinesSink,
@@ -133,6 +138,37 @@ def test_state_store_urls(tmp_path: Path) -> None:
         state_store_from_url("postgres://u:secret@h/db")
     except ConfigurationError as exc:
         assert "secret" not in str(exc)
+
+
+def test_a_mistyped_state_store_scheme_gets_a_did_you_mean() -> None:
+    with pytest.raises(ConfigurationError, match=r"scheme 'redi' .*did you mean redis://\?") as info:
+        state_store_from_url("redi://:secret@127.0.0.1:6379/0")
+    assert "secret" not in str(info.value)
+
+
+def test_a_missing_redis_names_its_pip_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # importing it now fails as if it were not installed
+    with pytest.raises(MissingExtraError, match=re.escape("pip install 'taskstream[redis]'")):
+        state_store_from_url("redis://127.0.0.1:6379/0")
+
+
+def test_a_table_entry_whose_library_is_missing_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = Backend("taskstream.stream_ops.etcd:EtcdStateStore", "etcd state store", "etcd", "no_such_etcd", "etcd3")
+    monkeypatch.setitem(state_module._STORES, "etcd", entry)
+    with pytest.raises(MissingExtraError, match=r"etcd state store .*'etcd3'.*pip install 'taskstream\[etcd\]'"):
+        state_store_from_url("etcd://127.0.0.1:2379")
+
+
+def test_the_state_store_factory_imports_no_backend() -> None:
+    """state.py finds its stores through a scheme table (module:Class strings): no driver or backend module is
+    imported at module level, and the factory itself imports nothing."""
+    tree = ast.parse(Path(state_module.__file__).read_text(encoding="utf-8"))
+    top = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)} | {
+        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    }
+    assert not {name for name in top if name and (name.startswith("taskstream.stream_ops.") or name == "redis")}
+    factory = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "state_store_from_url")
+    assert not [node for node in ast.walk(factory) if isinstance(node, ast.Import | ast.ImportFrom)]
 
 
 def test_example_readers_close_their_sqlite_connections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

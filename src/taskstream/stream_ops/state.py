@@ -21,12 +21,12 @@ import sqlite3
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, ClassVar
 
-from taskstream.errors import ConfigurationError
+from taskstream.errors import ConfigurationError, MissingExtraError
 from taskstream.messages import dumps, loads
 from taskstream.redis_url import check_redis_url
+from taskstream.schemes import Backend, load_backend
 from taskstream.settings import redact_url
 from taskstream.urloptions import URLOptions
 
@@ -40,9 +40,6 @@ __all__ = [
 ]
 
 DEFAULT_STATE_URL = "sqlite:///.taskstream/state.db"
-# SQLite and memory state stores read no URL options: any given is refused by name.
-_SQLITE_OPTIONS = URLOptions("SQLite state store", [])
-_MEMORY_OPTIONS = URLOptions("memory state store", [])
 
 
 class StateStore(abc.ABC):
@@ -64,9 +61,33 @@ class StateStore(abc.ABC):
         """Release connections."""
         return None
 
+    @classmethod
+    def from_url(cls, url: str) -> StateStore:
+        """Build the store from its URL (:func:`state_store_from_url` picks the class by scheme).
+
+        A store of your own need not have one: pass it to the pipeline as an instance.
+
+        Raises:
+            ConfigurationError: an unknown option or a URL this store cannot use.
+        """
+        raise ConfigurationError(f"{cls.__name__} is not built from a URL: pass an instance")
+
 
 class MemoryStateStore(StateStore):
     """A dict; shared by the replicas of one process."""
+
+    #: it reads no URL options: any given is refused by name
+    OPTIONS: ClassVar[URLOptions] = URLOptions("memory state store", [])
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStateStore:
+        """A fresh store for ``memory://``.
+
+        Raises:
+            ConfigurationError: the URL has a query option (this store reads none).
+        """
+        cls.OPTIONS.parse(url.partition("?")[2], url=url)
+        return cls()
 
     def __init__(self) -> None:
         self.data: dict[str, dict[str, bytes]] = {}
@@ -88,6 +109,24 @@ class MemoryStateStore(StateStore):
 
 class SQLiteStateStore(StateStore):
     """One SQLite file in WAL mode; calls run on a worker thread so the loop never blocks on disk."""
+
+    #: it reads no URL options: any given is refused by name
+    OPTIONS: ClassVar[URLOptions] = URLOptions("SQLite state store", [])
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStateStore:
+        """The store of ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` (the file is opened on first use).
+
+        Raises:
+            ConfigurationError: the URL names no file, or has a query option (this store reads none).
+        """
+        path, _, query = url.split("://", 1)[-1].partition("?")
+        cls.OPTIONS.parse(query, url=url)
+        if path.startswith("/"):
+            path = path[1:]  # sqlite:///relative, sqlite:////absolute
+        if not path:
+            raise ConfigurationError(f"sqlite state URL {url!r} has no file path")
+        return cls(path)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -156,11 +195,21 @@ class SQLiteStateStore(StateStore):
 class RedisStateStore(StateStore):
     """A Redis hash per namespace (key ``taskstream:state:<namespace>``), changed in MULTI/EXEC."""
 
+    @classmethod
+    def from_url(cls, url: str) -> RedisStateStore:
+        """The store of ``redis://[:password@]host:port/db`` (``rediss://`` for TLS).
+
+        Raises:
+            ConfigurationError: an option the installed redis-py does not read (with a "did you mean").
+            MissingExtraError: the ``redis`` package is not installed.
+        """
+        return cls(url)
+
     def __init__(self, url: str) -> None:
         try:
             import redis.asyncio as aioredis
         except ImportError as exc:  # pragma: no cover - the extra is installed in dev
-            raise ConfigurationError("the Redis state store needs redis: pip install 'taskstream[redis]'") from exc
+            raise MissingExtraError("Redis state store", "redis", "redis") from exc
         check_redis_url(url, "Redis state store")
         self.url = url
         self._client = aioredis.Redis.from_url(url)
@@ -195,23 +244,31 @@ class RedisStateStore(StateStore):
         return f"<RedisStateStore {redact_url(self.url)}>"
 
 
+_REDIS = Backend("taskstream.stream_ops.state:RedisStateStore", "Redis state store", "redis", "redis", "redis")
+#: URL scheme -> the store class (imported on first use) and the extra its client library comes with. The
+#: classes live in this module for now; a backend moved to a module of its own only changes its row.
+_STORES: dict[str, Backend] = {
+    "sqlite": Backend("taskstream.stream_ops.state:SQLiteStateStore", "SQLite state store"),
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "memory": Backend("taskstream.stream_ops.state:MemoryStateStore", "memory state store"),
+}
+
+
 def state_store_from_url(url: str | None = None) -> StateStore:
-    """Build the store for ``url`` (default: ``TASKSTREAM_STATE_URL`` or ``sqlite:///.taskstream/state.db``)."""
+    """Build the store for ``url`` (default: ``TASKSTREAM_STATE_URL`` or ``sqlite:///.taskstream/state.db``).
+
+    The scheme picks the class (see the module table), its ``from_url`` reads the rest.
+
+    Example:
+        >>> type(state_store_from_url("memory://")).__name__
+        'MemoryStateStore'
+
+    Raises:
+        ConfigurationError: unknown scheme (with a "did you mean") or option, or an unusable URL; the message
+            shows the URL without secrets.
+        MissingExtraError: ``redis://`` without the ``redis`` package; the message names the ``pip install``.
+    """
     url = url or os.environ.get("TASKSTREAM_STATE_URL") or DEFAULT_STATE_URL
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "sqlite":
-        path, _, query = url.split("://", 1)[1].partition("?")
-        _SQLITE_OPTIONS.parse(query, url=url)
-        if path.startswith("/"):
-            path = path[1:]  # sqlite:///relative, sqlite:////absolute
-        if not path:
-            raise ConfigurationError(f"sqlite state URL {url!r} has no file path")
-        return SQLiteStateStore(path)
-    if scheme in ("redis", "rediss"):
-        return RedisStateStore(url)
-    if scheme == "memory":
-        _MEMORY_OPTIONS.parse(urlsplit(url).query, url=url)
-        return MemoryStateStore()
-    raise ConfigurationError(
-        f"unknown state store URL {redact_url(url)!r}: use sqlite:///path, redis://host:port/db or memory://"
-    )
+    cls: type[StateStore] = load_backend(_STORES, url, what="state store", base=StateStore)
+    return cls.from_url(url)
