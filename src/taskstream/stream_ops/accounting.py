@@ -39,6 +39,13 @@ class Accounting:
         g = str(group)
         per_group[g] = per_group.get(g, 0) + 1
 
+    def count_groups(self, src: str, groups: dict[int, int]) -> None:
+        """Records from upstream replica ``src`` were applied: ``groups`` holds how many per key group."""
+        per_group = self.counts.setdefault(src.rsplit("/", 1)[0], {})
+        for group, n in groups.items():
+            g = str(group)
+            per_group[g] = per_group.get(g, 0) + n
+
     def end_of_stream(self, body: dict[str, Any]) -> None:
         """Take an end-of-stream control body.
 

@@ -38,8 +38,8 @@ from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, Subscription
 from taskstream.errors import BrokerConnectionError, ConfigurationError, MalformedMessage, MessageError
-from taskstream.intake import Intake, Refused, dead_letter_headers
-from taskstream.messages import dumps, is_envelope_document
+from taskstream.intake import Intake, Refused
+from taskstream.messages import is_envelope_document
 from taskstream.observe.metrics import recorder_for
 from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.claimcheck import ClaimCheck, PayloadRef
@@ -47,6 +47,7 @@ from taskstream.producer import Producer
 from taskstream.stream_ops.accounting import Accounting
 from taskstream.stream_ops.core import SourceNode
 from taskstream.stream_ops.executor import Executor
+from taskstream.stream_ops.inbound import Routed, bad_record_message, entry_of, read_records
 from taskstream.stream_ops.lineage import AppliedIds, derive_id
 from taskstream.stream_ops.outbox import Outbox
 from taskstream.stream_ops.plan import Plan, StagePlan
@@ -56,19 +57,15 @@ from taskstream.stream_ops.sources.base import Source, SourceBatch
 from taskstream.stream_ops.state import StateStore
 from taskstream.stream_ops.wire import (
     BatchLimits,
-    Record,
     control_message,
     is_batch,
     read_batch,
-    read_entry,
     read_record,
 )
 
 __all__ = ["RunConfig", "RunResult", "Runner"]
 
 log = logging.getLogger("taskstream.stream_ops")
-
-Routed = tuple[str | None, str | tuple[str, ...] | None, Any]  # (record id, entry step(s), item)
 
 
 @dataclass(frozen=True)
@@ -450,64 +447,32 @@ class Runner:
             return [(record.id, None, None)]
         if record.kind != "record":
             raise MalformedMessage(f"malformed message: a stage reads records, not envelopes of kind {record.kind!r}")
-        entry = self._entry(record, entries)
+        entry = entry_of(record.to, entries)
         if record.src:
             self.accounting.count(record.src, record.group, record.key)
         self.applied.add(record.src or "", record.id)
         item = (record.key, record.body) if record.key is not None else record.body
         return [(record.id, entry, item)]
 
-    def _entry(self, record: Record, entries: list[str]) -> str | tuple[str, ...]:
-        to = record.to or (entries[0] if len(entries) == 1 else "")
-        entry = tuple(to) if isinstance(to, list) else to
-        targets = entry if isinstance(entry, tuple) else (entry,)
-        if not all(t in entries for t in targets):
-            raise MalformedMessage(f"record for step {to!r}, which is not an entry of this stage")
-        return entry
-
     def _route_batch(self, doc: dict[str, Any], delivery: Delivery, entries: list[str]) -> list[Routed]:
         """The records of a record batch not applied yet; a malformed record is dead-lettered alone."""
-        src, raw = read_batch(doc)
-        out: list[Routed] = []
-        fresh: list[str] = []
-        applied = self.applied
-        for index, entry in enumerate(raw):
-            try:
-                record = read_entry(entry, src)
-                if record.id in applied or record.id in fresh:
-                    self.duplicates += 1
-                    continue
-                target = self._entry(record, entries)
-            except MessageError as exc:
-                self.raw_dead.append(self._bad_record(delivery, doc, index, entry, str(exc)))
-                continue
-            if src:
-                self.accounting.count(src, record.group, record.key)
-            fresh.append(record.id)
-            out.append((record.id, target, (record.key, record.body) if record.key is not None else record.body))
-        applied.add_many(src or "", fresh)
-        return out
-
-    def _bad_record(
-        self, delivery: Delivery, doc: dict[str, Any], index: int, entry: Any, reason: str
-    ) -> OutgoingMessage:
-        """The dead letter of one record of a batch: the record alone, the reason, where it was."""
         assert self.intake is not None
-        self.bad_records += 1
-        log.warning("dead-lettering record %d of batch %s from %r: %s", index, doc.get("id"), self.intake.queue, reason)
-        try:
-            body = dumps(entry)
-        except TypeError:
-            body = dumps({"item_repr": repr(entry)[:2000]})
-        headers = dead_letter_headers(
-            {},
-            reason,
-            queue=self.intake.queue,
-            message_id=delivery.message_id,
-            attempts=delivery.attempt,
-            **{"x-batch-id": str(doc.get("id")), "x-batch-index": index, "x-pipeline": self.plan.pipeline},
-        )
-        return OutgoingMessage(body, headers)
+        src, raw = read_batch(doc)
+        read = read_records(raw, src, entries, self.applied.ids)
+        self.duplicates += read.duplicates
+        for index, entry, reason in read.bad:
+            self.bad_records += 1
+            log.warning(
+                "dead-lettering record %d of batch %s on %r: %s", index, doc.get("id"), self.intake.queue, reason
+            )
+            message = bad_record_message(
+                delivery, self.intake.queue, doc.get("id"), index, entry, reason, self.plan.pipeline
+            )
+            self.raw_dead.append(message)
+        if src:
+            self.accounting.count_groups(src, read.groups)
+        self.applied.add_many(src or "", read.fresh)
+        return read.routed
 
     def _control(self, body: Any) -> None:
         """Apply a control message.
