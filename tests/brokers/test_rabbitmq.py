@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from taskstream.brokers.base import OutgoingMessage
-from taskstream.brokers.rabbitmq import DEFAULT_MAX_MESSAGE_BYTES, RabbitMQBroker
+from taskstream.brokers.rabbitmq import RABBITMQ_MAX_MESSAGE_BYTES, RabbitMQBroker
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import (
     BrokerConnectionError,
@@ -450,19 +450,19 @@ async def test_size_limit_from_the_url_and_from_the_server(cleanup: Cleanup) -> 
     with pytest.raises(MessageTooLarge):
         await small.publish_batch(queue, [OutgoingMessage(b"ok"), OutgoingMessage(b"y" * 2000)])
     assert await small.depth(queue) == 0, "a batch with an oversized message must send nothing"
-    assert RabbitMQBroker.from_url(URL).capabilities.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert RabbitMQBroker.from_url(URL).capabilities.max_message_bytes == RABBITMQ_MAX_MESSAGE_BYTES
 
 
 @pytest.mark.slow
 async def test_server_refusal_of_an_oversized_message_is_mapped(cleanup: Cleanup) -> None:
     # lift the client-side check so the 128 MiB body reaches the server, which refuses it
-    broker = await cleanup.broker(max_message_bytes=2 * DEFAULT_MAX_MESSAGE_BYTES)
+    broker = await cleanup.broker(max_message_bytes=2 * RABBITMQ_MAX_MESSAGE_BYTES)
     queue = cleanup.name("size-server")
     await broker.declare(queue)
     with pytest.raises(MessageTooLarge) as info:
-        await broker.publish(queue, bytes(DEFAULT_MAX_MESSAGE_BYTES + 1))
-    assert str(DEFAULT_MAX_MESSAGE_BYTES) in str(info.value)
-    assert broker.capabilities.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES  # learnt from the refusal
+        await broker.publish(queue, bytes(RABBITMQ_MAX_MESSAGE_BYTES + 1))
+    assert str(RABBITMQ_MAX_MESSAGE_BYTES) in str(info.value)
+    assert broker.capabilities.max_message_bytes == RABBITMQ_MAX_MESSAGE_BYTES  # learnt from the refusal
     await broker.publish(queue, b"still works")
     assert await broker.depth(queue) == 1
 
@@ -564,11 +564,11 @@ def test_url_scheme_loads_the_package_and_its_exports_stay() -> None:
     assert isinstance(broker, RabbitMQBroker) and broker.config.queue_type == "quorum"
     assert "hunter2" not in repr(broker)
     assert sorted(package.__all__) == [
-        "DEFAULT_MAX_MESSAGE_BYTES",
         "DEFAULT_PUBLISH_TIMEOUT",
         "DEFAULT_TOPIC_EXCHANGE",
         "DELAY_EXCHANGE",
         "DLX_EXCHANGE",
+        "RABBITMQ_MAX_MESSAGE_BYTES",
         "RabbitMQBroker",
         "RabbitMQConfig",
     ]

@@ -11,19 +11,19 @@ delay buckets), ``subscription`` and ``acks`` (consuming, requeue-by-republish, 
 
 from taskstream.brokers.rabbitmq.broker import RabbitMQBroker
 from taskstream.brokers.rabbitmq.config import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PUBLISH_TIMEOUT,
     DEFAULT_TOPIC_EXCHANGE,
+    RABBITMQ_MAX_MESSAGE_BYTES,
     RabbitMQConfig,
 )
 from taskstream.brokers.rabbitmq.topology import DELAY_EXCHANGE, DLX_EXCHANGE
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_PUBLISH_TIMEOUT",
     "DEFAULT_TOPIC_EXCHANGE",
     "DELAY_EXCHANGE",
     "DLX_EXCHANGE",
+    "RABBITMQ_MAX_MESSAGE_BYTES",
     "RabbitMQBroker",
     "RabbitMQConfig",
 ]

@@ -12,13 +12,14 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from taskstream.constants import RABBITMQ_MAX_MESSAGE_BYTES
 from taskstream.errors import ConfigurationError
 from taskstream.settings import redact_url
 from taskstream.urloptions import Option, URLOptions
 
 __all__ = [
+    "RABBITMQ_MAX_MESSAGE_BYTES",
     "DEFAULT_CONNECT_TIMEOUT",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_PUBLISH_TIMEOUT",
     "DEFAULT_RECONNECT_INTERVAL",
     "DEFAULT_RECONNECT_TIMEOUT",
@@ -30,7 +31,6 @@ __all__ = [
     "split_hosts",
 ]
 
-DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 DEFAULT_PUBLISH_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_RECONNECT_TIMEOUT = 300.0
@@ -44,7 +44,7 @@ class RabbitMQConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     queue_type: Literal["classic", "quorum"] = "classic"
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    max_message_bytes: int = Field(RABBITMQ_MAX_MESSAGE_BYTES, gt=0)
     persistent: bool = True
     durable: bool = True
     publish_timeout: float = Field(DEFAULT_PUBLISH_TIMEOUT, gt=0)
@@ -81,7 +81,7 @@ OPTIONS = URLOptions(
     "RabbitMQ",
     [
         Option("queue_type", "str", "classic", "classic or quorum queues"),
-        Option("max_message_bytes", "int", DEFAULT_MAX_MESSAGE_BYTES, "largest body published"),
+        Option("max_message_bytes", "int", RABBITMQ_MAX_MESSAGE_BYTES, "largest body published"),
         Option("persistent", "bool", True, "delivery_mode=2 on every message"),
         Option("durable", "bool", True, "durable queues"),
         Option("publish_timeout", "duration", DEFAULT_PUBLISH_TIMEOUT, "seconds a publish waits for its confirm"),

@@ -11,7 +11,7 @@ import typer
 from taskstream.brokers.zeromq.config import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_LIVENESS,
-    DEFAULT_MAX_MESSAGE_BYTES,
+    ZEROMQ_MAX_MESSAGE_BYTES,
     DeviceConfig,
     endpoint_url,
     require_zmq,
@@ -47,7 +47,7 @@ def register(cli: typer.Typer) -> None:
             int, typer.Option(help="Default missed heartbeats before a silent client's unacked messages are requeued.")
         ] = DEFAULT_HEARTBEAT_LIVENESS,
         max_message_bytes: Annotated[int, typer.Option(help="Largest message body accepted.")] = (
-            DEFAULT_MAX_MESSAGE_BYTES
+            ZEROMQ_MAX_MESSAGE_BYTES
         ),
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:

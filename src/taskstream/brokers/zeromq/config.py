@@ -11,15 +11,16 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from taskstream.constants import ZEROMQ_MAX_MESSAGE_BYTES
 from taskstream.errors import ConfigurationError, MissingExtraError
 from taskstream.settings import redact_url
 from taskstream.urloptions import Option, URLOptions
 
 __all__ = [
+    "ZEROMQ_MAX_MESSAGE_BYTES",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_LIVENESS",
     "DEFAULT_HWM",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_PUBSUB_HWM",
     "DEFAULT_REQUEST_TIMEOUT",
     "OPTIONS",
@@ -36,7 +37,6 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_LIVENESS = 5
 DEFAULT_HWM = 10_000
 DEFAULT_PUBSUB_HWM = 100_000
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT = 10.0
 
 #: The options of a ``zmq://`` URL (docs/brokers.md, section ZeroMQ, lists them).
@@ -48,7 +48,7 @@ OPTIONS = URLOptions(
         Option("liveness", "int", DEFAULT_HEARTBEAT_LIVENESS, "missed heartbeats before the device requeues"),
         Option("heartbeat_liveness", "int", DEFAULT_HEARTBEAT_LIVENESS, "the same as liveness"),
         Option("request_timeout", "duration", DEFAULT_REQUEST_TIMEOUT, "seconds to wait for the device's answer"),
-        Option("max_message_bytes", "int", DEFAULT_MAX_MESSAGE_BYTES, "largest message body published"),
+        Option("max_message_bytes", "int", ZEROMQ_MAX_MESSAGE_BYTES, "largest message body published"),
         Option("hwm", "int", DEFAULT_HWM, "high-water mark of the DEALER socket (messages)"),
     ],
 )
@@ -83,7 +83,7 @@ class ZeroMQConfig(BaseModel):
     heartbeat_interval: float = Field(DEFAULT_HEARTBEAT_INTERVAL, gt=0)
     heartbeat_liveness: int = Field(DEFAULT_HEARTBEAT_LIVENESS, ge=1)
     request_timeout: float = Field(DEFAULT_REQUEST_TIMEOUT, gt=0)
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    max_message_bytes: int = Field(ZEROMQ_MAX_MESSAGE_BYTES, gt=0)
     hwm: int = Field(DEFAULT_HWM, ge=0)
 
 
@@ -105,7 +105,7 @@ class DeviceConfig(BaseModel):
     heartbeat_interval: float = Field(DEFAULT_HEARTBEAT_INTERVAL, gt=0)
     heartbeat_liveness: int = Field(DEFAULT_HEARTBEAT_LIVENESS, ge=1)
     hwm: int = Field(DEFAULT_HWM, ge=0)
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    max_message_bytes: int = Field(ZEROMQ_MAX_MESSAGE_BYTES, gt=0)
     delivery_batch: int = Field(512, ge=1)
 
 
