@@ -20,15 +20,14 @@ location named on the wire.
 from __future__ import annotations
 
 import abc
-import difflib
-import importlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 from urllib.parse import unquote, urlsplit
 
-from taskstream.errors import ConfigurationError, MessageError, MissingExtraError, TaskstreamError
+from taskstream.errors import ConfigurationError, MessageError, TaskstreamError
+from taskstream.schemes import Backend, load_backend
 from taskstream.urloptions import URLOptions
 
 __all__ = [
@@ -223,20 +222,11 @@ class StoreURL:
         return next((str(value) for name in names if (value := self.options.get(name))), None)
 
 
-@dataclass(frozen=True, slots=True)
-class _Backend:
-    target: str  # "module:Class", imported on first use
-    label: str  # how messages name it
-    extra: str | None = None  # the taskstream extra that installs its client library
-    driver: str = ""  # the client library's module, imported first to check the extra
-    package: str = ""  # the client library's pip package, named in the install hint
-
-
 #: URL scheme -> the store class (lazily imported) and the extra its client library comes with.
-_BACKENDS: dict[str, _Backend] = {
-    "file": _Backend("taskstream.payloads.local:LocalStore", "local payload store"),
-    "s3": _Backend("taskstream.payloads.s3:S3Store", "S3 payload store", "s3", "aiobotocore", "aiobotocore"),
-    "azureblob": _Backend(
+_BACKENDS: dict[str, Backend] = {
+    "file": Backend("taskstream.payloads.local:LocalStore", "local payload store"),
+    "s3": Backend("taskstream.payloads.s3:S3Store", "S3 payload store", "s3", "aiobotocore", "aiobotocore"),
+    "azureblob": Backend(
         "taskstream.payloads.azure_blob:AzureBlobStore",
         "Azure Blob payload store",
         "azure",
@@ -245,17 +235,6 @@ _BACKENDS: dict[str, _Backend] = {
     ),
 }
 _OFF = ("", "none", "off", "disabled")
-
-
-def _store_class(backend: _Backend) -> type[BlobStore]:
-    if backend.driver:
-        try:
-            importlib.import_module(backend.driver)
-        except ImportError as exc:
-            raise MissingExtraError(backend.label, backend.extra or "", backend.package) from exc
-    module_name, _, class_name = backend.target.partition(":")
-    cls: type[BlobStore] = getattr(importlib.import_module(module_name), class_name)
-    return cls
 
 
 def blob_store_from_url(url: str, **options: Any) -> BlobStore | None:
@@ -275,15 +254,5 @@ def blob_store_from_url(url: str, **options: Any) -> BlobStore | None:
     text = url.strip()
     if text.lower() in _OFF:
         return None
-    scheme = urlsplit(text).scheme.lower()
-    backend = _BACKENDS.get(scheme)
-    if backend is None:
-        hint = difflib.get_close_matches(scheme, list(_BACKENDS), n=1)
-        suggestion = f"; did you mean {hint[0]}://?" if hint else ""
-        known = ", ".join(f"{name}://" for name in _BACKENDS)
-        raise ConfigurationError(
-            f"unknown payload store URL scheme {scheme!r} in {redact_store_url(url)!r}{suggestion} "
-            f"(known: {known}, none)"
-        )
-    cls = _store_class(backend)
+    cls: type[BlobStore] = load_backend(_BACKENDS, text, what="payload store", base=BlobStore)
     return cls.from_url(StoreURL.parse(url, cls.OPTIONS, **options))
