@@ -30,9 +30,9 @@ import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, get_type_hints, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, Unpack, get_type_hints, overload
 
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -40,12 +40,13 @@ from pydantic import ValidationError as PydanticValidationError
 from taskstream.brokers.base import Broker
 from taskstream.config_check import check_broker_url, claim_check_from_settings, open_state_store
 from taskstream.consumer import Consumer, ConsumerConfig, Message
+from taskstream.context import AppContext
 from taskstream.errors import BrokerConnectionError, ConfigurationError, ValidationFailed
 from taskstream.messages import Envelope
 from taskstream.observe.metrics import Recorder, attach, resolve
 from taskstream.producer import Producer
 from taskstream.settings import Settings, env_name, redact_url
-from taskstream.tasks.registry import DEFAULT_TASK_QUEUE
+from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, TaskParams
 from taskstream.tasks.runtime import TaskRuntime
 
 if TYPE_CHECKING:
@@ -63,9 +64,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Component(Protocol):
-    """Something with a lifecycle that hangs off an App (task workers, pipelines)."""
+    """Something with a lifecycle that hangs off an App (task workers, pipelines, services).
 
-    async def start(self, app: App) -> None: ...
+    ``start`` receives the App's :class:`~taskstream.context.AppContext` (its broker, producer, settings,
+    metrics), not the App.
+    """
+
+    async def start(self, context: AppContext, /) -> None: ...
 
     async def stop(self) -> None: ...
 
@@ -139,7 +144,17 @@ class App:
         self._stop_requested: asyncio.Event | None = None
         self.failure: str | None = None
         """Why :meth:`serve` stopped by itself (a consumer's broker failed for good), or ``None``."""
-        self.tasks = TaskRuntime(self, result_store=result_store, workers=workers)
+        self.context = AppContext(
+            broker=self.broker,
+            producer=self.producer,
+            settings=self.settings,
+            metrics=self.metrics,
+            result_store=result_store,
+            start=self.start,
+            stop=self.stop,
+        )
+        """What the task runtime and components get of this App (rebuilt when metrics are turned on)."""
+        self.tasks = TaskRuntime(self.context, workers=workers)
         self.components.append(self.tasks)
 
     # -- registration ---------------------------------------------------------------------------------
@@ -233,10 +248,11 @@ class App:
             if self.metrics.enabled:
                 attach(self.broker, self.metrics)
                 self.producer.metrics = self.metrics
+                self.context = replace(self.context, metrics=self.metrics)  # components get it at start
         return self.metrics
 
     def add_component(self, component: Component) -> None:
-        """Attach something with ``start(app)``/``stop()`` to this app's lifecycle."""
+        """Attach something with ``start(context)``/``stop()`` to this app's lifecycle (see :class:`Component`)."""
         self.components.append(component)
 
     # -- tasks (the machinery is in taskstream.tasks) -------------------------------------------------
@@ -245,56 +261,32 @@ class App:
     def task(self, func: F, /) -> Task[Any, Any]: ...
 
     @overload
-    def task(
-        self,
-        func: None = None,
-        /,
-        *,
-        name: str | None = None,
-        queue: str = DEFAULT_TASK_QUEUE,
-        retries: int = 0,
-        retry_delay: float = 0.5,
-        timeout: float | None = None,
-        cpu_bound: bool = False,
-        ship_code: bool = False,
-    ) -> Callable[[F], Task[Any, Any]]: ...
+    def task(self, func: None = None, /, **params: Unpack[TaskParams]) -> Callable[[F], Task[Any, Any]]: ...
 
     def task(
-        self,
-        func: F | None = None,
-        /,
-        *,
-        name: str | None = None,
-        queue: str = DEFAULT_TASK_QUEUE,
-        retries: int = 0,
-        retry_delay: float = 0.5,
-        timeout: float | None = None,
-        cpu_bound: bool = False,
-        ship_code: bool = False,
+        self, func: F | None = None, /, **params: Unpack[TaskParams]
     ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
         """Make a sync or async function a task: ``f.submit(...)`` returns a :class:`~taskstream.TaskFuture`.
 
+        ``@app.task`` or ``@app.task(...)`` with these keywords (:class:`~taskstream.tasks.registry.TaskParams`;
+        defaults from :class:`~taskstream.tasks.TaskOptions`):
+
         Args:
             name: the name workers know it by (default: the function's ``__name__``).
-            queue: the queue its calls go to.
-            retries: retries after a failure (requeued with backoff from ``retry_delay`` seconds).
+            queue: the queue its calls go to (default ``"tasks"``).
+            retries: retries after a failure (default 0; requeued with backoff from ``retry_delay`` seconds,
+                default 0.5).
             timeout: seconds a call may run (async: cancelled; ``cpu_bound``: process killed; sync thread:
-                abandoned); ``None`` for no limit.
+                abandoned); ``None`` (default) for no limit.
             cpu_bound: run in worker processes so all cores are used (the function must be module-level).
             ship_code: send the function's source, HMAC-signed with ``settings.signing_key``, so workers
                 that do not have it can run it; workers refuse anything unsigned.
+
+        Raises:
+            TypeError: a keyword it does not take (the message names the ones it does).
+            ConfigurationError: an option out of range, or two functions under one task name.
         """
-        if func is not None:
-            return self.tasks.task(func)
-        return self.tasks.task(
-            name=name,
-            queue=queue,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            cpu_bound=cpu_bound,
-            ship_code=ship_code,
-        )
+        return self.tasks.task(func, **params)
 
     def remote(
         self, name: str, *, queue: str = DEFAULT_TASK_QUEUE, retries: int | None = None, timeout: float | None = None
@@ -385,7 +377,7 @@ class App:
                 self.consumers.append(consumer)
             for component in self.components:
                 started.append(component)  # stopped on failure too: its start may have got half-way
-                await component.start(self)
+                await component.start(self.context)
         except BaseException:
             await self._undo_start(started)
             raise

@@ -31,6 +31,7 @@ from taskstream.stream_ops.stream import Stream
 
 if TYPE_CHECKING:
     from taskstream.app import App
+    from taskstream.context import AppContext
 
 __all__ = ["Pipeline", "PipelineComponent", "StageSpec"]
 
@@ -280,8 +281,10 @@ class PipelineComponent:
         self.done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, app: App) -> None:
+    async def start(self, context: AppContext | App) -> None:
+        """Start the run in the background on the broker of ``context`` (an App's context, or an App)."""
         plan = self.pipeline.plan()  # fail at start on a bad pipeline
+        broker = context.broker
 
         async def run() -> None:
             store: StateStore | None = None
@@ -289,7 +292,7 @@ class PipelineComponent:
             try:
                 if self.stage is None:
                     self.result = await Runner(
-                        plan, broker=app.broker, config=self.config, claim_check=self.claim_check
+                        plan, broker=broker, config=self.config, claim_check=self.claim_check
                     ).run()
                 else:
                     if isinstance(self.store, StateStore):
@@ -298,7 +301,7 @@ class PipelineComponent:
                         store, own_store = state_store_from_url(self.store), True
                     runner = Runner(
                         plan,
-                        broker=app.broker,
+                        broker=broker,
                         stage=self.stage,
                         replica=self.replica,
                         store=store,

@@ -52,6 +52,7 @@ from taskstream.tasks.errors import error_from_data
 
 if TYPE_CHECKING:
     from taskstream.app import App
+    from taskstream.context import AppContext
 
 __all__ = ["Service", "ServiceClient", "request_op", "service_queue"]
 
@@ -134,8 +135,12 @@ class Service:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    async def start(self, app: App | Broker) -> None:
-        """Take ownership and start answering in the background (App component protocol)."""
+    async def start(self, app: AppContext | App | Broker) -> None:
+        """Take ownership and start answering in the background on a broker, or an App's (component protocol).
+
+        Args:
+            app: a broker, the :class:`~taskstream.context.AppContext` an App passes its components, or an App.
+        """
         broker = app if isinstance(app, Broker) else app.broker
         self._acquire()
         try:

@@ -35,6 +35,7 @@ from taskstream.tasks.registry import Task, chunked
 from taskstream.tasks.stores.base import TaskInfo
 
 if TYPE_CHECKING:
+    from taskstream.context import AppContext
     from taskstream.tasks.runtime import TaskRuntime
 
 __all__ = ["TaskClient"]
@@ -65,10 +66,16 @@ class _Pending:
 
 
 class TaskClient(FutureOwner):
-    """Submits tasks for one App and receives their results."""
+    """Submits tasks for one App and receives their results.
 
-    def __init__(self, runtime: TaskRuntime) -> None:
+    Args:
+        runtime: the task runtime it submits for (its loop, result store and signing key).
+        context: the App's broker, producer and metrics (the runtime rebinds it when the App starts).
+    """
+
+    def __init__(self, runtime: TaskRuntime, context: AppContext) -> None:
         self.runtime = runtime
+        self.context = context
         self.reply_queue = f"ts-reply-{new_id()[:24]}"
         self._waiting: dict[str, _Pending] = {}
         self._outbox: dict[str, list[tuple[OutgoingMessage, _Pending]]] = {}
@@ -148,7 +155,7 @@ class TaskClient(FutureOwner):
         for entry in entries:
             self._waiting[entry.task_id] = entry
         self.runtime.call_soon(self._accept, ready, held)
-        self.runtime.app.metrics.tasks_submitted(task.name, len(entries))
+        self.context.metrics.tasks_submitted(task.name, len(entries))
         return [f for entry in entries for f in entry.futures]
 
     async def send_without_reply(self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]) -> str:
@@ -159,7 +166,7 @@ class TaskClient(FutureOwner):
         await self._ensure_queue(task.options.queue)
         await self.runtime.store.add_pending([info])
         await self._publish(task.options.queue, [message])
-        self.runtime.app.metrics.tasks_submitted(task.name)
+        self.context.metrics.tasks_submitted(task.name)
         return info.task_id
 
     def _encode(self, entry: _Pending, calls: Sequence[Call], reply: bool = True) -> OutgoingMessage:
@@ -178,7 +185,7 @@ class TaskClient(FutureOwner):
         envelope = Envelope(id=entry.task_id, kind="task", reply_to=reply_to, correlation_id=entry.task_id, body=body)
         data = encode(envelope)  # sized (and, when large, offloaded to the payload store) in _publish
         headers = broker_headers(envelope)
-        self.runtime.producer.tracing.created(task.options.queue, headers, entry.futures, entry.calls)
+        self.context.producer.tracing.created(task.options.queue, headers, entry.futures, entry.calls)
         return OutgoingMessage(data, headers, message_id=entry.task_id)
 
     # -- on the loop ---------------------------------------------------------------------------------
@@ -244,7 +251,7 @@ class TaskClient(FutureOwner):
             log.warning("could not record %d pending task(s) in the result store: %s", len(records), exc)
 
     async def _send(self, queue: str, batch: list[tuple[OutgoingMessage, _Pending]]) -> None:
-        broker = self.runtime.app.broker
+        broker = self.context.broker
         size = max(1, broker.capabilities.max_batch)
         try:
             await self.ensure_started()
@@ -272,12 +279,12 @@ class TaskClient(FutureOwner):
 
     async def _publish(self, queue: str, messages: list[OutgoingMessage]) -> None:
         """Publish a batch; arguments over the broker's threshold travel by reference (taskstream.payloads)."""
-        await self.runtime.producer.publish_batch(queue, messages)
+        await self.context.producer.publish_batch(queue, messages)
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue in self._declared:
             return
-        broker = self.runtime.app.broker
+        broker = self.context.broker
         dead_letter = broker.dead_letter_name(queue)
         await broker.declare(dead_letter)
         await broker.declare(queue, dead_letter=dead_letter)
@@ -338,17 +345,17 @@ class TaskClient(FutureOwner):
         await asyncio.shield(self._ready)
 
     async def _start_listener(self) -> None:
-        broker = self.runtime.app.broker
+        broker = self.context.broker
         await broker.declare(self.reply_queue)
         self._subscription = broker.consume(self.reply_queue, prefetch=REPLY_PREFETCH)
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._subscription))
 
     async def _listen(self, subscription: Subscription) -> None:
-        broker = self.runtime.app.broker
+        broker = self.context.broker
         intake = Intake(
             broker,
             self.reply_queue,
-            claim_check=self.runtime.producer.claim_check,
+            claim_check=self.context.producer.claim_check,
             dead_letter_queue=reply_dead_letter_queue(broker),
         )
         try:
@@ -391,7 +398,7 @@ class TaskClient(FutureOwner):
     async def _ack_all(self, deliveries: list[Delivery], refs: list[PayloadRef]) -> None:
         results = await asyncio.gather(*(d.ack() for d in deliveries), return_exceptions=True)
         for ref in refs:  # the results were read: their payloads go
-            await self.runtime.producer.claim_check.release(ref)
+            await self.context.producer.claim_check.release(ref)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:  # the broker redelivers them; the futures are already resolved, duplicates are ignored
             log.warning("could not ack %d reply(ies) on %s: %s", len(errors), self.reply_queue, errors[0])
@@ -476,7 +483,7 @@ class TaskClient(FutureOwner):
         )
         if self._ready is not None:
             with contextlib.suppress(Exception):
-                await self.runtime.app.broker.delete_queue(self.reply_queue)
+                await self.context.broker.delete_queue(self.reply_queue)
         self._ready = None
         self._listener = None
         self._subscription = None

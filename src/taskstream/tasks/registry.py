@@ -12,7 +12,7 @@ import inspect
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypedDict, TypeVar
 
 from taskstream.errors import ConfigurationError
 from taskstream.tasks.protocol import ShippedCode, function_source
@@ -20,7 +20,7 @@ from taskstream.tasks.protocol import ShippedCode, function_source
 if TYPE_CHECKING:
     from taskstream.tasks.future import TaskFuture
 
-__all__ = ["DEFAULT_TASK_QUEUE", "Submitter", "Task", "TaskOptions", "function_ref"]
+__all__ = ["DEFAULT_TASK_QUEUE", "Submitter", "Task", "TaskOptionParams", "TaskOptions", "TaskParams", "function_ref"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,6 +64,33 @@ class TaskOptions:
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigurationError(f"timeout must be positive (or None), got {self.timeout}")
         return self
+
+
+class TaskOptionParams(TypedDict, total=False):
+    """The :class:`TaskOptions` that ``@app.task(...)`` takes as keywords; one left out keeps its default."""
+
+    queue: str
+    retries: int
+    retry_delay: float
+    timeout: float | None
+    cpu_bound: bool
+    ship_code: bool
+
+
+class TaskParams(TaskOptionParams, total=False):
+    """Every keyword of ``@app.task(...)``, declared once (``name``: the function's ``__name__`` if left out)."""
+
+    name: str | None
+
+
+def check_task_params(params: dict[str, Any]) -> None:
+    """Raise a clear ``TypeError`` for a keyword ``@app.task`` does not take, naming the ones it does."""
+    known = TaskParams.__annotations__
+    unknown = sorted(k for k in params if k not in known)
+    if unknown:
+        raise TypeError(
+            f"@app.task got unexpected keyword argument(s) {', '.join(unknown)} (it takes: {', '.join(sorted(known))})"
+        )
 
 
 class Submitter(Protocol):

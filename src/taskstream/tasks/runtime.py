@@ -24,7 +24,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 from taskstream.config_check import setting
 from taskstream.errors import ConfigurationError
@@ -34,13 +34,20 @@ from taskstream.tasks.client import TaskClient
 from taskstream.tasks.errors import TaskNotFound
 from taskstream.tasks.future import TaskFuture
 from taskstream.tasks.loop import LoopThread
-from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, Task, TaskOptions, function_ref
+from taskstream.tasks.registry import (
+    DEFAULT_TASK_QUEUE,
+    Task,
+    TaskOptionParams,
+    TaskOptions,
+    check_task_params,
+    function_ref,
+)
 from taskstream.tasks.stores.base import ResultStore, TaskInfo, default_sqlite_path, result_store_from_url
 from taskstream.tasks.stores.memory import MemoryResultStore
 from taskstream.tasks.worker import TaskWorker, WorkerConfig
 
 if TYPE_CHECKING:
-    from taskstream.app import App
+    from taskstream.context import AppContext
 
 __all__ = ["TaskRuntime"]
 
@@ -72,16 +79,21 @@ def _close_background_apps() -> None:
 
 
 class TaskRuntime:
-    """Task futures for one App (``app.tasks``). The App's ``task``/``get_task``/... delegate here."""
+    """Task futures for one App (``app.tasks``). The App's ``task``/``get_task``/... delegate here.
 
-    def __init__(self, app: App, *, result_store: str | ResultStore | None, workers: bool | None) -> None:
-        self.app = app
+    Args:
+        context: what it uses of the App (broker, producer, settings, metrics, result store, start/stop); the
+            App passes its context again to :meth:`start` (it changes when metrics are turned on late).
+        workers: run task workers in this process; ``None``: when the broker runs in this process.
+    """
+
+    def __init__(self, context: AppContext, *, workers: bool | None) -> None:
+        self.context = context
         self.registry: dict[str, Task[Any, Any]] = {}
-        self.client = TaskClient(self)
+        self.client = TaskClient(self, context)
         self.worker: TaskWorker | None = None
         self.worker_config: WorkerConfig | None = None
         self._workers = workers
-        self._store_arg = result_store
         self._store: ResultStore | None = None
         self._store_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,7 +108,7 @@ class TaskRuntime:
     @property
     def producer(self) -> Producer:
         """The App's producer (encoding and size checks)."""
-        return self.app.producer
+        return self.context.producer
 
     @property
     def store(self) -> ResultStore:
@@ -109,21 +121,23 @@ class TaskRuntime:
 
     def _store_source(self) -> tuple[str | None, str]:
         """The configured result store URL (``None``: the default) and what error messages call it."""
-        if isinstance(self._store_arg, str):
-            return self._store_arg, "App(result_store=...)"
-        if self.app.settings.result_store_url is not None:
-            return self.app.settings.result_store_url.get_secret_value(), env_name("result_store_url")
+        configured = self.context.result_store
+        if isinstance(configured, str):
+            return configured, "App(result_store=...)"
+        if self.context.settings.result_store_url is not None:
+            return self.context.settings.result_store_url.get_secret_value(), env_name("result_store_url")
         return None, "the default result store"
 
     def _make_store(self) -> ResultStore:
-        arg = self._store_arg
-        ttl = self.app.settings.result_ttl
+        arg = self.context.result_store
+        ttl = self.context.settings.result_ttl
         if isinstance(arg, ResultStore):
             return arg
         url, name = self._store_source()
         if url is None:
-            if self.app.broker.capabilities.in_process:
-                hub = getattr(self.app.broker, "hub_name", None) or ""
+            broker = self.context.broker
+            if broker.capabilities.in_process:
+                hub = getattr(broker, "hub_name", None) or ""
                 url = f"memory://{hub}"
             else:
                 url = f"sqlite:///{default_sqlite_path()}"
@@ -139,13 +153,13 @@ class TaskRuntime:
             ConfigurationError: led by the setting's name, e.g. ``TASKSTREAM_RESULT_STORE_URL: unknown result
                 store URL scheme 'foo' ...`` or ``...: cannot open the SQLite result store ...``.
         """
-        configured = self._store_arg is not None or self.app.settings.result_store_url is not None
+        configured = self.context.result_store is not None or self.context.settings.result_store_url is not None
         if configured or self.runs_workers():
             _ = self.store
 
     def signing_key(self) -> bytes | None:
         """``settings.signing_key`` as bytes, or ``None``."""
-        key = self.app.settings.signing_key
+        key = self.context.settings.signing_key
         return key.get_secret_value().encode() if key is not None else None
 
     def runs_workers(self) -> bool:
@@ -154,7 +168,7 @@ class TaskRuntime:
             return True
         if self._workers is not None:
             return self._workers
-        return self.app.broker.capabilities.in_process
+        return self.context.broker.capabilities.in_process
 
     def enable_worker(self, config: WorkerConfig) -> None:
         """Make this App a task worker with ``config`` when it starts (what ``taskstream worker`` does)."""
@@ -182,46 +196,17 @@ class TaskRuntime:
 
     # -- registration --------------------------------------------------------------------------------
 
-    @overload
-    def task(self, func: F, /) -> Task[Any, Any]: ...
-
-    @overload
     def task(
-        self,
-        func: None = None,
-        /,
-        *,
-        name: str | None = None,
-        queue: str = DEFAULT_TASK_QUEUE,
-        retries: int = 0,
-        retry_delay: float = 0.5,
-        timeout: float | None = None,
-        cpu_bound: bool = False,
-        ship_code: bool = False,
-    ) -> Callable[[F], Task[Any, Any]]: ...
-
-    def task(
-        self,
-        func: F | None = None,
-        /,
-        *,
-        name: str | None = None,
-        queue: str = DEFAULT_TASK_QUEUE,
-        retries: int = 0,
-        retry_delay: float = 0.5,
-        timeout: float | None = None,
-        cpu_bound: bool = False,
-        ship_code: bool = False,
+        self, func: F | None = None, /, *, name: str | None = None, **options: Unpack[TaskOptionParams]
     ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
-        """Register a function as a task (see :meth:`taskstream.App.task`)."""
-        options = TaskOptions(
-            queue=queue,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            cpu_bound=cpu_bound,
-            ship_code=ship_code,
-        ).validated()
+        """Register a function as a task; the parameters and their typed overloads are :meth:`taskstream.App.task`'s.
+
+        Raises:
+            TypeError: a keyword ``@app.task`` does not take.
+            ConfigurationError: an option out of range, or a second function under a task's name.
+        """
+        check_task_params({"name": name, **options})
+        task_options = TaskOptions(**options).validated()
 
         def register(fn: F) -> Task[Any, Any]:
             if not callable(fn):
@@ -233,9 +218,9 @@ class TaskRuntime:
                     f"two tasks are named {task_name!r} ({existing.func.__qualname__} and {fn.__qualname__}); "
                     "pass name=... to tell them apart"
                 )
-            task: Task[Any, Any] = Task(self, task_name, fn, options)
+            task: Task[Any, Any] = Task(self, task_name, fn, task_options)
             self.registry[task_name] = task
-            self._serve_late(options.queue)
+            self._serve_late(task_options.queue)
             return task
 
         if func is not None:
@@ -285,7 +270,7 @@ class TaskRuntime:
                     raise RuntimeError(
                         "an App used from a done-callback of another App must be started first ('async with app')"
                     )
-                shared.run(self.app.start())
+                shared.run(self.context.start())
                 self._owned = shared
                 _OWNED.add(self)
             assert self._loop is not None
@@ -307,7 +292,7 @@ class TaskRuntime:
         self._stop_grace = grace
         try:
             if self._loop is not None and owned.thread.is_alive():
-                owned.run(self.app.stop(), timeout=(grace or 0) + 60.0)
+                owned.run(self.context.stop(), timeout=(grace or 0) + 60.0)
         finally:
             self._owned = None
             _OWNED.discard(self)
@@ -315,17 +300,18 @@ class TaskRuntime:
 
     # -- Component -----------------------------------------------------------------------------------
 
-    async def start(self, app: App) -> None:
-        """Bind to the running loop; start in-process workers when this App runs tasks."""
+    async def start(self, context: AppContext, /) -> None:
+        """Bind to ``context`` and the running loop; start in-process workers when this App runs tasks."""
+        self.context = self.client.context = context
         self._loop = asyncio.get_running_loop()
         self._loop_thread_id = threading.get_ident()
         if self.runs_workers():
             config = self.worker_config or WorkerConfig(
-                concurrency=app.settings.concurrency,
+                concurrency=context.settings.concurrency,
                 max_processes=os.cpu_count() or 1,
-                shutdown_grace=app.settings.shutdown_grace,
+                shutdown_grace=context.settings.shutdown_grace,
             )
-            self.worker = TaskWorker(self, config)
+            self.worker = TaskWorker(self, context, config)
             await self.worker.start()
 
     async def stop(self) -> None:

@@ -59,6 +59,7 @@ from taskstream.tasks.registry import MAX_RETRIES, TaskOptions, function_ref
 from taskstream.tasks.stores.base import TaskInfo
 
 if TYPE_CHECKING:
+    from taskstream.context import AppContext
     from taskstream.tasks.runtime import TaskRuntime
 
 __all__ = ["TaskWorker", "WorkerConfig"]
@@ -107,10 +108,17 @@ class _Runnable:
 
 
 class TaskWorker:
-    """Serves task queues for one App (in-process on the memory broker, or under ``taskstream worker``)."""
+    """Serves task queues for one App (in-process on the memory broker, or under ``taskstream worker``).
 
-    def __init__(self, runtime: TaskRuntime, config: WorkerConfig) -> None:
+    Args:
+        runtime: the task runtime (its registry, result store, signing key and process hooks).
+        context: the App's broker, producer, settings and metrics.
+        config: how it serves (queues, concurrency, processes, grace).
+    """
+
+    def __init__(self, runtime: TaskRuntime, context: AppContext, config: WorkerConfig) -> None:
         self.runtime = runtime
+        self.context = context
         self.config = config
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.consumers: dict[str, Consumer] = {}
@@ -147,10 +155,10 @@ class TaskWorker:
         """Start consuming ``queue`` (no-op if served already)."""
         if queue in self.consumers:
             return
-        settings = self.runtime.app.settings
+        settings = self.context.settings
         concurrency = max(self.config.concurrency, self.config.max_processes)
         consumer = Consumer(
-            self.runtime.app.broker,
+            self.context.broker,
             queue,
             self.handle,
             ConsumerConfig(
@@ -159,7 +167,7 @@ class TaskWorker:
                 max_attempts=MAX_RETRIES + settings.max_attempts + 1,
                 shutdown_grace=self.config.shutdown_grace,
             ),
-            claim_check=self.runtime.producer.claim_check,
+            claim_check=self.context.producer.claim_check,
             on_dead_letter=self._on_dead_letter,
         )
         self.consumers[queue] = consumer
@@ -180,7 +188,7 @@ class TaskWorker:
 
     async def _watch_depth(self) -> None:
         """Grow the process pool while queues with cpu_bound work are deep."""
-        broker = self.runtime.app.broker
+        broker = self.context.broker
         while True:
             await asyncio.sleep(DEPTH_INTERVAL)
             pool = self.pool
@@ -211,7 +219,7 @@ class TaskWorker:
             runnable = self._resolve(envelope, request)
         except TaskRefused as exc:
             await self._refuse_and_reject(delivery, envelope, request.task, exc)
-        allowed = runnable.retries + 1 + self.runtime.app.settings.max_attempts
+        allowed = runnable.retries + 1 + self.context.settings.max_attempts
         if delivery.attempt > allowed:
             error = TaskRefused(f"delivered {delivery.attempt} times without finishing (the worker died each time?)")
             await self._refuse_and_reject(delivery, envelope, request.task, error)
@@ -383,12 +391,12 @@ class TaskWorker:
         # Stored first, so a client that sees the result can also read it by id (read-your-writes).
         await self.runtime.store.finish(info)
         run_time = info.finished_at - info.started_at if info.finished_at and info.started_at else None
-        self.runtime.app.metrics.task_finished(info.name, info.status, run_time)
+        self.context.metrics.task_finished(info.name, info.status, run_time)
         await self._publish_reply(envelope, reply)
 
     async def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
         reply = Envelope(id=new_task_id(), kind="result", correlation_id=envelope.id, body=self._reply_body(info))
-        data, _ = await self.runtime.producer.prepare(reply)  # a large result travels by reference
+        data, _ = await self.context.producer.prepare(reply)  # a large result travels by reference
         return reply.id, data, broker_headers(reply)
 
     async def _publish_reply(self, envelope: Envelope, reply: tuple[str, bytes, dict[str, Any]] | None) -> None:
@@ -396,7 +404,7 @@ class TaskWorker:
             return
         message_id, data, headers = reply
         try:
-            await self.runtime.app.broker.publish(envelope.reply_to, data, headers=headers, message_id=message_id)
+            await self.context.broker.publish(envelope.reply_to, data, headers=headers, message_id=message_id)
         except Exception as exc:  # the client is gone; the store still has the outcome
             log.warning("could not reply to %s for task %s: %s", envelope.reply_to, envelope.id, exc)
 
