@@ -302,6 +302,7 @@ class Intake:
         self.stats.retried += 1
         self.metrics.retried()
         pause = self.retry.delay(delivery.attempt) if delay is None else delay
+        pause = min(pause, self.broker.capabilities.max_delay)  # the longest delay the broker can keep
         await self.settle_quietly(delivery.nack(requeue=True, delay=pause))
 
     async def retry_or_dead_letter(

@@ -78,8 +78,6 @@ class Capabilities:
         durable: messages survive a broker restart.
         ordered: one consumer sees messages in publish order (FIFO queues; per key where ``key`` is used).
         fanout: topic pub/sub (``declare(..., topics=...)`` and ``publish_topic``).
-        native_dead_letter: the broker itself moves messages after too many deliveries.
-        native_delay: ``nack(delay=...)`` / ``publish(delay=...)`` are done by the broker, not emulated.
         visibility_timeout: seconds an unacked message stays hidden before it returns by itself; ``None``
             where the broker holds it until ack or until the consumer's connection closes.
         max_batch: most messages one ``publish_batch`` call sends in one broker request.
@@ -96,8 +94,6 @@ class Capabilities:
     durable: bool
     ordered: bool
     fanout: bool
-    native_dead_letter: bool
-    native_delay: bool
     visibility_timeout: float | None
     max_batch: int = 100
     max_delay: float = 12 * 3600.0

@@ -201,8 +201,6 @@ class MemoryBroker(Broker):
             durable=False,
             ordered=True,
             fanout=True,
-            native_dead_letter=False,
-            native_delay=True,
             visibility_timeout=visibility_timeout,
             max_batch=1000,
             in_process=True,

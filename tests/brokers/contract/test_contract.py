@@ -364,3 +364,18 @@ async def test_graceful_shutdown_loses_nothing_and_runs_nothing_twice(ctx: Ctx) 
     twice = [body for body, count in counts.items() if count > 1]
     assert not twice, f"ran twice: {twice}"
     assert done_first, "the first consumer did nothing"
+
+
+async def test_an_ordered_broker_hands_one_consumer_a_keys_messages_in_publish_order(ctx: Ctx) -> None:
+    broker = await ctx.broker()
+    if not broker.capabilities.ordered:
+        pytest.skip(f"{broker.capabilities.name}: Capabilities.ordered is False (no order is promised)")
+    queue = await ctx.queue(broker, fifo=True)  # SQS keeps order on FIFO queues, per key (message group)
+    await broker.publish_batch(queue, [OutgoingMessage(b"%d" % n, {}, message_id=f"o-{n}", key="k") for n in range(20)])
+    seen: list[int] = []
+    async with broker.consume(queue, prefetch=1) as sub:
+        for _ in range(20):
+            [delivery] = await receive(sub, 1)
+            seen.append(int(delivery.body))
+            await delivery.ack()
+    assert seen == list(range(20))

@@ -109,8 +109,6 @@ class AzureQueueBroker(Broker):
             durable=True,
             ordered=False,
             fanout=False,
-            native_dead_letter=False,
-            native_delay=True,
             visibility_timeout=float(self.visibility_timeout),
             max_batch=MAX_PAGE,
             max_delay=float(MAX_VISIBILITY),

@@ -56,8 +56,6 @@ class RabbitMQBroker(Broker):
             durable=self.config.durable and self.config.persistent,
             ordered=True,
             fanout=True,
-            native_dead_letter=False,
-            native_delay=True,
             visibility_timeout=None,
             max_batch=1000,
             max_delay=MAX_DELAY,

@@ -64,8 +64,6 @@ class SQSBroker(Broker):
             durable=True,
             ordered=True,  # on .fifo queues, per message key (group)
             fanout=False,
-            native_dead_letter=True,
-            native_delay=True,
             visibility_timeout=self.options.visibility_timeout,
             max_batch=SQS_MAX_BATCH,
             max_delay=float(SQS_MAX_DELAY),

@@ -175,8 +175,6 @@ class ZeroMQBroker(Broker):
             durable=False,
             ordered=True,
             fanout=True,
-            native_dead_letter=False,
-            native_delay=True,
             visibility_timeout=None,
             max_batch=1000,
             reports_in_flight=True,
