@@ -36,16 +36,15 @@ Scheme              Backend                                     Extra
 from __future__ import annotations
 
 import abc
-import difflib
-import importlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from taskstream.errors import ConfigurationError, MissingExtraError, NotSupported
-from taskstream.settings import Settings, redact_url
+from taskstream.errors import NotSupported
+from taskstream.schemes import Backend, load_backend
+from taskstream.settings import Settings
 
 __all__ = [
     "Broker",
@@ -344,13 +343,20 @@ def topic_matches(pattern: str, topic: str) -> bool:
 
 
 # scheme -> (module, class, extra, driver module for the install hint)
-_BACKENDS: dict[str, tuple[str, str, str | None, str]] = {
-    "memory": ("taskstream.brokers.memory", "MemoryBroker", None, ""),
-    "amqp": ("taskstream.brokers.rabbitmq", "RabbitMQBroker", "rabbitmq", "aio_pika"),
-    "amqps": ("taskstream.brokers.rabbitmq", "RabbitMQBroker", "rabbitmq", "aio_pika"),
-    "sqs": ("taskstream.brokers.sqs", "SQSBroker", "sqs", "aiobotocore"),
-    "azurequeue": ("taskstream.brokers.azure_queues", "AzureQueueBroker", "azure", "azure.storage.queue"),
-    "zmq": ("taskstream.brokers.zeromq", "ZeroMQBroker", "zmq", "zmq"),
+#: URL scheme -> the broker class (imported on first use) and the extra its driver comes with.
+_BACKENDS: dict[str, Backend] = {
+    "memory": Backend("taskstream.brokers.memory:MemoryBroker", "memory"),
+    "amqp": Backend("taskstream.brokers.rabbitmq:RabbitMQBroker", "RabbitMQ", "rabbitmq", "aio_pika", "aio-pika"),
+    "amqps": Backend("taskstream.brokers.rabbitmq:RabbitMQBroker", "RabbitMQ", "rabbitmq", "aio_pika", "aio-pika"),
+    "sqs": Backend("taskstream.brokers.sqs:SQSBroker", "SQS", "sqs", "aiobotocore", "aiobotocore"),
+    "azurequeue": Backend(
+        "taskstream.brokers.azure_queues:AzureQueueBroker",
+        "Azure Storage Queues",
+        "azure",
+        "azure.storage.queue",
+        "azure-storage-queue",
+    ),
+    "zmq": Backend("taskstream.brokers.zeromq:ZeroMQBroker", "ZeroMQ", "zmq", "zmq", "pyzmq"),
 }
 
 
@@ -368,22 +374,7 @@ def broker_from_url(url: str, *, settings: Settings | None = None, **options: An
         ConfigurationError: unknown scheme (with a "did you mean"), or a bad URL.
         MissingExtraError: the backend's extra is not installed; the message names the ``pip install``.
     """
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in _BACKENDS:
-        hint = difflib.get_close_matches(scheme, list(_BACKENDS), n=1)
-        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigurationError(
-            f"unknown broker URL scheme {scheme!r} in {redact_url(url)!r}{suggestion} "
-            f"(known: {', '.join(sorted(_BACKENDS))})"
-        )
-    module_name, class_name, extra, driver = _BACKENDS[scheme]
-    if driver:
-        try:
-            importlib.import_module(driver)
-        except ImportError as exc:
-            raise MissingExtraError(scheme, extra or scheme, driver.split(".")[0]) from exc
-    module = importlib.import_module(module_name)
-    cls = getattr(module, class_name)
+    cls = load_backend(_BACKENDS, url, what="broker", base=Broker)
     if settings is not None and "settings" in inspect.signature(cls.from_url).parameters:
         options["settings"] = settings
     broker: Broker = cls.from_url(url, **options)
