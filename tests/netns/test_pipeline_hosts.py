@@ -23,6 +23,7 @@ from examples.sensor_windows import build_pipeline, read_results
 from tests.cluster.nodes import ScriptCluster
 from tests.cluster.traffic import ROOT
 from tests.netns.hosts import Network
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -38,6 +39,12 @@ def spawn_stage(
     command += ["--replica", str(replica), "--state", state]
     with (workdir / f"{stage}-{replica}.out").open("wb") as sink:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def consuming(node: ScriptCluster, pipeline: str) -> int:
+    """How many of ``pipeline``'s queues have a consumer."""
+    rows = node.ctl_json("list_queues", "name", "consumers", via=1)
+    return sum(1 for row in rows if row["name"].startswith(pipeline + "-") and row["consumers"] > 0)
 
 
 def tails(workdir: Path) -> dict[str, str]:
@@ -76,14 +83,24 @@ async def test_s8_stage_by_stage_across_hosts_with_a_link_cut_equals_the_fused_r
         spawn_stage(second.exec_prefix(), on_second, "store", 0, tmp_path),
     ]
     try:
-        await asyncio.sleep(3)  # the consumers declare their queues before the source publishes
+        # every replica and the store consume before the source publishes (and before the cut: a first
+        # connect that fails stops the process, for its supervisor to start again)
+        await wait_for(
+            lambda: consuming(broker_node, name) >= 4, what="the four consuming stages connected", timeout=120
+        )
         processes.append(spawn_stage(second.exec_prefix(), on_second, "sensor", 0, tmp_path))
         await asyncio.sleep(2)
         assert processes[-1].poll() is None, "the source ended before the cut: the cut would not be mid-run"
         first.cut()
         await asyncio.sleep(5)
         first.restore()
-        codes = await asyncio.to_thread(lambda: [p.wait(180) for p in processes])
+        await wait_for(
+            lambda: all(p.poll() is not None for p in processes) or any(p.poll() for p in processes),
+            what="every stage ended by end-of-stream",
+            timeout=180,
+            interval=0.2,
+        )
+        codes = [p.poll() for p in processes]
         assert codes == [0] * len(processes), await asyncio.to_thread(tails, tmp_path)
     finally:
         for process in processes:
