@@ -46,7 +46,7 @@ from taskstream.messages import Envelope
 from taskstream.observe.metrics import Recorder, attach, resolve
 from taskstream.producer import Producer
 from taskstream.settings import Settings, env_name, redact_url
-from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, TaskParams
+from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, TaskParams, task_options
 from taskstream.tasks.runtime import TaskRuntime
 
 if TYPE_CHECKING:
@@ -286,7 +286,12 @@ class App:
             TypeError: a keyword it does not take (the message names the ones it does).
             ConfigurationError: an option out of range, or two functions under one task name.
         """
-        return self.tasks.task(func, **params)
+        name, options = task_options(params)  # a bad option fails here, before any function is given
+
+        def register(fn: F) -> Task[Any, Any]:
+            return self.tasks.register(fn, name, options)
+
+        return register(func) if func is not None else register
 
     def remote(
         self, name: str, *, queue: str = DEFAULT_TASK_QUEUE, retries: int | None = None, timeout: float | None = None

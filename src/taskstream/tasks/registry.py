@@ -20,7 +20,7 @@ from taskstream.tasks.protocol import ShippedCode, function_source
 if TYPE_CHECKING:
     from taskstream.tasks.future import TaskFuture
 
-__all__ = ["DEFAULT_TASK_QUEUE", "Submitter", "Task", "TaskOptionParams", "TaskOptions", "TaskParams", "function_ref"]
+__all__ = ["DEFAULT_TASK_QUEUE", "Submitter", "Task", "TaskOptions", "TaskParams", "function_ref", "task_options"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,9 +66,11 @@ class TaskOptions:
         return self
 
 
-class TaskOptionParams(TypedDict, total=False):
-    """The :class:`TaskOptions` that ``@app.task(...)`` takes as keywords; one left out keeps its default."""
+class TaskParams(TypedDict, total=False):
+    """The keywords of ``@app.task(...)``, declared once: ``name`` (default: the function's ``__name__``) and
+    the fields of :class:`TaskOptions` (one left out keeps its default)."""
 
+    name: str | None
     queue: str
     retries: int
     retry_delay: float
@@ -77,20 +79,22 @@ class TaskOptionParams(TypedDict, total=False):
     ship_code: bool
 
 
-class TaskParams(TaskOptionParams, total=False):
-    """Every keyword of ``@app.task(...)``, declared once (``name``: the function's ``__name__`` if left out)."""
+def task_options(params: TaskParams) -> tuple[str | None, TaskOptions]:
+    """``(name, options)`` from the keywords of ``@app.task(...)``, checked.
 
-    name: str | None
-
-
-def check_task_params(params: dict[str, Any]) -> None:
-    """Raise a clear ``TypeError`` for a keyword ``@app.task`` does not take, naming the ones it does."""
+    Raises:
+        TypeError: a keyword ``@app.task`` does not take (named, with the ones it does).
+        ConfigurationError: an option out of range (see :meth:`TaskOptions.validated`).
+    """
     known = TaskParams.__annotations__
     unknown = sorted(k for k in params if k not in known)
     if unknown:
         raise TypeError(
             f"@app.task got unexpected keyword argument(s) {', '.join(unknown)} (it takes: {', '.join(sorted(known))})"
         )
+    values: dict[str, Any] = dict(params)
+    name: str | None = values.pop("name", None)
+    return name, replace(TaskOptions(), **values).validated()
 
 
 class Submitter(Protocol):

@@ -24,7 +24,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any
 
 from taskstream.config_check import setting
 from taskstream.errors import ConfigurationError
@@ -34,14 +34,7 @@ from taskstream.tasks.client import TaskClient
 from taskstream.tasks.errors import TaskNotFound
 from taskstream.tasks.future import TaskFuture
 from taskstream.tasks.loop import LoopThread
-from taskstream.tasks.registry import (
-    DEFAULT_TASK_QUEUE,
-    Task,
-    TaskOptionParams,
-    TaskOptions,
-    check_task_params,
-    function_ref,
-)
+from taskstream.tasks.registry import DEFAULT_TASK_QUEUE, Task, TaskOptions, function_ref
 from taskstream.tasks.stores.base import ResultStore, TaskInfo, default_sqlite_path, result_store_from_url
 from taskstream.tasks.stores.memory import MemoryResultStore
 from taskstream.tasks.worker import TaskWorker, WorkerConfig
@@ -53,7 +46,6 @@ __all__ = ["TaskRuntime"]
 
 log = logging.getLogger("taskstream.tasks")
 
-F = TypeVar("F", bound=Callable[..., Any])
 EXIT_GRACE = 2.0
 
 _OWNED: weakref.WeakSet[TaskRuntime] = weakref.WeakSet()
@@ -196,36 +188,25 @@ class TaskRuntime:
 
     # -- registration --------------------------------------------------------------------------------
 
-    def task(
-        self, func: F | None = None, /, *, name: str | None = None, **options: Unpack[TaskOptionParams]
-    ) -> Task[Any, Any] | Callable[[F], Task[Any, Any]]:
-        """Register a function as a task; the parameters and their typed overloads are :meth:`taskstream.App.task`'s.
+    def register(self, func: Callable[..., Any], name: str | None, options: TaskOptions) -> Task[Any, Any]:
+        """Register ``func`` as a task under ``name`` (default: its ``__name__``); ``@app.task`` comes here.
 
         Raises:
-            TypeError: a keyword ``@app.task`` does not take.
-            ConfigurationError: an option out of range, or a second function under a task's name.
+            ConfigurationError: ``func`` is not callable, or another function has this task's name.
         """
-        check_task_params({"name": name, **options})
-        task_options = TaskOptions(**options).validated()
-
-        def register(fn: F) -> Task[Any, Any]:
-            if not callable(fn):
-                raise ConfigurationError(f"@app.task needs a function, got {type(fn).__name__}")
-            task_name = name or fn.__name__
-            existing = self.registry.get(task_name)
-            if existing is not None and existing.func is not None and function_ref(existing.func) != function_ref(fn):
-                raise ConfigurationError(
-                    f"two tasks are named {task_name!r} ({existing.func.__qualname__} and {fn.__qualname__}); "
-                    "pass name=... to tell them apart"
-                )
-            task: Task[Any, Any] = Task(self, task_name, fn, task_options)
-            self.registry[task_name] = task
-            self._serve_late(task_options.queue)
-            return task
-
-        if func is not None:
-            return register(func)
-        return register
+        if not callable(func):
+            raise ConfigurationError(f"@app.task needs a function, got {type(func).__name__}")
+        task_name = name or func.__name__
+        existing = self.registry.get(task_name)
+        if existing is not None and existing.func is not None and function_ref(existing.func) != function_ref(func):
+            raise ConfigurationError(
+                f"two tasks are named {task_name!r} ({existing.func.__qualname__} and {func.__qualname__}); "
+                "pass name=... to tell them apart"
+            )
+        task: Task[Any, Any] = Task(self, task_name, func, options)
+        self.registry[task_name] = task
+        self._serve_late(options.queue)
+        return task
 
     def remote(
         self,
