@@ -72,7 +72,7 @@ def run_command(
         str | None, typer.Option(help="State store URL for snapshots (sqlite:///path, redis://...).")
     ] = None,
     fresh: Annotated[bool, typer.Option(help="Forget this replica's snapshot (a new run, not a restart).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Items processed together.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Items processed together.")] = 1024,  # RunConfig.batch_size
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     health_port: Annotated[
         int | None,

@@ -47,20 +47,27 @@ async def read_source(
 
 
 async def read_queue(
-    subscription: Subscription, inbox: asyncio.Queue[tuple[Any, ...]], size: int, linger: float
+    subscription: Subscription,
+    inbox: asyncio.Queue[tuple[Any, ...]],
+    size: int,
+    linger: float,
+    max_bytes: int | None = None,
 ) -> None:
-    """Put deliveries on ``inbox`` in batches of up to ``size``, gathered for at most ``linger`` seconds."""
+    """Put deliveries on ``inbox`` in batches of up to ``size`` (and ``max_bytes`` of bodies, the delivery that
+    crosses it included), gathered for at most ``linger`` seconds."""
     try:
         while True:
             batch = [await subscription.__anext__()]
+            held = len(batch[0].body)
             deadline = time.monotonic() + linger
-            while len(batch) < size:
+            while len(batch) < size and (max_bytes is None or held < max_bytes):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 try:
                     async with asyncio.timeout(left):
                         batch.append(await subscription.__anext__())
+                    held += len(batch[-1].body)
                 except TimeoutError:
                     break
             await inbox.put(("deliveries", batch))

@@ -63,7 +63,11 @@ from taskstream.stream_ops.wire import (
     read_record,
 )
 
-__all__ = ["RunConfig", "RunResult", "Runner"]
+__all__ = ["DEFAULT_BATCH_SIZE", "RunConfig", "RunResult", "Runner"]
+
+DEFAULT_BATCH_SIZE = 1024  # items per source batch (measured: 256 left S8 waiting on publisher confirms)
+DEFAULT_PREFETCH = 256  # unacked deliveries at most, by default: each may be a record batch
+MAX_INPUT_BYTES = 1024 * 1024  # an input batch from a stage queue stops growing past this many bytes of bodies
 
 log = logging.getLogger("taskstream.stream_ops")
 
@@ -73,8 +77,10 @@ class RunConfig:
     """How a runtime batches and bounds its work.
 
     Attributes:
-        batch_size: most items read and processed together.
-        prefetch: most unacked deliveries held (default ``4 * batch_size``).
+        batch_size: most items read from a source and processed together, and most deliveries read together
+            from a stage queue (which stop early at ``MAX_INPUT_BYTES`` of bodies: a delivery between stages
+            is a record batch).
+        prefetch: most unacked deliveries held (default ``4 * batch_size``, at most 256).
         linger: seconds to wait for more deliveries to fill a batch once one arrived.
         max_queue_depth: a stage pauses publishing while a downstream queue holds more than this (``None``: no
             limit); keeps memory bounded when a later stage is slow.
@@ -83,7 +89,7 @@ class RunConfig:
             skip redeliveries and records published again.
     """
 
-    batch_size: int = 256
+    batch_size: int = DEFAULT_BATCH_SIZE
     prefetch: int | None = None
     linger: float = 0.005
     max_queue_depth: int | None = 10_000
@@ -253,9 +259,11 @@ class Runner:
                 self.intake = Intake(
                     self.broker, queue, claim_check=self.claim_check, dead_letter_queue=self.plan.dead_letter_queue
                 )
-                prefetch = self.config.prefetch or 4 * self.config.batch_size
+                prefetch = self.config.prefetch or min(4 * self.config.batch_size, DEFAULT_PREFETCH)
                 self._subscription = self.broker.consume(queue, prefetch=prefetch)
-                reader = read_queue(self._subscription, inbox, self.config.batch_size, self.config.linger)
+                reader = read_queue(
+                    self._subscription, inbox, self.config.batch_size, self.config.linger, MAX_INPUT_BYTES
+                )
                 readers.append(asyncio.create_task(reader, name=f"queue:{queue}"))
             result.ended_by = await self._loop(inbox, len(sources))
             await self._finish()

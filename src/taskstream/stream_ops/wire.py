@@ -74,7 +74,7 @@ __all__ = [
 RECORD_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record"}
 CONTROL_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "control"}
 BATCH_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record", "ts_batch": 1}
-MAX_BATCH_BYTES = 1024 * 1024  # a batch message stays under this (and under the broker's claim-check threshold)
+MAX_BATCH_BYTES = 256 * 1024  # a batch message stays under this (and under the broker's claim-check threshold)
 
 
 def record_message(
