@@ -153,10 +153,11 @@ async def test_window_replica_restarted_many_times_neither_loses_nor_double_coun
     # Each (key, window) has one result: a result published again by a replica killed before its snapshot
     # carries the id it had, and the store stage skips it.
     assert len({(k, r["start"]) for k, r in windows}) == len(windows)
-    # Nothing is lost or counted twice: every reading is in its window's count or, when a kill sent it back to
-    # the end of the queue behind readings past the allowed lateness (memory broker requeues at the tail), in
-    # the late output. Windows no reading went late from equal the reference (means to 9 places: redelivered
-    # readings may be summed in another order).
+    # Nothing is lost and no window counts a reading twice: every reading is in its window's count or, when a
+    # kill sent it back to the end of the queue behind readings past the allowed lateness (the memory broker
+    # requeues at the tail), in the late output. A reading whose window result was published before the kill
+    # may be in both (docs/streams.md, "Late after a replay"), never twice in a window. Windows no reading went
+    # late from equal the reference (means to 9 places: redelivered readings may be summed in another order).
     readings = {
         r["seq"]: r
         for r in SimulatedSensor(6, rate=100, count=2000, start=0.0, late=0.0, out_of_order=0.0, seed=11).readings(0.0)
@@ -165,7 +166,9 @@ async def test_window_replica_restarted_many_times_neither_loses_nor_double_coun
     got = {(k, r["start"]): r for k, r in windows}
     for key, res in reference.items:
         where = (key, res["start"])
-        assert (got[where]["n"] if where in got else 0) + late_per_window[where] == res["n"], where
+        counted = got[where]["n"] if where in got else 0
+        assert counted <= res["n"], where  # never counted twice
+        assert counted + late_per_window[where] >= res["n"], where  # never lost
         if not late_per_window[where]:
             assert round(got[where]["mean"], 9) == round(res["mean"], 9), where
     assert set(got) <= {(key, res["start"]) for key, res in reference.items}
