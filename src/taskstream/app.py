@@ -42,7 +42,7 @@ from taskstream.config_check import check_broker_url, claim_check_from_settings,
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.context import AppContext
 from taskstream.errors import BrokerConnectionError, ConfigurationError, ValidationFailed
-from taskstream.messages import Envelope
+from taskstream.messages import Envelope, short_errors
 from taskstream.observe.metrics import Recorder, attach, resolve
 from taskstream.producer import Producer
 from taskstream.settings import Settings, env_name, redact_url
@@ -530,7 +530,7 @@ class App:
                     body = spec.body_adapter.validate_python(body)
                 except PydanticValidationError as exc:
                     raise ValidationFailed(
-                        f"body does not match {spec.func.__qualname__}'s annotation: {_short(exc)}"
+                        f"body does not match {spec.func.__qualname__}'s annotation: {short_errors(exc, '<body>')}"
                     ) from exc
             kwargs = {spec.message_param: message} if spec.message_param else {}
             if spec.is_async:
@@ -566,14 +566,6 @@ def _inspect_handler(func: Callable[..., Any]) -> tuple[TypeAdapter[Any] | None,
     body_hint = hints.get(params[0].name)
     adapter = TypeAdapter(body_hint) if body_hint is not None and body_hint is not Any else None
     return adapter, message_param
-
-
-def _short(exc: PydanticValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
 
 
 async def _call_hook(hook: Hook) -> None:

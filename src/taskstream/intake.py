@@ -45,7 +45,7 @@ from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage
 from taskstream.errors import MessageError, MessageTooLarge
-from taskstream.messages import MAX_DEPTH, Envelope, envelope_document, is_envelope_document, loads
+from taskstream.messages import MAX_DEPTH, Envelope, envelope_document, is_envelope_document, loads, short_errors
 from taskstream.observe.metrics import recorder_for
 from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.base import PayloadStoreError
@@ -270,7 +270,7 @@ class Intake:
             else:
                 opened.envelope = Envelope(id=delivery.message_id or Envelope().id, kind="raw", body=doc)
         except Exception as exc:
-            return Refused(f"malformed message: broken taskstream envelope: {_short(exc)}")
+            return Refused(f"malformed message: broken taskstream envelope: {short_errors(exc)}")
         return opened
 
     async def open(self, delivery: Delivery) -> Opened | None:
@@ -393,17 +393,3 @@ class Intake:
 def _document(envelope: Envelope) -> Any:
     """The document :func:`~taskstream.messages.loads` gives for the inline bytes of ``envelope``."""
     return envelope.body if envelope.kind == "raw" else envelope_document(envelope)
-
-
-def _short(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        try:
-            parts = []
-            for err in errors()[:3]:
-                loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-                parts.append(f"{loc}: {err['msg']}")
-            return "; ".join(parts)
-        except Exception:
-            pass
-    return f"{type(exc).__name__}: {exc}"

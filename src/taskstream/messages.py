@@ -56,6 +56,7 @@ __all__ = [
     "loads",
     "new_id",
     "rebuild",
+    "short_errors",
     "restore_binary",
 ]
 
@@ -284,7 +285,7 @@ def decode(data: bytes, *, message_id: str | None = None) -> Envelope:
         try:
             return Envelope.model_validate(parsed)
         except PydanticValidationError as exc:
-            raise MalformedMessage(f"broken taskstream envelope: {_short_errors(exc)}") from exc
+            raise MalformedMessage(f"broken taskstream envelope: {short_errors(exc)}") from exc
     return Envelope(id=message_id or new_id(), kind="raw", body=parsed)
 
 
@@ -296,10 +297,25 @@ def is_envelope_document(doc: Any) -> bool:
     return type(doc) is dict and doc.get("ts") == WIRE_VERSION and "kind" in doc
 
 
-def _short_errors(exc: PydanticValidationError) -> str:
+def short_errors(exc: Exception, root: str = "<root>") -> str:
+    """The first three problems of a pydantic ``ValidationError`` as ``"loc: msg; ..."`` (``root`` names an empty
+    location); any other exception as ``"Type: message"``.
+
+    Example:
+        >>> from pydantic import BaseModel
+        >>> class M(BaseModel):
+        ...     n: int
+        >>> try:
+        ...     M.model_validate({"n": "x"})
+        ... except Exception as exc:
+        ...     print(short_errors(exc))
+        n: Input should be a valid integer, unable to parse string as an integer
+    """
+    if not isinstance(exc, PydanticValidationError):
+        return f"{type(exc).__name__}: {exc}"
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in err["loc"]) or root
         parts.append(f"{loc}: {err['msg']}")
     return "; ".join(parts)
 

@@ -33,6 +33,7 @@ from taskstream.messages import (
     loads,
     rebuild,
     restore_binary,
+    short_errors,
 )
 
 __all__ = ["MAGIC", "decode_blob", "encode_blob"]
@@ -109,7 +110,7 @@ def decode_blob(data: bytes, *, message_id: str | None = None) -> Envelope:
     try:
         return Envelope.model_validate(doc)
     except PydanticValidationError as exc:
-        raise MalformedMessage(f"broken taskstream envelope in payload blob: {exc.errors()[:1]}") from exc
+        raise MalformedMessage(f"broken taskstream envelope in payload blob: {short_errors(exc)}") from exc
 
 
 def _restore(value: Any, buffers: list[memoryview]) -> Any:

@@ -24,7 +24,7 @@ from pydantic import ValidationError as PydanticValidationError
 from taskstream.brokers.base import Delivery, OutgoingMessage, Subscription
 from taskstream.errors import BrokerConnectionError, ConfigurationError, TaskError
 from taskstream.intake import Intake, Refused, reply_dead_letter_queue
-from taskstream.messages import Envelope, encode, new_id
+from taskstream.messages import Envelope, encode, new_id, short_errors
 from taskstream.payloads import PayloadRef
 from taskstream.producer import broker_headers
 from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
@@ -413,9 +413,7 @@ class TaskClient(FutureOwner):
         try:
             reply = TaskReply.model_validate(body)
         except PydanticValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: {err['msg']}" for err in exc.errors()[:3]
-            )
+            problems = short_errors(exc, "<body>")
             self._settle_all(entry, TaskError(f"malformed reply for task {entry.task.name} ({task_id}): {problems}"))
             return
         info = entry.info

@@ -50,7 +50,7 @@ from pydantic import ValidationError as PydanticValidationError
 from taskstream.brokers.base import Delivery
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import MessageTooLarge, Reject, Retry
-from taskstream.messages import Envelope, header_str
+from taskstream.messages import Envelope, header_str, short_errors
 from taskstream.producer import broker_headers
 from taskstream.tasks.errors import TaskRefused, TaskTimeout, error_to_data
 from taskstream.tasks.pool import DEFAULT_IDLE_TIMEOUT, ProcessPool, Target, run_items
@@ -213,7 +213,7 @@ class TaskWorker:
         try:
             request = TaskRequest.model_validate(envelope.body)
         except PydanticValidationError as exc:
-            error = TaskRefused(f"malformed task request: {_short(exc)}")
+            error = TaskRefused(f"malformed task request: {short_errors(exc, '<body>')}")
             await self._refuse_and_reject(delivery, envelope, "", error)
         try:
             runnable = self._resolve(envelope, request)
@@ -509,11 +509,3 @@ def _envelope_from_headers(delivery: Delivery) -> Envelope | None:
     if not task_id or not reply_to:
         return None
     return Envelope(id=task_id, kind="task", reply_to=reply_to)
-
-
-def _short(exc: PydanticValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
