@@ -122,8 +122,12 @@ Op = Callable[[sqlite3.Connection], Any]
 
 
 SYNCHRONOUS_LEVELS = ("normal", "full")
-_CACHE_KIB = 16 * 1024  # page cache of the task path's connection
-_MMAP_BYTES = 64 * 1024 * 1024  # reads through the OS page cache without read() calls (more measured slower)
+# Clean pages are read in place through the memory map (the OS page cache, shared by every process using the file);
+# the connection's own cache holds little more than the pages a transaction changes. At 1,000,000 records a 16 MiB
+# cache with a 64 MiB map cost 53-56 us of CPU per task and this pair 46-49 (empty: 40-42 either way): SQLite's
+# per-transaction upkeep of its own cache grows with what that cache holds (issue 15, benchmarks/bench_store.py).
+_CACHE_KIB = 2 * 1024  # private page cache of the task path's connection
+_MMAP_BYTES = 1024 * 1024 * 1024  # the whole file of several million records (file-backed memory, reclaimable)
 _WAL_LIMIT_BYTES = 16 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 _VACUUM_ON_OPEN_BYTES = 256 * 1024 * 1024  # older files up to this size are converted to auto_vacuum at open
 
