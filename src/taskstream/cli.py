@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from taskstream.cli_options import BrokerOpt, HealthHostOpt, HealthPortOpt, VerboseOpt
 from taskstream.errors import ConfigurationError, TaskstreamError
 
 __all__ = ["EXTENSIONS", "cli", "load_object", "main"]
@@ -107,15 +108,10 @@ def demo(
 @cli.command()
 def run(
     target: Annotated[str, typer.Argument(help="module:app, e.g. examples.two_stage:app")],
-    broker: Annotated[str | None, typer.Option(help="Broker URL (overrides TASKSTREAM_BROKER_URL).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-    health_port: Annotated[
-        int | None,
-        typer.Option(
-            envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz, /readyz and /metrics on this port (metrics on)."
-        ),
-    ] = None,
-    health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
+    broker: BrokerOpt = None,
+    verbose: VerboseOpt = False,
+    health_port: HealthPortOpt = None,
+    health_host: HealthHostOpt = "0.0.0.0",
 ) -> None:
     """Run an App's consumers until SIGTERM or SIGINT, then stop cleanly (exit 0)."""
     import asyncio

@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
+from taskstream.cli_options import BrokerOpt, HealthHostOpt, HealthPortOpt, VerboseOpt
 from taskstream.errors import ConfigurationError
 
 __all__ = ["load_pipeline", "register"]
@@ -32,8 +33,6 @@ __all__ = ["load_pipeline", "register"]
 pipeline_cli = typer.Typer(
     name="pipeline", help="Stream pipelines: run fused or by stage, draw, stop.", no_args_is_help=True
 )
-
-BrokerOpt = Annotated[str | None, typer.Option("--broker", help="Broker URL (default TASKSTREAM_BROKER_URL).")]
 
 
 def load_pipeline(target: str) -> Any:
@@ -73,14 +72,9 @@ def run_command(
     ] = None,
     fresh: Annotated[bool, typer.Option(help="Forget this replica's snapshot (a new run, not a restart).")] = False,
     batch_size: Annotated[int, typer.Option(help="Items processed together.")] = 1024,  # RunConfig.batch_size
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-    health_port: Annotated[
-        int | None,
-        typer.Option(
-            envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz, /readyz and /metrics on this port (metrics on)."
-        ),
-    ] = None,
-    health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
+    verbose: VerboseOpt = False,
+    health_port: HealthPortOpt = None,
+    health_host: HealthHostOpt = "0.0.0.0",
 ) -> None:
     """Run a pipeline fused in this process, or one replica of one stage."""
     from taskstream.cli import _setup_logging

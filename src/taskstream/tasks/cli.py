@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import orjson
 import typer
 
+from taskstream.cli_options import BrokerOpt, HealthHostOpt, HealthPortOpt, VerboseOpt
 from taskstream.config_check import setting
 from taskstream.errors import ConfigurationError
 from taskstream.settings import Settings, env_name
@@ -70,16 +71,11 @@ def worker(
         str | None, typer.Option(help="MIN:MAX worker processes, grown while the queue is deep.")
     ] = None,
     idle_timeout: Annotated[float, typer.Option(help="Seconds before an idle worker process stops.")] = 30.0,
-    broker: Annotated[str | None, typer.Option(help="Broker URL (overrides TASKSTREAM_BROKER_URL).")] = None,
+    broker: BrokerOpt = None,
     result_store: Annotated[str | None, typer.Option(help="Result store URL.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-    health_port: Annotated[
-        int | None,
-        typer.Option(
-            envvar="TASKSTREAM_HEALTH_PORT", help="Serve /healthz, /readyz and /metrics on this port (metrics on)."
-        ),
-    ] = None,
-    health_host: Annotated[str, typer.Option(envvar="TASKSTREAM_HEALTH_HOST")] = "0.0.0.0",
+    verbose: VerboseOpt = False,
+    health_port: HealthPortOpt = None,
+    health_host: HealthHostOpt = "0.0.0.0",
 ) -> None:
     """Serve an App's task queues until SIGTERM or SIGINT (running calls finish or are requeued)."""
     from taskstream.app import App
@@ -164,7 +160,7 @@ def submit(
     kwarg: Annotated[list[str] | None, typer.Option("--kwarg", "-k", help="Keyword argument name=value.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait with --wait.")] = None,
-    broker: Annotated[str | None, typer.Option(help="Broker URL (overrides TASKSTREAM_BROKER_URL).")] = None,
+    broker: BrokerOpt = None,
     result_store: Annotated[str | None, typer.Option(help="Result store URL.")] = None,
 ) -> None:
     """Submit one call by name; print its task id (and with --wait, its result as JSON)."""
