@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from taskstream.errors import ConfigurationError
 from taskstream.payloads.claimcheck import ClaimCheck
 
 if TYPE_CHECKING:
@@ -58,3 +59,22 @@ class RuntimeContext:
         if stats is None:
             stats = self.stats[node_id] = NodeStats()
         return stats
+
+    async def queue_broker(self, given: str | Broker | None, who: str) -> tuple[Broker, bool]:
+        """The broker a queue source or sink uses: ``given`` (an instance, or a URL connected here), else the
+        runtime's. Returns it and whether the caller owns it (and closes it when done).
+
+        Raises:
+            ConfigurationError: nothing given and the runtime has no broker; ``who`` names the step.
+        """
+        from taskstream.brokers.base import Broker, broker_from_url
+
+        if isinstance(given, Broker):
+            return given, False
+        if isinstance(given, str):
+            broker = broker_from_url(given)
+            await broker.connect()
+            return broker, True
+        if self.broker is not None:
+            return self.broker, False
+        raise ConfigurationError(f"{who} has no broker: pass broker= or run on one")

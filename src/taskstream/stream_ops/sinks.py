@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from taskstream.brokers.base import Broker, OutgoingMessage, broker_from_url
+from taskstream.brokers.base import Broker, OutgoingMessage
 from taskstream.errors import ConfigurationError
 from taskstream.messages import CONTENT_TYPE, WIRE_VERSION, dumps, new_id
 from taskstream.producer import Producer
@@ -374,16 +374,6 @@ class QueueSink(Sink):
         self.broker = broker
 
     async def open(self, ctx: RuntimeContext) -> SinkWriter:
-        own = False
-        if isinstance(self.broker, Broker):
-            broker = self.broker
-        elif isinstance(self.broker, str):
-            broker = broker_from_url(self.broker)
-            await broker.connect()
-            own = True
-        elif ctx.broker is not None:
-            broker = ctx.broker
-        else:
-            raise ConfigurationError(f"QueueSink({self.queue!r}) has no broker: pass broker= or run on one")
+        broker, own = await ctx.queue_broker(self.broker, f"QueueSink({self.queue!r})")
         await broker.declare(self.queue, fifo=self.queue.endswith(".fifo"))
         return _QueueWriter(broker, self.queue, own, Producer(broker, claim_check=ctx.payloads()))

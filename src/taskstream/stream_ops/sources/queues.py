@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, get_args
 
-from taskstream.brokers.base import Broker, Delivery, Subscription, broker_from_url
+from taskstream.brokers.base import Broker, Delivery, Subscription
 from taskstream.errors import ConfigurationError, MalformedMessage, MessageError
 from taskstream.intake import Intake, IntakeStats, Refused
 from taskstream.messages import Kind, is_envelope_document
@@ -76,17 +76,7 @@ class QueueSource(Source):
         return self.stats.dead_lettered
 
     async def batches(self, ctx: RuntimeContext, batch_size: int) -> AsyncIterator[SourceBatch]:
-        own = False
-        if isinstance(self.broker, Broker):
-            broker = self.broker
-        elif isinstance(self.broker, str):
-            broker = broker_from_url(self.broker)
-            await broker.connect()
-            own = True
-        elif ctx.broker is not None:
-            broker = ctx.broker
-        else:
-            raise ConfigurationError(f"QueueSource({self.queue!r}) has no broker: pass broker= or run on one")
+        broker, own = await ctx.queue_broker(self.broker, f"QueueSource({self.queue!r})")
         await broker.declare(self.queue, fifo=self.queue.endswith(".fifo"))
         check = ctx.payloads()
         intake = Intake(broker, self.queue, claim_check=check, stats=self.stats)
