@@ -361,37 +361,131 @@ async def run_s8(url: str | None, replicas: int) -> tuple[float, Any]:
         return seconds, read_results(db)
 
 
+# A stage replica as its own ``taskstream pipeline run`` process. The child imports taskstream and the pipeline
+# module, says "ready" and waits for "go" on stdin before calling the CLI, so that interpreter start-up and imports
+# (the same in every row, and paid once per deployment) stay out of the timed part; connecting, declaring queues
+# and restoring snapshots are timed.
+_STAGE_CHILD = (
+    "import sys, taskstream.cli, examples.sensor_windows\n"
+    "from taskstream.brokers.rabbitmq import RabbitMQBroker\n"
+    "from taskstream.brokers.zeromq import ZeroMQBroker\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "taskstream.cli.main()"
+)
+
+
+def _stage_processes(url: str, replicas: int, db: str, state: str, name: str) -> list[subprocess.Popen[str]]:
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "TASKSTREAM_BROKER_URL": url,
+        "TASKSTREAM_STATE_URL": f"sqlite:///{state}",
+        "SENSOR_WINDOWS_DB": db,
+        "SENSOR_WINDOWS_NAME": name,
+        "SENSOR_WINDOWS_COUNT": str(S8_COUNT),
+        "SENSOR_WINDOWS_REPLICAS": str(replicas),
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    stages = [("windows", i) for i in range(replicas)] + [("store", 0), ("sensor", 0)]
+    procs = []
+    for stage, replica in stages:
+        cmd = [sys.executable, "-c", _STAGE_CHILD, "pipeline", "run", "examples.sensor_windows:pipeline"]
+        cmd += ["--stage", stage, "--replica", str(replica), "--fresh"]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return procs
+
+
+def run_s8_processes(url: str, replicas: int) -> tuple[float, Any]:
+    """S8 stage by stage on ``url``, every stage replica its own ``taskstream pipeline run`` process."""
+    from examples.sensor_windows import read_results
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db, state = os.path.join(tmp, "s8.db"), os.path.join(tmp, "state.db")
+        name = f"bench-s8p-{os.getpid()}-{time.monotonic_ns()}"
+        procs = _stage_processes(url, replicas, db, state, name)
+        try:
+            for proc in procs:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", proc.stderr
+            started = time.perf_counter()
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            errors = [proc.communicate(timeout=600)[1] for proc in procs]
+            seconds = time.perf_counter() - started
+            failed = [(p.args[-5:-2], err[-2000:]) for p, err in zip(procs, errors, strict=True) if p.returncode]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            asyncio.run(_delete_queues(url, name, replicas))
+        if failed:
+            raise RuntimeError(f"stage processes failed: {failed}")
+        return seconds, read_results(db)
+
+
+async def _delete_queues(url: str, name: str, replicas: int) -> None:
+    from taskstream.brokers.base import broker_from_url
+
+    p = _s8(":memory:", replicas, name)
+    async with broker_from_url(url) as broker:
+        for queue in [q for sp in p.plan().stages.values() for q in sp.queues] + [p.plan().dead_letter_queue]:
+            try:
+                await broker.delete_queue(queue)
+            except Exception:  # best effort: a bench leaves no queues behind
+                pass
+
+
+S8_MODES = {  # how the stage replicas run: label -> (runner, subject of the row)
+    "stage processes": "every stage replica its own `taskstream pipeline run` process",
+    "in-process": "run_distributed: every stage replica a consumer task of one process",
+}
+
+
 def measure_s8(repeats: int) -> list[Row]:
-    """Distributed S8 over RabbitMQ and the ZeroMQ device, 1/2/3 window replicas, against fused in the same run."""
+    """Distributed S8 over RabbitMQ and the ZeroMQ device, 1/2/3 window replicas, each stage replica its own
+    process and (labelled so) all in one process, against fused in the same run."""
     from bench_zmq import start_device
 
     device, zmq_url = start_device()
     rows: list[Row] = []
+    modes = [m for m in S8_MODES if m in os.environ.get("BENCH_STREAMS_S8_MODES", ",".join(S8_MODES)).split(",")]
     try:
         fused: list[float] = []
-        rates: dict[tuple[str, int], list[float]] = {}
-        same: dict[tuple[str, int], bool] = {}
+        rates: dict[tuple[str, str, int], list[float]] = {}
+        same: dict[tuple[str, str, int], bool] = {}
         for _ in range(repeats):
             seconds, expected = asyncio.run(run_s8(None, 3))
             fused.append(S8_COUNT / seconds)
             for broker, url in (("RabbitMQ", RABBITMQ_URL), ("ZeroMQ device", zmq_url)):
-                for replicas in S8_REPLICAS:
-                    seconds, got = asyncio.run(run_s8(url, replicas))
-                    rates.setdefault((broker, replicas), []).append(S8_COUNT / seconds)
-                    same[(broker, replicas)] = same.get((broker, replicas), True) and got == expected
-        for (broker, replicas), values in rates.items():
-            target = 0.4 if broker == "RabbitMQ" else None
+                for mode in modes:
+                    for replicas in S8_REPLICAS:
+                        if mode == "in-process":
+                            seconds, got = asyncio.run(run_s8(url, replicas))
+                        else:
+                            seconds, got = run_s8_processes(url, replicas)
+                        key = (broker, mode, replicas)
+                        rates.setdefault(key, []).append(S8_COUNT / seconds)
+                        same[key] = same.get(key, True) and got == expected
+        for (broker, mode, replicas), values in rates.items():
+            key = (broker, mode, replicas)
             rows.append(
                 Row(
-                    workload=f"S8 stage by stage, {broker}, {replicas} window replica(s) (readings/s)",
-                    subject="taskstream run_distributed (every stage replica a consumer)",
+                    workload=f"S8 stage by stage ({mode}), {broker}, {replicas} window replica(s) (readings/s)",
+                    subject=f"taskstream {S8_MODES[mode]}",
                     baseline="the same pipeline fused, memory broker",
                     unit="rec/s",
                     values=values,
                     baseline_values=fused,
-                    target=target,
-                    notes="" if same[(broker, replicas)] else "RESULTS DIFFER FROM FUSED",
-                    extra={**machine_info(), "readings": S8_COUNT, "same_results": same[(broker, replicas)]},
+                    target=0.4 if broker == "RabbitMQ" else None,
+                    notes="" if same[key] else "RESULTS DIFFER FROM FUSED",
+                    extra={**machine_info(), "readings": S8_COUNT, "same_results": same[key], "mode": mode},
                 )
             )
     finally:
