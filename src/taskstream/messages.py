@@ -176,11 +176,44 @@ def rebuild(value: Any, restore_tag: Callable[[str, dict[str, Any]], Any] | None
     return value
 
 
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')  # deleted before the depth is counted
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_COUNT_BELOW = 8192  # shorter texts first count their brackets (fewer than the limit: shallow, nothing more to do)
+
+
+def _text_depth(data: bytes, max_depth: int) -> int | None:
+    """The nesting depth of valid JSON text counted on the raw bytes at C speed, or None when it cannot tell.
+
+    Escaped backslashes and quotes are dropped, then every byte but quotes and brackets; each string is then an
+    empty ``""`` pair unless it held brackets (then None: the caller walks the parsed value instead). What is left
+    is the structure's brackets, and each pass of removing the innermost ``[]`` pairs takes off exactly one level.
+    Past ``max_depth`` passes the answer is ``max_depth + 1`` (too deep, whatever the exact depth).
+    """
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in text:
+        return None
+    text = text.translate(_BRACKETS)
+    for depth in range(max_depth + 1):
+        if not text:
+            return depth
+        text = text.replace(b"[]", b"")
+    return max_depth + 1
+
+
 def _needs_walk(data: bytes | str, max_depth: int) -> tuple[bool, bool]:
-    """(may be deeper than ``max_depth``, may hold tagged values), from a cheap scan of the raw text."""
-    if isinstance(data, str):
-        return data.count("[") + data.count("{") > max_depth, '"__ts__"' in data
-    return data.count(b"[") + data.count(b"{") > max_depth, b'"__ts__"' in data
+    """(may be deeper than ``max_depth``, may hold tagged values), from a cheap scan of the raw text.
+
+    A text with few brackets is shallow; one with many (a record batch) has its depth counted by
+    :func:`_text_depth`, and only a text deeper than ``max_depth`` (or with brackets inside strings) is walked.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    tagged = b'"__ts__"' in raw
+    if len(raw) <= max_depth or (len(raw) < _COUNT_BELOW and raw.count(b"[") + raw.count(b"{") <= max_depth):
+        return False, tagged
+    depth = _text_depth(raw, max_depth)
+    return depth is None or depth > max_depth, tagged
 
 
 def _restore_tagged(tag: str, value: dict[str, Any]) -> Any:
