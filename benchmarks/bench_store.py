@@ -10,7 +10,9 @@ busy machine slows both alike. Rows (tasks/s; the ratio is 1M / empty, goal >= 0
 3. *Redis* (when a server answers on ``BENCH_REDIS_URL``): keys filled with the store's layout in pipelines,
    in a database of their own, deleted afterwards.
 
-``BENCH_STORE_RECORDS`` changes the size of the full store (default 1,000,000).
+``BENCH_STORE_RECORDS`` changes the size of the full store (default 1,000,000); ``BENCH_STORES`` picks the rows
+(comma-separated among ``sqlite,memory,redis``; default all). Each row's ``extra`` also holds the event loop
+thread's CPU time per task (medians, microseconds): on a shared machine it varies far less than wall time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ TASKS = 10_000
 CONCURRENCY = 8
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 FILL_CHUNK = 20_000
+STORES = [name.strip() for name in os.environ.get("BENCH_STORES", "sqlite,memory,redis").split(",") if name.strip()]
 
 
 def _finished(task_id: str, n: int) -> TaskInfo:
@@ -117,14 +121,20 @@ async def _rounds(label: str, make_empty: Callable[[], ResultStore], full: Resul
     """Alternate a round on a fresh empty store and a round on ``full``; closes ``full`` at the end."""
     empty_rates: list[float] = []
     full_rates: list[float] = []
+    empty_cpu: list[float] = []
+    full_cpu: list[float] = []
     try:
         for _ in range(repeats):
             empty = make_empty()
             try:
+                started = time.thread_time()
                 empty_rates.append(await tasks_per_second(empty))
+                empty_cpu.append((time.thread_time() - started) / TASKS * 1e6)
             finally:
                 await empty.close()
+            started = time.thread_time()
             full_rates.append(await tasks_per_second(full))
+            full_cpu.append((time.thread_time() - started) / TASKS * 1e6)
     finally:
         await full.close()
     return Row(
@@ -136,6 +146,11 @@ async def _rounds(label: str, make_empty: Callable[[], ResultStore], full: Resul
         baseline_values=empty_rates,
         target=0.9,
         notes=f"{TASKS:,} tasks per round, {CONCURRENCY} at a time; rounds alternate empty and full",
+        extra={
+            "cpu_us_per_task_empty": round(statistics.median(empty_cpu), 1),
+            "cpu_us_per_task_full": round(statistics.median(full_cpu), 1),
+            "cpu_ratio": round(statistics.median(empty_cpu) / statistics.median(full_cpu), 2),
+        },
     )
 
 
@@ -154,7 +169,7 @@ async def measure_sqlite(repeats: int) -> Row:
 
         size = path.stat().st_size
         row = await _rounds("SQLite", make_empty, full, repeats)
-        row.extra = {"fill_seconds": round(filled, 1), "file_mib": round(size / 2**20, 1)}
+        row.extra |= {"fill_seconds": round(filled, 1), "file_mib": round(size / 2**20, 1)}
         return row
 
 
@@ -192,8 +207,12 @@ async def measure_redis(repeats: int) -> Row | None:
 
 
 def measure(repeats: int = 3) -> list[Row]:
-    rows = [asyncio.run(measure_sqlite(repeats)), asyncio.run(measure_memory(repeats))]
-    redis_row = asyncio.run(measure_redis(repeats))
+    rows: list[Row] = []
+    if "sqlite" in STORES:
+        rows.append(asyncio.run(measure_sqlite(repeats)))
+    if "memory" in STORES:
+        rows.append(asyncio.run(measure_memory(repeats)))
+    redis_row = asyncio.run(measure_redis(repeats)) if "redis" in STORES else None
     return rows + ([redis_row] if redis_row is not None else [])
 
 
@@ -201,7 +220,9 @@ if __name__ == "__main__":
     measured = measure(int(os.environ.get("BENCH_REPEATS", "3")))
     print_rows(measured)
     for row in measured:
+        ratios = sorted(full / empty for full, empty in zip(row.values, row.baseline_values, strict=True))
         print(
-            f"{row.workload}: 1M rounds {[round(v) for v in row.values]}, empty rounds "
-            f"{[round(v) for v in row.baseline_values]} {row.extra}"
+            f"{row.workload}: full rounds {[round(v) for v in row.values]}, empty rounds "
+            f"{[round(v) for v in row.baseline_values]}, ratio of medians {row.ratio:.2f}, per-round ratios "
+            f"{ratios[0]:.2f}-{ratios[-1]:.2f} {row.extra}"
         )
