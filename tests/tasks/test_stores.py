@@ -215,3 +215,36 @@ async def test_apps_share_task_status_through_redis() -> None:
     info = other.get_task(fut.task_id)
     assert info.status == "success" and info.result == 42 and info.started_at is not None
     await other.tasks.store.close()
+
+
+async def test_sqlite_stores_sharing_a_file_larger_than_their_page_cache_read_each_others_records(
+    tmp_path: Path,
+) -> None:
+    from taskstream.tasks.stores.sqlite import SQLiteResultStore
+
+    path = tmp_path / "shared.sqlite3"
+    writer, reader = SQLiteResultStore(path), SQLiteResultStore(path)
+    try:
+        cache_kib = -int(writer._conn.execute("PRAGMA cache_size").fetchone()[0])
+        pad = "x" * 2000
+        ids = [uuid.uuid4().hex for _ in range(3 * cache_kib // 2)]  # about 3 KiB each: thrice the page cache
+        for task_id in ids:
+            await writer.claim(task_id, name="f", queue="q", worker="w:1", started_at=1.0)
+        await asyncio.gather(
+            *(
+                writer.finish(TaskInfo(i, name="f", queue="q", status="success", attempts=1, result=[i, pad]))
+                for i in ids
+            )
+        )
+        assert path.stat().st_size + (tmp_path / "shared.sqlite3-wal").stat().st_size > 2 * cache_kib * 1024
+        # The reader's clean pages come through its memory map of the file, the latest ones from the WAL.
+        assert int(reader._conn.execute("PRAGMA mmap_size").fetchone()[0]) >= 2**30
+        for task_id in ids[:: len(ids) // 50]:
+            info = reader.get(task_id)
+            assert info is not None and info.status == "success" and info.result == [task_id, pad]
+        reader.upkeep()  # the WAL copied into the file: now every page is read through the map
+        assert all(reader.get(i).result == [i, pad] for i in ids[:: len(ids) // 50])  # type: ignore[union-attr]
+        assert await reader.claim(ids[0], name="f", queue="q", worker="w:2", started_at=2.0) is not None
+    finally:
+        await writer.close()
+        await reader.close()
