@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -320,17 +321,20 @@ def measure_loop(repeats: int) -> Row:
 # -- S8 stage by stage (examples/sensor_windows.py) ---------------------------------------------------
 
 RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-S8_COUNT = int(os.environ.get("BENCH_STREAMS_S8_COUNT", "40000"))
+S8_COUNT = int(os.environ.get("BENCH_STREAMS_S8_COUNT", "40000"))  # readings of the in-process rows
+# Readings of the stage-process rows: more, so that each process's start (CLI, connection, queue declarations,
+# about 0.2 s of CPU each, timed) does not make most of the figure.
+S8_PROC_COUNT = int(os.environ.get("BENCH_STREAMS_S8_PROC_COUNT", "200000"))
 S8_REPLICAS = (1, 2, 3)
 
 
-def _s8(db: str, replicas: int, name: str) -> Any:
+def _s8(db: str, replicas: int, name: str, count: int = S8_COUNT) -> Any:
     from examples.sensor_windows import build_pipeline
 
-    return build_pipeline(db=db, count=S8_COUNT, replicas=replicas, name=name)
+    return build_pipeline(db=db, count=count, replicas=replicas, name=name)
 
 
-async def run_s8(url: str | None, replicas: int) -> tuple[float, Any]:
+async def run_s8(url: str | None, replicas: int, count: int = S8_COUNT) -> tuple[float, Any]:
     """S8 fused (``url=None``, memory broker) or stage by stage on ``url``: (seconds, the result tables)."""
     from examples.sensor_windows import read_results
 
@@ -339,7 +343,7 @@ async def run_s8(url: str | None, replicas: int) -> tuple[float, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "s8.db")
         name = f"bench-s8-{os.getpid()}-{time.monotonic_ns()}"
-        p = _s8(db, replicas, name)
+        p = _s8(db, replicas, name, count)
         if url is None:
             started = time.perf_counter()
             await p.run("memory://")
@@ -369,6 +373,8 @@ _STAGE_CHILD = (
     "import sys, taskstream.cli, examples.sensor_windows\n"
     "from taskstream.brokers.rabbitmq import RabbitMQBroker\n"
     "from taskstream.brokers.zeromq import ZeroMQBroker\n"
+    "import taskstream.deploy.cli, taskstream.observe.cli, taskstream.payloads.cli, taskstream.tasks.cli\n"
+    "import taskstream.health, taskstream.stream_ops.cli, taskstream.config_check\n"
     "print('ready', flush=True)\n"
     "sys.stdin.readline()\n"
     "taskstream.cli.main()"
@@ -383,7 +389,7 @@ def _stage_processes(url: str, replicas: int, db: str, state: str, name: str) ->
         "TASKSTREAM_STATE_URL": f"sqlite:///{state}",
         "SENSOR_WINDOWS_DB": db,
         "SENSOR_WINDOWS_NAME": name,
-        "SENSOR_WINDOWS_COUNT": str(S8_COUNT),
+        "SENSOR_WINDOWS_COUNT": str(S8_PROC_COUNT),
         "SENSOR_WINDOWS_REPLICAS": str(replicas),
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     }
@@ -400,13 +406,16 @@ def _stage_processes(url: str, replicas: int, db: str, state: str, name: str) ->
     return procs
 
 
-def run_s8_processes(url: str, replicas: int) -> tuple[float, Any]:
-    """S8 stage by stage on ``url``, every stage replica its own ``taskstream pipeline run`` process."""
+def run_s8_processes(url: str, replicas: int) -> tuple[float, Any, float]:
+    """S8 stage by stage on ``url``, every stage replica its own ``taskstream pipeline run`` process: (seconds,
+    the result tables, CPU seconds of the stage processes). The CPU figure varies less than the wall time on a
+    machine shared with other work."""
     from examples.sensor_windows import read_results
 
     with tempfile.TemporaryDirectory() as tmp:
         db, state = os.path.join(tmp, "s8.db"), os.path.join(tmp, "state.db")
         name = f"bench-s8p-{os.getpid()}-{time.monotonic_ns()}"
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         procs = _stage_processes(url, replicas, db, state, name)
         try:
             for proc in procs:
@@ -425,9 +434,11 @@ def run_s8_processes(url: str, replicas: int) -> tuple[float, Any]:
                     proc.kill()
                     proc.wait()
             asyncio.run(_delete_queues(url, name, replicas))
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
         if failed:
             raise RuntimeError(f"stage processes failed: {failed}")
-        return seconds, read_results(db)
+        return seconds, read_results(db), cpu
 
 
 async def _delete_queues(url: str, name: str, replicas: int) -> None:
@@ -457,21 +468,25 @@ def measure_s8(repeats: int) -> list[Row]:
     rows: list[Row] = []
     modes = [m for m in S8_MODES if m in os.environ.get("BENCH_STREAMS_S8_MODES", ",".join(S8_MODES)).split(",")]
     try:
-        fused: list[float] = []
+        fused: dict[str, list[float]] = {}
         rates: dict[tuple[str, str, int], list[float]] = {}
         same: dict[tuple[str, str, int], bool] = {}
+        cpu: dict[tuple[str, str, int], list[float]] = {}
+        counts = {"in-process": S8_COUNT, "stage processes": S8_PROC_COUNT}
         for _ in range(repeats):
-            seconds, expected = asyncio.run(run_s8(None, 3))
-            fused.append(S8_COUNT / seconds)
-            for broker, url in (("RabbitMQ", RABBITMQ_URL), ("ZeroMQ device", zmq_url)):
-                for mode in modes:
+            for mode in modes:
+                count = counts[mode]
+                seconds, expected = asyncio.run(run_s8(None, 3, count))
+                fused.setdefault(mode, []).append(count / seconds)
+                for broker, url in (("RabbitMQ", RABBITMQ_URL), ("ZeroMQ device", zmq_url)):
                     for replicas in S8_REPLICAS:
+                        key = (broker, mode, replicas)
                         if mode == "in-process":
                             seconds, got = asyncio.run(run_s8(url, replicas))
                         else:
-                            seconds, got = run_s8_processes(url, replicas)
-                        key = (broker, mode, replicas)
-                        rates.setdefault(key, []).append(S8_COUNT / seconds)
+                            seconds, got, used = run_s8_processes(url, replicas)
+                            cpu.setdefault(key, []).append(round(used / count * 1e6, 2))
+                        rates.setdefault(key, []).append(count / seconds)
                         same[key] = same.get(key, True) and got == expected
         for (broker, mode, replicas), values in rates.items():
             key = (broker, mode, replicas)
@@ -482,10 +497,16 @@ def measure_s8(repeats: int) -> list[Row]:
                     baseline="the same pipeline fused, memory broker",
                     unit="rec/s",
                     values=values,
-                    baseline_values=fused,
+                    baseline_values=fused[mode],
                     target=0.4 if broker == "RabbitMQ" else None,
                     notes="" if same[key] else "RESULTS DIFFER FROM FUSED",
-                    extra={**machine_info(), "readings": S8_COUNT, "same_results": same[key], "mode": mode},
+                    extra={
+                        **machine_info(),
+                        "readings": counts[mode],
+                        "same_results": same[key],
+                        "mode": mode,
+                        "cpu_us_per_reading": cpu.get(key),  # stage processes: user + system CPU, all processes
+                    },
                 )
             )
     finally:
