@@ -427,7 +427,8 @@ def run_s8_processes(url: str, replicas: int) -> tuple[float, Any, float]:
                 proc.stdin.flush()
             errors = [proc.communicate(timeout=600)[1] for proc in procs]
             seconds = time.perf_counter() - started
-            failed = [(p.args[-5:-2], err[-2000:]) for p, err in zip(procs, errors, strict=True) if p.returncode]
+            labels = [f"windows/{i}" for i in range(replicas)] + ["store/0", "sensor/0"]  # _stage_processes' order
+            failed = [(label, err[-2000:]) for label, p, err in zip(labels, procs, errors, strict=True) if p.returncode]
         finally:
             for proc in procs:
                 if proc.poll() is None:
