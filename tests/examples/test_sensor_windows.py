@@ -223,3 +223,35 @@ async def test_the_source_stage_killed_mid_stream_and_restarted_resumes_without_
     windows, late = sensor_windows.read_results(run.db)
     assert windows == expected_windows  # a replayed reading would be counted twice or reported late
     assert late == expected_late
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+async def test_the_store_stage_killed_mid_stream_and_restarted_gives_the_same_results(tmp_path: Path) -> None:
+    await _check_rabbitmq()
+    count = 4000
+    expected_windows, expected_late = await reference(tmp_path, count)
+    run = Distributed(tmp_path, f"s8store-{uuid.uuid4().hex[:8]}", count=count, realtime=True)  # ~4 s of readings
+    try:
+        for replica in range(3):
+            run.start("windows", replica)
+        run.start("store")
+        run.start("sensor")
+        deadline = time.monotonic() + 30
+        while run.replica_state_rows("store", 0) == 0:  # it has written results and committed what it applied
+            assert time.monotonic() < deadline, f"the store stage never committed:\n{run.log('store')}"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        proc = run.procs[("store", 0)]
+        assert proc.poll() is None, "the store stage finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        run.start("store")  # same command: unacked results come back; the sink upserts, applied ids are skipped
+        await asyncio.to_thread(run.wait_all, 120)
+    finally:
+        run.kill_all()
+        await run.cleanup()
+    assert "restored snapshot" in run.log("store")
+    windows, late = sensor_windows.read_results(run.db)
+    assert windows == expected_windows
+    assert late == expected_late
