@@ -56,8 +56,8 @@ __all__ = [
     "loads",
     "new_id",
     "rebuild",
-    "short_errors",
     "restore_binary",
+    "short_errors",
 ]
 
 WIRE_VERSION = 1
