@@ -4,7 +4,9 @@ Every reader (consumers, task workers, stream stage replicas, ``QueueSource``, s
 through :class:`~taskstream.intake.Intake` and every publisher goes through
 :class:`~taskstream.producer.Producer`; both look up the :class:`Recorder` attached to their broker once, when
 they are built. A broker with no recorder gets :data:`NOOP`, whose methods do nothing: no allocation and no lock
-per message when metrics are off, and ``prometheus-client`` is not even imported.
+per message when metrics are off, and ``prometheus-client`` is not even imported. When metrics are on, a message
+costs a few ``int`` additions and a bisection into a list of bucket counts; ``prometheus-client`` sees the counts
+only when it is scraped (a collector), as counters and histograms of the same names, labels and buckets.
 
 Counters of stream steps and the in-flight gauge are read from the runtimes' own counters when Prometheus
 scrapes (a collector), so they cost nothing per record. Queue and dead-letter depths are polled in the
@@ -14,7 +16,7 @@ The names, types and labels are listed in ``docs/observability.md`` (one table) 
 
 Example:
     >>> from prometheus_client import CollectorRegistry, generate_latest
-    >>> recorder = Recorder(CollectorRegistry())
+    >>> recorder = PrometheusRecorder(CollectorRegistry())
     >>> recorder.published("orders", 2, recorder.timer())
     >>> b'taskstream_messages_published_total{queue="orders"} 2.0' in generate_latest(recorder.registry)
     True
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import weakref
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from taskstream.errors import ConfigurationError
@@ -231,43 +235,126 @@ def resolve(
     )
 
 
-class _LiveQueue(QueueMetrics):
-    __slots__ = ("_dead", "_dead_counter", "_duration", "_handled", "_queue", "_received", "_retried")
+# Threads: every recording method below is called on the event loop's thread (intake.py, consumer.py,
+# producer.py, tasks/worker.py and stream_ops/runner.py call them from coroutines running on the loop), so the
+# counts are plain ints, lists and dicts updated without a lock. The one exception is ``tasks_submitted``:
+# tasks/client.py's ``submit_calls`` runs on whatever thread calls ``Task.submit``, so that count takes a lock.
+# A scrape only reads (copies) them, on the loop (the health server) or on another thread.
 
-    def __init__(self, recorder: PrometheusRecorder, queue: str) -> None:
-        self._queue = queue
-        self._received = recorder.m_received.labels(queue)
-        self._handled = recorder.m_handled.labels(queue)
-        self._retried = recorder.m_retried.labels(queue)
-        self._duration = recorder.m_handler.labels(queue)
-        self._dead_counter = recorder.m_dead
-        self._dead: dict[str, Any] = {}
+
+class _Histogram:
+    """Bucket counts and a sum, kept with plain arithmetic (on the loop's thread, see above).
+
+    ``counts[i]`` counts the observations ``<= bounds[i]`` and ``> bounds[i - 1]`` (the last bound is ``+Inf``),
+    found by bisection; the scrape adds them up into Prometheus's cumulative buckets.
+    """
+
+    __slots__ = ("bounds", "counts", "created", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.total = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class _Counts:
+    """Plain counts by label values, each with the time its series appeared (its ``_created`` sample)."""
+
+    __slots__ = ("counts", "created")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], int] = {}
+        self.created: dict[tuple[str, ...], float] = {}
+
+    def add(self, labels: tuple[str, ...], amount: int = 1) -> None:
+        if labels in self.counts:
+            self.counts[labels] += amount
+        else:
+            self.created[labels] = time.time()
+            self.counts[labels] = amount
+
+    def rows(self) -> dict[tuple[str, ...], tuple[int, float]]:
+        created = self.created
+        return {labels: (count, created[labels]) for labels, count in list(self.counts.items())}
+
+
+class _Histograms:
+    """Histograms by label values, made when a label set is first observed."""
+
+    __slots__ = ("bounds", "series")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.series: dict[tuple[str, ...], _Histogram] = {}
+
+    def get(self, labels: tuple[str, ...]) -> _Histogram:
+        histogram = self.series.get(labels)
+        if histogram is None:
+            histogram = self.series[labels] = _Histogram(self.bounds)
+        return histogram
+
+
+def _not_negative(what: str, count: int) -> None:
+    if count < 0:
+        raise ValueError(f"{what} must be a count of zero or more, not {count!r}")
+
+
+class _LiveQueue(QueueMetrics):
+    __slots__ = ("created", "dead", "duration", "handled_count", "queue", "received_count", "retried_count")
+
+    def __init__(self, queue: str, bounds: tuple[float, ...]) -> None:
+        self.queue = queue
+        self.received_count = 0
+        self.handled_count = 0
+        self.retried_count = 0
+        self.duration = _Histogram(bounds)
+        self.created = self.duration.created
+        self.dead = _Counts()  # by reason class
 
     def timer(self) -> float:
         return time.perf_counter()
 
     def received(self) -> None:
-        self._received.inc()
+        self.received_count += 1
 
     def handled(self, count: int = 1) -> None:
-        self._handled.inc(count)
+        if count < 0:
+            _not_negative("handled()", count)
+        self.handled_count += count
 
     def handler_time(self, started: float) -> None:
-        self._duration.observe(time.perf_counter() - started)
+        self.duration.observe(time.perf_counter() - started)
 
     def retried(self) -> None:
-        self._retried.inc()
+        self.retried_count += 1
 
     def dead_lettered(self, reason: str) -> None:
-        label = reason_class(reason)
-        child = self._dead.get(label)
-        if child is None:
-            child = self._dead[label] = self._dead_counter.labels(self._queue, label)
-        child.inc()
+        self.dead.add((reason_class(reason),))
+
+
+class _Publisher:
+    """What was published to one queue: messages accepted and the time of each publish call."""
+
+    __slots__ = ("count", "created", "duration")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.count = 0
+        self.duration = _Histogram(bounds)
+        self.created = self.duration.created
 
 
 class PrometheusRecorder(Recorder):
-    """Records into a ``prometheus_client`` registry.
+    """Records with plain Python arithmetic and exports into a ``prometheus_client`` registry when scraped.
+
+    Per message, a count is an ``int`` addition and a duration a bisection into a list of bucket counts: no lock
+    and no ``prometheus_client`` call. A collector turns them into the catalogue's counter and histogram families
+    (same names, labels, buckets and help texts as ``prometheus_client``'s own instruments would show) at
+    scrape time. Queue depths, polled every few seconds, are ``prometheus_client`` gauges.
 
     Args:
         registry: where the metrics are registered (one recorder per registry).
@@ -277,38 +364,31 @@ class PrometheusRecorder(Recorder):
     enabled = True
 
     def __init__(self, registry: CollectorRegistry, *, depth_interval: float = DEFAULT_DEPTH_INTERVAL) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Gauge, Histogram
+        from prometheus_client.utils import floatToGoString
 
         self.registry = registry
         self.depth_interval = depth_interval
-        made: dict[str, Any] = {}
-        kinds: dict[str, Any] = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
-        for name, (kind, labels, doc) in METRICS.items():
-            if name in _COLLECTED:
-                continue
-            base = name.removesuffix("_total") if kind == "counter" else name
-            made[name] = kinds[kind](base, doc, labels, registry=registry)
-        self.m_received = made["taskstream_messages_received_total"]
-        self.m_handled = made["taskstream_messages_handled_total"]
-        self.m_retried = made["taskstream_messages_retried_total"]
-        self.m_dead = made["taskstream_messages_dead_lettered_total"]
-        self.m_handler = made["taskstream_handler_duration_seconds"]
-        self.m_published = made["taskstream_messages_published_total"]
-        self.m_publish_errors = made["taskstream_publish_errors_total"]
-        self.m_publish_time = made["taskstream_publish_duration_seconds"]
-        self.m_depth = made["taskstream_queue_depth"]
-        self.m_dead_depth = made["taskstream_dead_letter_depth"]
-        self.m_submitted = made["taskstream_tasks_submitted_total"]
-        self.m_finished = made["taskstream_tasks_finished_total"]
-        self.m_run = made["taskstream_task_run_seconds"]
-        self.m_snapshot = made["taskstream_stream_snapshot_seconds"]
-        self.m_snapshot_rows = made["taskstream_stream_snapshot_rows"]
+        bounds = tuple(float(b) for b in Histogram.DEFAULT_BUCKETS)
+        self._bounds = bounds
+        le: Callable[[float], str] = floatToGoString  # the ``le`` label as prometheus_client writes it
+        self._les = tuple(le(b) for b in bounds)
+        depth, dead_depth = "taskstream_queue_depth", "taskstream_dead_letter_depth"
+        # registered first: a second recorder on the same registry fails here, before its collector is added
+        self.m_depth = Gauge(depth, METRICS[depth][2], METRICS[depth][1], registry=registry)
+        self.m_dead_depth = Gauge(dead_depth, METRICS[dead_depth][2], METRICS[dead_depth][1], registry=registry)
         self._queues: dict[str, _LiveQueue] = {}
+        self._publishers: dict[str, _Publisher] = {}
+        self._publish_errors = _Counts()
+        self._submitted = _Counts()
+        self._submitted_lock = threading.Lock()
+        self._finished = _Counts()
+        self._run = _Histograms(bounds)
+        self._snapshot_time = _Histograms(bounds)
+        self._snapshot_rows = _Histograms(bounds)
         self._dead_letter_of: dict[str, str] = {}  # queue -> its dead-letter queue (polled)
         self._intakes: weakref.WeakSet[Intake] = weakref.WeakSet()
         self._runtimes: weakref.WeakValueDictionary[int, RuntimeContext] = weakref.WeakValueDictionary()
-        self._publishers: dict[str, tuple[Any, Any]] = {}
-        self._children: dict[tuple[Any, ...], Any] = {}
         registry.register(_Collector(self))
 
     def timer(self) -> float:
@@ -320,41 +400,39 @@ class PrometheusRecorder(Recorder):
         self._dead_letter_of[queue] = intake.dead_letter_queue
         live = self._queues.get(queue)
         if live is None:
-            live = self._queues[queue] = _LiveQueue(self, queue)
+            live = self._queues[queue] = _LiveQueue(queue, self._bounds)
         return live
 
     def published(self, queue: str, count: int, started: float) -> None:
-        pair = self._publishers.get(queue)
-        if pair is None:
-            pair = self._publishers[queue] = (self.m_published.labels(queue), self.m_publish_time.labels(queue))
-        pair[0].inc(count)
-        pair[1].observe(time.perf_counter() - started)
+        if count < 0:
+            _not_negative("published()", count)
+        publisher = self._publishers.get(queue)
+        if publisher is None:
+            publisher = self._publishers[queue] = _Publisher(self._bounds)
+        publisher.count += count
+        publisher.duration.observe(time.perf_counter() - started)
 
     def publish_failed(self, queue: str) -> None:
-        self.m_publish_errors.labels(queue).inc()
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, cached (``labels()`` takes a lock and builds a key every call)."""
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._publish_errors.add((queue,))
 
     def tasks_submitted(self, task: str, count: int = 1) -> None:
-        self._child(self.m_submitted, task).inc(count)
+        if count < 0:
+            _not_negative("tasks_submitted()", count)
+        with self._submitted_lock:  # Task.submit may be called on any thread
+            self._submitted.add((task,), count)
 
     def task_finished(self, task: str, status: str, seconds: float | None) -> None:
-        self._child(self.m_finished, task, status).inc()
+        self._finished.add((task, status))
         if seconds is not None:
-            self._child(self.m_run, task).observe(max(0.0, seconds))
+            self._run.get((task,)).observe(max(0.0, seconds))
 
     def watch_runtime(self, ctx: RuntimeContext) -> None:
         self._runtimes[id(ctx)] = ctx  # contexts are dataclasses: compared by value, so kept by identity
 
     def snapshot(self, pipeline: str, stage: str | None, started: float, rows: int) -> None:
-        self.m_snapshot.labels(pipeline, stage or "").observe(time.perf_counter() - started)
-        self.m_snapshot_rows.labels(pipeline, stage or "").observe(rows)
+        labels = (pipeline, stage or "")
+        self._snapshot_time.get(labels).observe(time.perf_counter() - started)
+        self._snapshot_rows.get(labels).observe(rows)
 
     async def poll_depths(self, broker: Broker, interval: float | None = None) -> None:
         pause = self.depth_interval if interval is None else interval
@@ -376,7 +454,12 @@ class PrometheusRecorder(Recorder):
                 gauge.labels(queue).set(depth)
 
     def _collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        yield self._in_flight()
+        yield from self._recorded()
+        yield from self._stream_steps()
+
+    def _in_flight(self) -> Metric:
+        from prometheus_client.core import GaugeMetricFamily
 
         in_flight: dict[str, int] = {}
         for intake in list(self._intakes):
@@ -386,7 +469,38 @@ class PrometheusRecorder(Recorder):
         )
         for queue, value in sorted(in_flight.items()):
             gauge.add_metric([queue], value)
-        yield gauge
+        return gauge
+
+    def _recorded(self) -> Iterator[Metric]:
+        """The counters and histograms kept in plain Python, as metric families."""
+        created = _created_series()
+        les = self._les
+        queues = list(self._queues.values())
+        for name, attr in (
+            ("taskstream_messages_received_total", "received_count"),
+            ("taskstream_messages_handled_total", "handled_count"),
+            ("taskstream_messages_retried_total", "retried_count"),
+        ):
+            yield _counter(name, {(q.queue,): (getattr(q, attr), q.created) for q in queues}, created)
+        dead = {(q.queue, *labels): row for q in queues for labels, row in q.dead.rows().items()}
+        yield _counter("taskstream_messages_dead_lettered_total", dead, created)
+        durations: dict[tuple[str, ...], _Histogram] = {(q.queue,): q.duration for q in queues}
+        yield _histogram("taskstream_handler_duration_seconds", durations, les, created)
+        publishers = list(self._publishers.items())
+        published: dict[tuple[str, ...], tuple[int, float]] = {(q,): (p.count, p.created) for q, p in publishers}
+        yield _counter("taskstream_messages_published_total", published, created)
+        yield _counter("taskstream_publish_errors_total", self._publish_errors.rows(), created)
+        publish_times: dict[tuple[str, ...], _Histogram] = {(queue,): p.duration for queue, p in publishers}
+        yield _histogram("taskstream_publish_duration_seconds", publish_times, les, created)
+        yield _counter("taskstream_tasks_submitted_total", self._submitted.rows(), created)
+        yield _counter("taskstream_tasks_finished_total", self._finished.rows(), created)
+        yield _histogram("taskstream_task_run_seconds", dict(self._run.series), les, created)
+        yield _histogram("taskstream_stream_snapshot_seconds", dict(self._snapshot_time.series), les, created)
+        yield _histogram("taskstream_stream_snapshot_rows", dict(self._snapshot_rows.series), les, created)
+
+    def _stream_steps(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         fields = (
             ("taskstream_stream_records_in", "items_in"),
             ("taskstream_stream_records_out", "items_out"),
@@ -406,20 +520,47 @@ class PrometheusRecorder(Recorder):
             yield family
 
 
-#: metrics read from the runtimes when scraped (not instruments of their own)
-_COLLECTED = frozenset(
-    {
-        "taskstream_messages_in_flight",
-        "taskstream_stream_records_in_total",
-        "taskstream_stream_records_out_total",
-        "taskstream_stream_late_records_total",
-        "taskstream_stream_dead_lettered_total",
-    }
-)
+def _created_series() -> bool:
+    """Whether ``_created`` samples are exported: the switch ``prometheus_client``'s own instruments follow
+    (``PROMETHEUS_DISABLE_CREATED_SERIES``, ``disable_created_metrics()``)."""
+    from prometheus_client import metrics
+
+    return bool(getattr(metrics, "_use_created", True))
+
+
+def _counter(name: str, rows: dict[tuple[str, ...], tuple[int, float]], created: bool) -> Metric:
+    """A counter family of the catalogue from ``labels -> (count, created at)``."""
+    from prometheus_client.core import CounterMetricFamily
+
+    _, labels, doc = METRICS[name]
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    for values, (count, since) in rows.items():
+        family.add_metric(list(values), count, created=since if created else None)
+    return family
+
+
+def _histogram(name: str, series: dict[tuple[str, ...], _Histogram], les: tuple[str, ...], created: bool) -> Metric:
+    """A histogram family of the catalogue: cumulative buckets, count, sum (and ``_created``) per label set."""
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.samples import Sample
+
+    _, labels, doc = METRICS[name]
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    for values, histogram in series.items():
+        counts, total = list(histogram.counts), histogram.total
+        cumulative = 0.0
+        buckets: list[tuple[str, float]] = []
+        for le, count in zip(les, counts, strict=True):
+            cumulative += count
+            buckets.append((le, cumulative))
+        family.add_metric(list(values), buckets, total)
+        if created:
+            family.samples.append(Sample(f"{name}_created", dict(zip(labels, values, strict=True)), histogram.created))
+    return family
 
 
 class _Collector:
-    """Reads in-flight counts and stream step counters when Prometheus scrapes."""
+    """Exports the recorder's plain counts, in-flight counts and stream step counters when Prometheus scrapes."""
 
     def __init__(self, recorder: PrometheusRecorder) -> None:
         self._recorder = weakref.ref(recorder)
