@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -18,14 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskstream import App
 from taskstream.brokers.base import broker_from_url
 from taskstream.errors import ConfigurationError
 from taskstream.health import HealthServer
-from taskstream.observe.metrics import METRICS, NOOP, reason_class, recorder_for
+from taskstream.observe.metrics import METRICS, NOOP, PrometheusRecorder, reason_class, recorder_for
 from taskstream.settings import Settings
 from tests.waiting import wait_for
 
@@ -328,3 +329,59 @@ def test_reason_classes_and_names_follow_conventions() -> None:
     for name, (kind, _, _) in METRICS.items():
         assert name.startswith("taskstream_")
         assert name.endswith("_total") == (kind == "counter"), name
+
+
+def _without_created(samples: Samples) -> Samples:
+    return {key: v for key, v in samples.items() if not key[0].endswith("_created")}
+
+
+def test_recorded_histograms_export_as_prometheus_client_histograms_do() -> None:
+    """Plain bucket counts give the same samples as ``prometheus_client.Histogram``, bounds included."""
+    recorder = PrometheusRecorder(CollectorRegistry())
+    reference_registry = CollectorRegistry()
+    _, labels, doc = METRICS["taskstream_task_run_seconds"]
+    reference = Histogram("taskstream_task_run_seconds", doc, labels, registry=reference_registry)
+    runs = (0.0, 0.001, 0.005, 0.0050001, 0.01, 0.3, 1.0, 7.5, 10.0, 10.5, 1e9, -2.0)
+    for seconds in runs:
+        recorder.task_finished("square", "success", seconds)
+        reference.labels("square").observe(max(0.0, seconds))
+    recorder.task_finished("boom", "failed", None)
+    mine = _without_created(parse(generate_latest(recorder.registry).decode()))
+    expected = _without_created(parse(generate_latest(reference_registry).decode()))
+    assert {k: v for k, v in mine.items() if k[0].startswith("taskstream_task_run_seconds")} == expected
+    assert value(mine, "taskstream_task_run_seconds_bucket", task="square", le="0.005") == 4  # -2.0 counts as 0.0
+    assert value(mine, "taskstream_tasks_finished_total", task="square", status="success") == len(runs)
+    assert value(mine, "taskstream_tasks_finished_total", task="boom", status="failed") == 1
+    assert not any(k[0] == "taskstream_task_run_seconds_count" and ("task", "boom") in k[1] for k in mine)
+
+
+def test_tasks_submitted_from_many_threads_add_up_exactly() -> None:
+    recorder = PrometheusRecorder(CollectorRegistry())
+    start = threading.Barrier(4)
+
+    def submit() -> None:
+        start.wait()
+        for _ in range(5_000):
+            recorder.tasks_submitted("square")
+        recorder.tasks_submitted("cube", 3)
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    samples = parse(generate_latest(recorder.registry).decode())
+    assert value(samples, "taskstream_tasks_submitted_total", task="square") == 20_000
+    assert value(samples, "taskstream_tasks_submitted_total", task="cube") == 12
+    assert sum(1 for name, _ in samples if name == "taskstream_tasks_submitted_total") == 2
+
+
+def test_negative_counts_and_a_second_recorder_on_a_registry_are_refused() -> None:
+    registry = CollectorRegistry()
+    recorder = PrometheusRecorder(registry)
+    with pytest.raises(ValueError, match="published\\(\\) must be a count of zero or more, not -1"):
+        recorder.published("orders", -1, recorder.timer())
+    with pytest.raises(ValueError, match="tasks_submitted"):
+        recorder.tasks_submitted("square", -2)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        PrometheusRecorder(registry)

@@ -238,7 +238,8 @@ def resolve(
 # Threads: every recording method below is called on the event loop's thread (intake.py, consumer.py,
 # producer.py, tasks/worker.py and stream_ops/runner.py call them from coroutines running on the loop), so the
 # counts are plain ints, lists and dicts updated without a lock. The one exception is ``tasks_submitted``:
-# tasks/client.py's ``submit_calls`` runs on whatever thread calls ``Task.submit``, so that count takes a lock.
+# tasks/client.py's ``submit_calls`` runs on whatever thread calls ``Task.submit``, so that count is kept by
+# (task, thread): each thread adds only to its own entries (no update lost, no lock), and a scrape adds them up.
 # A scrape only reads (copies) them, on the loop (the health server) or on another thread.
 
 
@@ -272,9 +273,9 @@ class _Counts:
         self.created: dict[tuple[str, ...], float] = {}
 
     def add(self, labels: tuple[str, ...], amount: int = 1) -> None:
-        if labels in self.counts:
+        try:
             self.counts[labels] += amount
-        else:
+        except KeyError:
             self.created[labels] = time.time()
             self.counts[labels] = amount
 
@@ -328,7 +329,10 @@ class _LiveQueue(QueueMetrics):
         self.handled_count += count
 
     def handler_time(self, started: float) -> None:
-        self.duration.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        duration = self.duration  # _Histogram.observe, inlined: this runs once per message
+        duration.counts[bisect_left(duration.bounds, seconds)] += 1
+        duration.total += seconds
 
     def retried(self) -> None:
         self.retried_count += 1
@@ -380,8 +384,7 @@ class PrometheusRecorder(Recorder):
         self._queues: dict[str, _LiveQueue] = {}
         self._publishers: dict[str, _Publisher] = {}
         self._publish_errors = _Counts()
-        self._submitted = _Counts()
-        self._submitted_lock = threading.Lock()
+        self._submitted = _Counts()  # by (task, thread ident), see the note on threads above
         self._finished = _Counts()
         self._run = _Histograms(bounds)
         self._snapshot_time = _Histograms(bounds)
@@ -410,7 +413,10 @@ class PrometheusRecorder(Recorder):
         if publisher is None:
             publisher = self._publishers[queue] = _Publisher(self._bounds)
         publisher.count += count
-        publisher.duration.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        duration = publisher.duration  # _Histogram.observe, inlined: this runs once per publish call
+        duration.counts[bisect_left(duration.bounds, seconds)] += 1
+        duration.total += seconds
 
     def publish_failed(self, queue: str) -> None:
         self._publish_errors.add((queue,))
@@ -418,13 +424,12 @@ class PrometheusRecorder(Recorder):
     def tasks_submitted(self, task: str, count: int = 1) -> None:
         if count < 0:
             _not_negative("tasks_submitted()", count)
-        with self._submitted_lock:  # Task.submit may be called on any thread
-            self._submitted.add((task,), count)
+        self._submitted.add((task, str(threading.get_ident())), count)  # Task.submit may run on any thread
 
     def task_finished(self, task: str, status: str, seconds: float | None) -> None:
         self._finished.add((task, status))
         if seconds is not None:
-            self._run.get((task,)).observe(max(0.0, seconds))
+            self._run.get((task,)).observe(seconds if seconds > 0.0 else 0.0)
 
     def watch_runtime(self, ctx: RuntimeContext) -> None:
         self._runtimes[id(ctx)] = ctx  # contexts are dataclasses: compared by value, so kept by identity
@@ -492,7 +497,7 @@ class PrometheusRecorder(Recorder):
         yield _counter("taskstream_publish_errors_total", self._publish_errors.rows(), created)
         publish_times: dict[tuple[str, ...], _Histogram] = {(queue,): p.duration for queue, p in publishers}
         yield _histogram("taskstream_publish_duration_seconds", publish_times, les, created)
-        yield _counter("taskstream_tasks_submitted_total", self._submitted.rows(), created)
+        yield _counter("taskstream_tasks_submitted_total", _by_task(self._submitted.rows()), created)
         yield _counter("taskstream_tasks_finished_total", self._finished.rows(), created)
         yield _histogram("taskstream_task_run_seconds", dict(self._run.series), les, created)
         yield _histogram("taskstream_stream_snapshot_seconds", dict(self._snapshot_time.series), les, created)
@@ -526,6 +531,15 @@ def _created_series() -> bool:
     from prometheus_client import metrics
 
     return bool(getattr(metrics, "_use_created", True))
+
+
+def _by_task(rows: dict[tuple[str, ...], tuple[int, float]]) -> dict[tuple[str, ...], tuple[int, float]]:
+    """``(task, thread) -> (count, created)`` added up into ``(task,) -> (count, first created)``."""
+    out: dict[tuple[str, ...], tuple[int, float]] = {}
+    for (task, _), (count, since) in rows.items():
+        before = out.get((task,))
+        out[(task,)] = (count, since) if before is None else (before[0] + count, min(before[1], since))
+    return out
 
 
 def _counter(name: str, rows: dict[tuple[str, ...], tuple[int, float]], created: bool) -> Metric:
