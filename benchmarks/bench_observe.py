@@ -60,6 +60,8 @@ def measure(repeats: int = 3) -> list[Row]:
     tasks_off: list[float] = []
     stream_on: list[float] = []
     stream_off: list[float] = []
+    asyncio.run(task_rate(False))  # warm-up: imports, first-use caches (not timed)
+    repeats = max(repeats, 7)  # each run is short; a ratio of medians needs more rounds than the others
     for i in range(repeats):
         print(f"  observe: repetition {i + 1}/{repeats}", flush=True)
         first_on = i % 2 == 0
