@@ -161,97 +161,42 @@ async def test_distributed_over_rabbitmq_with_three_window_replica_processes(tmp
 
 @pytest.mark.rabbitmq
 @pytest.mark.slow
-async def test_a_window_replica_killed_mid_stream_and_restarted_gives_the_same_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stage", "replica"),
+    [("sensor", 0), ("windows", 1), ("store", 0)],
+    ids=["source-stage", "window-replica", "store-stage"],
+)
+async def test_a_stage_replica_killed_mid_stream_and_restarted_gives_the_fused_results(
+    tmp_path: Path, stage: str, replica: int
+) -> None:
+    """SIGKILL one process of S8 run stage by stage, once it has committed a snapshot, and start it again with the
+    same command: the source resumes at its committed position (no replayed readings), a window replica restores
+    its windows, the store stage's unacked results come back and are upserted; the results equal the fused run."""
     await _check_rabbitmq()
     count = 4000
     expected_windows, expected_late = await reference(tmp_path, count)
-    run = Distributed(tmp_path, f"s8kill-{uuid.uuid4().hex[:8]}", count=count, realtime=True)  # ~4 s of readings
-    victim = 1
+    run = Distributed(tmp_path, f"s8kill-{stage}-{uuid.uuid4().hex[:8]}", count=count, realtime=True)  # ~4 s
     try:
-        for replica in range(3):
-            run.start("windows", replica)
+        for window in range(3):
+            run.start("windows", window)
         run.start("store")
         run.start("sensor")
         deadline = time.monotonic() + 30
-        while run.replica_state_rows("windows", victim) == 0:  # it has taken and snapshotted some readings
-            assert time.monotonic() < deadline, f"replica never started:\n{run.log('windows', victim)}"
+        while run.replica_state_rows(stage, replica) == 0:  # it has taken input and committed a snapshot
+            assert time.monotonic() < deadline, f"{stage}/{replica} never committed:\n{run.log(stage, replica)}"
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
-        proc = run.procs[("windows", victim)]
-        assert proc.poll() is None, "the replica finished before it could be killed"
+        proc = run.procs[(stage, replica)]
+        assert proc.poll() is None, f"{stage}/{replica} finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         await asyncio.sleep(0.5)
-        run.start("windows", victim)  # same command: it restores its snapshot and goes on
+        run.start(stage, replica)  # same command: it restores its snapshot and goes on
         await asyncio.to_thread(run.wait_all, 120)
     finally:
         run.kill_all()
         await run.cleanup()
-    assert "restored snapshot" in run.log("windows", victim)
-    windows, late = sensor_windows.read_results(run.db)
-    assert windows == expected_windows
-    assert late == expected_late
-
-
-@pytest.mark.rabbitmq
-@pytest.mark.slow
-async def test_the_source_stage_killed_mid_stream_and_restarted_resumes_without_replaying(tmp_path: Path) -> None:
-    await _check_rabbitmq()
-    count = 4000
-    expected_windows, expected_late = await reference(tmp_path, count)
-    run = Distributed(tmp_path, f"s8src-{uuid.uuid4().hex[:8]}", count=count, realtime=True)  # ~4 s of readings
-    try:
-        for replica in range(3):
-            run.start("windows", replica)
-        run.start("store")
-        run.start("sensor")
-        deadline = time.monotonic() + 30
-        while run.replica_state_rows("sensor", 0) == 0:  # it has published and committed a position
-            assert time.monotonic() < deadline, f"source never committed:\n{run.log('sensor')}"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
-        proc = run.procs[("sensor", 0)]
-        assert proc.poll() is None, "the source finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        run.start("sensor")  # same command: it resumes at its committed position
-        await asyncio.to_thread(run.wait_all, 120)
-    finally:
-        run.kill_all()
-        await run.cleanup()
-    assert "restored snapshot" in run.log("sensor")
+    assert "restored snapshot" in run.log(stage, replica)
     windows, late = sensor_windows.read_results(run.db)
     assert windows == expected_windows  # a replayed reading would be counted twice or reported late
-    assert late == expected_late
-
-
-@pytest.mark.rabbitmq
-@pytest.mark.slow
-async def test_the_store_stage_killed_mid_stream_and_restarted_gives_the_same_results(tmp_path: Path) -> None:
-    await _check_rabbitmq()
-    count = 4000
-    expected_windows, expected_late = await reference(tmp_path, count)
-    run = Distributed(tmp_path, f"s8store-{uuid.uuid4().hex[:8]}", count=count, realtime=True)  # ~4 s of readings
-    try:
-        for replica in range(3):
-            run.start("windows", replica)
-        run.start("store")
-        run.start("sensor")
-        deadline = time.monotonic() + 30
-        while run.replica_state_rows("store", 0) == 0:  # it has written results and committed what it applied
-            assert time.monotonic() < deadline, f"the store stage never committed:\n{run.log('store')}"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
-        proc = run.procs[("store", 0)]
-        assert proc.poll() is None, "the store stage finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        run.start("store")  # same command: unacked results come back; the sink upserts, applied ids are skipped
-        await asyncio.to_thread(run.wait_all, 120)
-    finally:
-        run.kill_all()
-        await run.cleanup()
-    assert "restored snapshot" in run.log("store")
-    windows, late = sensor_windows.read_results(run.db)
-    assert windows == expected_windows
     assert late == expected_late
