@@ -118,12 +118,18 @@ class LocalStore(BlobStore):
             raise PayloadStoreError(f"cannot delete payload {key!r} in {self.directory}: {exc.strerror}") from exc
 
     def _list(self) -> list[BlobInfo]:
-        if not self.directory.is_dir():
-            return []
+        # Consumers delete blobs (and their emptied day directories) while this walks: os.walk skips a directory
+        # that vanished, and a file gone between listing and stat is simply not listed.
         found = []
-        for path in self.directory.rglob("*"):
-            if path.is_file() and not path.name.startswith("."):
-                stat = path.stat()
+        for folder, _dirs, files in os.walk(self.directory):
+            for name in files:
+                if name.startswith("."):
+                    continue
+                path = Path(folder) / name
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
                 found.append(BlobInfo(path.relative_to(self.directory).as_posix(), stat.st_size, stat.st_mtime))
         return found
 
