@@ -45,7 +45,15 @@ from typing import Any
 
 from taskstream.brokers.base import Broker, Delivery, OutgoingMessage
 from taskstream.errors import MessageError, MessageTooLarge
-from taskstream.messages import MAX_DEPTH, Envelope, envelope_document, is_envelope_document, loads, short_errors
+from taskstream.messages import (
+    MAX_DEPTH,
+    Envelope,
+    envelope_document,
+    is_envelope_document,
+    loads,
+    new_id,
+    short_errors,
+)
 from taskstream.observe.metrics import recorder_for
 from taskstream.observe.tracing import tracing_for
 from taskstream.payloads.base import PayloadStoreError
@@ -268,7 +276,7 @@ class Intake:
             if is_envelope_document(doc):
                 opened.envelope = Envelope.model_validate(doc)
             else:
-                opened.envelope = Envelope(id=delivery.message_id or Envelope().id, kind="raw", body=doc)
+                opened.envelope = Envelope(id=delivery.message_id or new_id(), kind="raw", body=doc)
         except Exception as exc:
             return Refused(f"malformed message: broken taskstream envelope: {short_errors(exc)}")
         return opened
@@ -317,12 +325,15 @@ class Intake:
 
     def dead_letter_message(self, delivery: Delivery, reason: str, **extra: Any) -> OutgoingMessage:
         """The dead letter of ``delivery`` (for readers that publish it with their own outputs, then ack)."""
-        self.metrics.dead_lettered(reason)
+        self._count_dead_letter(delivery, reason)
         return self._dead_letter_message(delivery, reason, **extra)
 
-    def _dead_letter_message(self, delivery: Delivery, reason: str, **extra: Any) -> OutgoingMessage:
+    def _count_dead_letter(self, delivery: Delivery, reason: str) -> None:
         self.stats.dead_lettered += 1
+        self.metrics.dead_lettered(reason)
         log.warning("dead-lettering message %s from %r: %s", delivery.message_id, self.queue, reason)
+
+    def _dead_letter_message(self, delivery: Delivery, reason: str, **extra: Any) -> OutgoingMessage:
         body = delivery.body
         if len(body) > self.broker.capabilities.max_message_bytes:  # cannot travel: keep the reason and a preview
             extra = {**extra, "x-truncated-from": len(body)}
@@ -347,11 +358,10 @@ class Intake:
         try:
             await self._publish_dead_letter(message)
         except Exception as exc:
-            self.stats.dead_lettered -= 1
             log.error("dead-letter publish to %r failed (%s); requeueing", self.dead_letter_queue, exc)
             await self.settle_quietly(delivery.nack(requeue=True, delay=self.retry.max_delay))
             return
-        self.metrics.dead_lettered(reason)
+        self._count_dead_letter(delivery, reason)
         await self.settle_quietly(delivery.ack())
         if self.on_dead_letter is not None:
             try:
