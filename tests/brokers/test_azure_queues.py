@@ -38,7 +38,7 @@ from taskstream.messages import Envelope
 from taskstream.producer import Producer, broker_headers
 from tests.brokers.contract.backends.azure import setup as azurite_up
 from tests.brokers.contract.conftest import receive, receive_none
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.azure
 
@@ -420,7 +420,7 @@ async def test_publish_through_the_same_broker_wakes_a_sleeping_poller(az: Azure
 
 
 async def test_an_outage_is_logged_once_and_receiving_resumes(az: Azure, caplog: pytest.LogCaptureFixture) -> None:
-    from tests.e2e.private_servers import TcpProxy
+    from tests.support.proxy import TcpProxy
 
     proxy = TcpProxy(10001)
     await proxy.up()

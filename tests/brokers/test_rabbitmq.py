@@ -31,7 +31,8 @@ from taskstream.errors import (
 )
 from taskstream.messages import CONTENT_TYPE, Envelope, decode
 from taskstream.producer import Producer
-from tests.waiting import wait_for
+from tests.support.proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -41,81 +42,17 @@ HOST = _PARTS.hostname or "127.0.0.1"
 PORT = _PARTS.port or 5672
 
 
-class TcpProxy:
-    """Forwards local connections to RabbitMQ; ``cut()`` aborts every live connection, ``refuse`` drops new ones."""
-
-    def __init__(self) -> None:
-        self.links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.refuse = False
-        self.cuts = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def url(self, **query: object) -> str:
-        netloc = f"{_PARTS.username}:{_PARTS.password}@127.0.0.1:{self.port}"
-        options = "&".join(f"{k}={v}" for k, v in query.items())
-        return urlunsplit((_PARTS.scheme, netloc, _PARTS.path or "/", options, ""))
-
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        if self.refuse:
-            client_writer.transport.abort()
-            return
-        try:
-            server_reader, server_writer = await asyncio.open_connection(HOST, PORT)
-        except OSError:
-            client_writer.transport.abort()
-            return
-        link = (client_writer, server_writer)
-        self.links.add(link)
-        for reader, writer in ((client_reader, server_writer), (server_reader, client_writer)):
-            task = asyncio.create_task(self._pipe(reader, writer, link))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _pipe(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        link: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            for side in link:
-                side.transport.abort()
-            self.links.discard(link)
-
-    def cut(self) -> None:
-        """Abort every connection through the proxy, as a network failure would."""
-        self.cuts += 1
-        for link in list(self.links):
-            for side in link:
-                side.transport.abort()
-        self.links.clear()
-
-    async def stop(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+def proxy_url(proxy: TcpProxy, **query: object) -> str:
+    """The RabbitMQ URL through ``proxy``, with ``query`` as URL options."""
+    netloc = f"{_PARTS.username}:{_PARTS.password}@127.0.0.1:{proxy.port}"
+    options = "&".join(f"{k}={v}" for k, v in query.items())
+    return urlunsplit((_PARTS.scheme, netloc, _PARTS.path or "/", options, ""))
 
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[TcpProxy]:
-    p = TcpProxy()
-    await p.start()
+    p = TcpProxy(PORT, HOST)
+    await p.up()
     try:
         yield p
     finally:
@@ -167,7 +104,7 @@ async def test_cut_connection_under_load_loses_nothing(
     proxy: TcpProxy, cleanup: Cleanup, record_property: pytest.RecordProperty
 ) -> None:
     total = 2000
-    broker = await cleanup.broker(proxy.url(reconnect_interval=0.3, publish_timeout=60))
+    broker = await cleanup.broker(proxy_url(proxy, reconnect_interval=0.3, publish_timeout=60))
     queue = cleanup.name("reconnect")
     await broker.declare(queue)
     processed: list[int] = []
@@ -204,7 +141,7 @@ async def test_cut_connection_under_load_loses_nothing(
 
 
 async def test_publish_waits_for_the_connection_and_consumers_resume(proxy: TcpProxy, cleanup: Cleanup) -> None:
-    broker = await cleanup.broker(proxy.url(reconnect_interval=0.3))
+    broker = await cleanup.broker(proxy_url(proxy, reconnect_interval=0.3))
     queue = cleanup.name("resume")
     await broker.declare(queue, topics=[f"{queue}.#"])
     sub = broker.consume(queue, prefetch=5)
@@ -227,7 +164,7 @@ async def test_publish_waits_for_the_connection_and_consumers_resume(proxy: TcpP
 async def test_unacked_message_of_a_dropped_connection_comes_back_with_attempt_two(
     proxy: TcpProxy, cleanup: Cleanup
 ) -> None:
-    reader = await cleanup.broker(proxy.url(reconnect_interval=0.3))
+    reader = await cleanup.broker(proxy_url(proxy, reconnect_interval=0.3))
     writer = await cleanup.broker()
     queue = cleanup.name("crash")
     await writer.declare(queue)
@@ -247,7 +184,7 @@ async def test_unacked_message_of_a_dropped_connection_comes_back_with_attempt_t
 
 
 async def test_connection_gone_for_good_fails_loudly(proxy: TcpProxy, cleanup: Cleanup) -> None:
-    broker = await cleanup.broker(proxy.url(reconnect_interval=0.2), reconnect_timeout=1.5, publish_timeout=2)
+    broker = await cleanup.broker(proxy_url(proxy, reconnect_interval=0.2), reconnect_timeout=1.5, publish_timeout=2)
     queue = cleanup.name("gone")
     await broker.declare(queue)
     sub = broker.consume(queue, prefetch=1)
@@ -332,7 +269,7 @@ async def test_taskstream_message_is_readable_by_a_plain_client(cleanup: Cleanup
 
 async def test_quorum_queue_counts_broker_redeliveries_exactly(proxy: TcpProxy, cleanup: Cleanup) -> None:
     queue = cleanup.name("quorum")
-    broker = await cleanup.broker(proxy.url(reconnect_interval=0.3, queue_type="quorum"))
+    broker = await cleanup.broker(proxy_url(proxy, reconnect_interval=0.3, queue_type="quorum"))
     await broker.declare(queue)
     # it really is a quorum queue: declaring it classic is refused by the server
     connection = await aio_pika.connect(URL)
@@ -517,7 +454,7 @@ async def test_acks_out_of_order_settle_exactly_the_acked_messages(cleanup: Clea
 async def test_queues_deleted_during_an_outage_are_declared_again_with_their_dead_letter_route(
     proxy: TcpProxy, cleanup: Cleanup
 ) -> None:
-    broker = await cleanup.broker(proxy.url(reconnect_interval=0.3))
+    broker = await cleanup.broker(proxy_url(proxy, reconnect_interval=0.3))
     queue = cleanup.name("replay")
     dlq = f"{queue}.dlq"
     await broker.declare(queue, dead_letter=dlq, topics=[f"{queue}.#"])

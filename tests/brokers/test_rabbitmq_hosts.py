@@ -17,7 +17,8 @@ from taskstream.brokers.rabbitmq import RabbitMQBroker
 from taskstream.brokers.rabbitmq.config import parse_url, split_hosts
 from taskstream.errors import BrokerConnectionError, ConfigurationError
 from tests.brokers.test_rabbitmq import PORT
-from tests.e2e.private_servers import TcpProxy, free_port
+from tests.support.ports import free_port
+from tests.support.proxy import TcpProxy
 
 SECRET = "guest"  # the password of the test server; a URL shown in logs or errors must not contain it after ':'
 

@@ -32,7 +32,7 @@ from taskstream.producer import Producer
 from tests.brokers.contract.backends.sqs import ENDPOINT, make
 from tests.brokers.contract.conftest import receive as take
 from tests.brokers.contract.conftest import receive_none as nothing
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.sqs
 

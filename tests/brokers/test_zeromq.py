@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -39,6 +38,7 @@ from taskstream.brokers.zeromq import (
 )
 from taskstream.errors import BrokerConnectionError, ConfigurationError, QueueNotFound
 from tests.brokers.contract.conftest import receive, receive_none
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.zmq
 
@@ -59,13 +59,6 @@ HOLDER = textwrap.dedent(
     asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(params=["tcp", "ipc"])

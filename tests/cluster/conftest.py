@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.cluster.nodes import ClusterUnavailable, ScriptCluster
+from tests.support.require import unavailable
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +18,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScriptCluster]
         made.start()
     except ClusterUnavailable as exc:
         made.stop()
-        pytest.skip(f"a private RabbitMQ cluster cannot run here: {exc}")
+        unavailable(f"a private RabbitMQ cluster cannot run here: {exc}")
     try:
         yield made
     finally:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.cluster.nodes import ScriptCluster
 from tests.cluster.traffic import Worker, handled, publish_confirmed
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 

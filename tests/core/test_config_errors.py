@@ -86,7 +86,11 @@ WORKER = ("worker", "tests.tasks.cli_app:app", "--processes", "0")
         ),
         ("TASKSTREAM_PAYLOAD_STORE_URL", "file://elsewhere/dir", ["TASKSTREAM_PAYLOAD_STORE_URL: ", "host"]),
         ("TASKSTREAM_STATE_URL", f"postgres://u:{SECRET}@db/state", ["TASKSTREAM_STATE_URL: ", "postgres://u:***@"]),
-        ("TASKSTREAM_BROKER_URL", f"amqq://guest:{SECRET}@127.0.0.1/", ["TASKSTREAM_BROKER_URL: ", "did you mean amqp://"]),
+        (
+            "TASKSTREAM_BROKER_URL",
+            f"amqq://guest:{SECRET}@127.0.0.1/",
+            ["TASKSTREAM_BROKER_URL: ", "did you mean amqp://"],
+        ),
         ("TASKSTREAM_BROKER_URL", "sqs://us-east-1/?wiat_time=5", ["TASKSTREAM_BROKER_URL: ", "'wiat_time'"]),
         ("TASKSTREAM_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/?publish_timeout=-1", ["TASKSTREAM_BROKER_URL: "]),
     ],

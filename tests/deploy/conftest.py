@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.require import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests
 
 
 def require_tool(name: str) -> str:
-    """The path of an OS tool installed by scripts/services/deploy-tools.sh: skip without it, fail on CI."""
+    """The path of an OS tool installed by scripts/services/deploy-tools.sh (see :mod:`tests.support.require`)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed: run scripts/services/deploy-tools.sh (as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} is not installed: run scripts/services/deploy-tools.sh (as root)")
     return path
 
 

@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from examples import sensor_windows, stack
+from tests.support.ports import free_port
 
 from .conftest import ROOT, VENV_BIN, require_tool
 from .test_compose import PROMETHEUS_CONFIG, dashboard_queries, load_compose, load_dashboard, taskstream_services
@@ -52,12 +53,6 @@ MIN_WINDOW_ROWS = 16
 SAMPLES, SEED = 20_000, 7
 #: series that exist only after a failure: their dashboard queries may answer nothing in a healthy run
 ONLY_AFTER_FAILURES = ("taskstream_messages_dead_lettered_total", "taskstream_publish_errors_total")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def image_env() -> dict[str, str]:

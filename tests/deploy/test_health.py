@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from taskstream import App
 from taskstream.health import HealthServer, Readiness, app_readiness
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,12 +118,6 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="between 0 and 65535"):
         HealthServer(make_app("health-bad"), port=70000)
     assert not app_readiness(make_app("health-idle")).ready
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_status(port: int, path: str) -> int | None:

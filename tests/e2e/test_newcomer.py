@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.e2e.conftest import ROOT, SQS_ENDPOINT, TASKSTREAM, Served, connected
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 SHARED = {"rabbitmq": "amqp://guest:guest@127.0.0.1:5672/", "sqs": "", "azure": "azurequeue://devstorage"}
 

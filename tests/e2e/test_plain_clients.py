@@ -25,7 +25,7 @@ from taskstream.brokers.sqs import SQSBroker
 from taskstream.brokers.zeromq import Forwarder, TopicPublisher, TopicSubscriber
 from taskstream.messages import CONTENT_TYPE
 from tests.e2e.conftest import SQS_ENDPOINT, URLS, Served, connected
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 ITEMS = 5
 

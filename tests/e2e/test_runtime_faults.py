@@ -16,7 +16,7 @@ from taskstream.consumer import Consumer, Message
 from taskstream.errors import BrokerConnectionError, ConfigurationError
 from taskstream.settings import redact_url
 from tests.e2e.conftest import URLS
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.memory

@@ -25,8 +25,10 @@ from taskstream.errors import BrokerConnectionError, PublishError
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from tests.e2e.conftest import SQS_ENDPOINT, SQS_PREFIX, Served, unique
-from tests.e2e.private_servers import PrivateAzurite, PrivateRabbitMQ, TcpProxy, Unavailable
-from tests.waiting import wait_for
+from tests.support.proxy import TcpProxy
+from tests.support.require import unavailable
+from tests.support.servers import PrivateAzurite, PrivateRabbitMQ, Unavailable
+from tests.support.waiting import wait_for
 
 BEFORE = 80  # confirmed publishes before the server goes down
 AFTER = 80  # confirmed publishes after it is back
@@ -117,7 +119,7 @@ def rabbitmq_node(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
     try:
         node.start()
     except Unavailable as exc:
-        pytest.skip(f"a private RabbitMQ node cannot start on this machine: {exc}")
+        unavailable(f"a private RabbitMQ node cannot start on this machine: {exc}")
     yield node
     node.kill()
 
@@ -160,7 +162,7 @@ async def test_azurite_restarted_under_traffic(tmp_path: Path, serve: Callable[.
     try:
         server.start()
     except Unavailable as exc:
-        pytest.skip(f"a private Azurite cannot start here: {exc}")
+        unavailable(f"a private Azurite cannot start here: {exc}")
     try:
         queue = unique("restart")
         worker = serve(server.url, queue).start()

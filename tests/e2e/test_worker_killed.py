@@ -13,7 +13,7 @@ from taskstream import App, gather
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from tests.e2e.conftest import URLS, Served, connected
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 BACKENDS = [pytest.param(name, marks=getattr(pytest.mark, name), id=name) for name in ("rabbitmq", "sqs", "azure")]
 COUNT = 200

@@ -16,7 +16,7 @@ import pytest
 
 from taskstream.brokers.sqs import SQSBroker
 from tests.e2e.conftest import SQS_ENDPOINT, SQS_PREFIX, Served, connected, unique
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 BASE = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={SQS_PREFIX}&visibility_timeout=30"
 

@@ -24,7 +24,7 @@ from taskstream.stream_ops import MemoryStateStore, Pipeline, QueueSource
 from taskstream.stream_ops.service import Service, ServiceClient, service_queue
 from taskstream.stream_ops.wire import Stop
 from tests.hostile.conftest import LIMIT, PATIENCE, VALID, Backend, Hostile, assert_reasons, common_bodies, envelope
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 WRONG_TYPES = Hostile(
     "wrong-types", envelope(kind="record", id=5, headers=[1], body={"n": -1}), "broken taskstream envelope"

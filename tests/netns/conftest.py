@@ -9,6 +9,7 @@ import pytest
 
 from tests.cluster.nodes import ClusterUnavailable, ScriptCluster
 from tests.netns.hosts import NetnsUnavailable, Network
+from tests.support.require import unavailable
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def network() -> Iterator[Network]:
         made.build(clients=2)
     except NetnsUnavailable as exc:
         made.remove()
-        pytest.skip(f"network namespaces cannot be made here: {exc}")
+        unavailable(f"network namespaces cannot be made here: {exc}")
     try:
         yield made
     finally:
@@ -36,7 +37,7 @@ def broker_node(network: Network, tmp_path: Path) -> Iterator[ScriptCluster]:
         node.start()
     except ClusterUnavailable as exc:
         node.stop()
-        pytest.skip(f"a private RabbitMQ node cannot run in a namespace here: {exc}")
+        unavailable(f"a private RabbitMQ node cannot run in a namespace here: {exc}")
     try:
         yield node
     finally:

@@ -22,7 +22,7 @@ from tests.cluster.nodes import ScriptCluster
 from tests.cluster.traffic import Worker, handled
 from tests.netns.hosts import Network
 from tests.netns.publisher import spawn
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -23,7 +23,7 @@ from examples.sensor_windows import build_pipeline, read_results
 from tests.cluster.nodes import ScriptCluster
 from tests.cluster.traffic import ROOT
 from tests.netns.hosts import Network
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 

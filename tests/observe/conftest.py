@@ -20,7 +20,7 @@ from taskstream import App
 from taskstream.brokers.base import Broker
 from taskstream.consumer import Message
 from tests.brokers.contract.backends import BackendSpec, all_specs
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 SPECS = all_specs()
 BUGGY = (13, 14)

@@ -26,8 +26,8 @@ from taskstream.observe.console.promtext import parse_samples, queue_counters, s
 from taskstream.observe.console.sampler import Series
 from taskstream.stream_ops import CallbackSink, Pipeline
 from tests.brokers.contract.backends.rabbitmq import URL as AMQP_URL
+from tests.support.waiting import wait_for
 from tests.tasks.conftest import quick_settings
-from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

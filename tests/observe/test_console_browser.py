@@ -25,8 +25,9 @@ import pytest
 from taskstream import App
 from taskstream.brokers.base import broker_from_url
 from tests.brokers.contract.backends.rabbitmq import URL
+from tests.support.require import unavailable
+from tests.support.waiting import wait_for
 from tests.tasks.conftest import quick_settings
-from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -102,7 +103,7 @@ async def console(*args: str) -> AsyncIterator[str]:
 
 def chromium_or_skip() -> str:
     if not Path(CHROMIUM).exists():
-        pytest.skip(
+        unavailable(
             "Debian's chromium is not installed and could not be: bash scripts/services/chromium.sh installs it "
             "(apt-get install chromium chromium-driver, as root)"
         )
@@ -111,9 +112,10 @@ def chromium_or_skip() -> str:
 
 async def test_replay_a_dead_letter_from_the_console_after_the_fix(shop: Shop, tmp_path: Path) -> None:
     executable = chromium_or_skip()
-    playwright_api = pytest.importorskip(
-        "playwright.async_api", reason="playwright is not installed: pip install -e '.[dev]'"
-    )
+    try:
+        import playwright.async_api as playwright_api
+    except ImportError:
+        unavailable("playwright is not installed: pip install -e '.[dev]'")
     expect = playwright_api.expect
     shots = tmp_path / "screenshots"
     shots.mkdir()

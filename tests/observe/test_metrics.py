@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,8 @@ from taskstream.errors import ConfigurationError
 from taskstream.health import HealthServer
 from taskstream.observe.metrics import METRICS, NOOP, PrometheusRecorder, reason_class, recorder_for
 from taskstream.settings import Settings
-from tests.waiting import wait_for
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,12 +47,6 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fetch(port: int, path: str = "/metrics") -> tuple[int, str]:

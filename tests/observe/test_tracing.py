@@ -18,7 +18,7 @@ from taskstream.brokers.base import broker_from_url
 from taskstream.brokers.memory import MemoryBroker
 from taskstream.observe.tracing import active_tracer
 from taskstream.stream_ops import IterableSource, ListSink, Pipeline
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 EXPORTER = InMemorySpanExporter()
 

@@ -11,7 +11,7 @@ from taskstream.brokers.memory import MemoryBroker
 from taskstream.stream_ops import MemoryStateStore, Pipeline, QueueSource, RunConfig
 from taskstream.stream_ops.sinks import CallbackSink
 from taskstream.stream_ops.wire import send_stop
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 
 async def test_a_restarted_queue_source_stage_publishes_fresh_ids_downstream() -> None:

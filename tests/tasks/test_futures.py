@@ -11,9 +11,9 @@ import pytest
 import taskstream
 from taskstream.errors import TaskError
 from taskstream.tasks import DependencyFailed, TaskFuture, TaskNotFound, as_completed, gather
+from tests.support.waiting import wait_for
 from tests.tasks import library
 from tests.tasks.conftest import TaskEnv
-from tests.waiting import wait_for
 
 
 async def test_submit_returns_at_once_then_result_arrives(env: TaskEnv) -> None:

@@ -23,9 +23,9 @@ from taskstream.settings import Settings
 from taskstream.tasks import TaskRefused
 from taskstream.tasks.protocol import function_source, new_task_id
 from taskstream.tasks.registry import MAX_RETRIES
+from tests.support.waiting import wait_for
 from tests.tasks import library
 from tests.tasks.conftest import TaskEnv, quick_settings
-from tests.waiting import wait_for
 
 KEY = "k-hostile"
 SECRET_RESULT = "the secret result of client A"

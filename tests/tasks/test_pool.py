@@ -10,7 +10,7 @@ import pytest
 from taskstream.errors import TaskError
 from taskstream.tasks import TaskRefused, TaskTimeout, WorkerLost
 from taskstream.tasks.pool import ProcessPool
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 LIB = "tests.tasks.library"
 

@@ -21,7 +21,7 @@ from taskstream.tasks.stores.base import TaskInfo, result_store_from_url
 from taskstream.tasks.stores.memory import SWEEP_BATCH, MemoryResultStore
 from taskstream.tasks.stores.sqlite import SQLiteResultStore
 from taskstream.tasks.stores.sqlite_upkeep import _PURGE, FREE_RESERVE_PAGES, PURGE_BATCH, PURGE_ROUNDS
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 PAD = "x" * 4000  # a result of about a page, so the file's growth shows beyond the free-page reserve

@@ -19,7 +19,7 @@ from taskstream.messages import Envelope
 from taskstream.payloads import ClaimCheck
 from taskstream.producer import Producer
 from tests.brokers.contract.conftest import Ctx, receive, receive_none
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 
 def env_bytes(body: object, **fields: object) -> bytes:

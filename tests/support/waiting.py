@@ -1,9 +1,10 @@
-"""The one polling helper of the test suite: wait until something holds, or fail saying what did not happen."""
+"""Polling with a deadline, the suite's only way to wait: until something holds, or fail saying what did not happen."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,3 +30,18 @@ async def wait_for(
                 await asyncio.sleep(interval)
     except TimeoutError:
         pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, what: str = "condition", timeout: float = 60.0, interval: float = 0.05
+) -> Any:
+    """The same as :func:`wait_for` for code without an event loop (a test driving processes)."""
+    value: Any = None
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
+        time.sleep(interval)

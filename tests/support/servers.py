@@ -3,42 +3,28 @@
 * :class:`PrivateRabbitMQ`: a second RabbitMQ node on free ports, with its own node name, data, logs, config,
   plugins file and Erlang cookie (``HOME``), so it shares nothing with the machine's node but ``epmd``.
 * :class:`PrivateAzurite`: a second Azurite queue service on a free port with its own ``--location``.
-* :class:`TcpProxy`: a TCP proxy that can go down and come back on the same port, for servers whose state
-  would not survive a real restart (moto keeps queues in memory): to a client it looks the same.
 
 Each ``start`` raises :class:`Unavailable` with the reason when the server cannot run on this machine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
+
+from tests.support.ports import free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Unavailable(RuntimeError):
     """The private server cannot run here (missing binary, or it did not come up); tests skip with this."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 class _Process:
@@ -175,46 +161,3 @@ class PrivateAzurite:
 
     def stop(self) -> None:
         self._process.stop()
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:``port`` to ``target_port``; :meth:`down` drops every connection and stops listening,
-    :meth:`up` listens again on the same port."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-
-    async def down(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
