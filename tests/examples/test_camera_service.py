@@ -10,9 +10,10 @@ import pytest
 
 from examples import camera_service
 from taskstream.brokers.base import broker_from_url
-from taskstream.errors import ConfigurationError, TaskError
+from taskstream.errors import BrokerConnectionError, ConfigurationError, QueueNotFound, TaskError
 from taskstream.stream_ops import Pipeline
-from taskstream.stream_ops.service import ServiceClient
+from taskstream.stream_ops.service import ServiceClient, service_queue
+from tests.support.waiting import wait_for
 
 
 async def test_ten_concurrent_requesters_get_distinct_frames_one_at_a_time(tmp_path: Path) -> None:
@@ -82,9 +83,17 @@ async def test_pending_calls_fail_loudly_when_the_client_closes() -> None:
         client = ServiceClient(broker)
         await client.start()
         call = asyncio.create_task(client.call("nobody", {"x": 1}, timeout=30))
-        await asyncio.sleep(0.05)
+
+        # The request is queued, so the call is waiting for its reply (not refused as a call on a closed client).
+        async def queued() -> int:
+            try:
+                return await broker.depth(service_queue("nobody"))
+            except QueueNotFound:  # not declared yet
+                return 0
+
+        await wait_for(queued, what="the request to be queued", timeout=10)
         await client.close()
-        with pytest.raises(Exception, match="closed"):
+        with pytest.raises(BrokerConnectionError, match="closed while waiting for a reply"):
             await call
 
 

@@ -19,6 +19,8 @@ from taskstream.errors import ConfigurationError, MissingExtraError
 from taskstream.schemes import Backend
 from taskstream.tasks.stores.base import ResultStore, TaskInfo, result_store_from_url
 from taskstream.tasks.stores.memory import MemoryResultStore
+from tests.support.names import unique
+from tests.support.waiting import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -107,12 +109,15 @@ async def test_failed_record_keeps_the_error(make_store: type) -> None:
 
 
 async def test_records_expire_after_the_ttl(make_store: type) -> None:
-    store: ResultStore = make_store(ttl=0.3)
+    ttl = 1.5  # long enough that a loaded machine still reads the record before it expires
+    store: ResultStore = make_store(ttl=ttl)
     task_id = _id()
+    written = time.time()
     await store.finish(TaskInfo(task_id, name="f", status="success", result=1))
-    assert store.get(task_id) is not None
-    await asyncio.sleep(0.6)
-    assert store.get(task_id) is None
+    kept = store.get(task_id)
+    assert kept is not None and kept.result == 1
+    await wait_for(lambda: store.get(task_id) is None, what="the record to expire", timeout=30)
+    assert time.time() >= written + ttl  # gone, but not before its ttl ran out
     assert store.try_cancel(task_id)  # an expired record is as good as unknown
 
 
@@ -193,10 +198,15 @@ def test_the_factory_imports_no_backend() -> None:
 
 
 def test_memory_stores_are_shared_by_name() -> None:
-    a = result_store_from_url("memory://hub-a")
-    assert result_store_from_url("memory://hub-a") is a
+    url = f"memory://{unique('hub')}"
+    a = result_store_from_url(url)
+    assert result_store_from_url(url) is a
     assert result_store_from_url("memory://") is not result_store_from_url("memory://")
-    assert time.time() > 0 and a.get("x") is None
+    task_id = _id()
+    asyncio.run(a.finish(TaskInfo(task_id, name="f", status="success", result=7)))
+    shared = result_store_from_url(url).get(task_id)
+    assert shared is not None and shared.status == "success" and shared.result == 7
+    assert result_store_from_url("memory://").get(task_id) is None  # an anonymous store shares nothing
 
 
 @pytest.mark.redis
