@@ -4,7 +4,7 @@ The worker must carry on by itself (RabbitMQ: robust reconnect; SQS and Azure: p
 every message the producer was told was published; a publish during the outage waits for the server (bounded
 by the broker's timeout) or fails with a clear error, never silently.
 
-Only private servers are restarted (:mod:`tests.e2e.private_servers`); the shared ones on the default ports are
+Only private servers are restarted (:mod:`tests.support.servers`); the shared ones on the default ports are
 never touched. Where a private server cannot run on this machine the test skips and says why.
 """
 
@@ -44,14 +44,16 @@ class Traffic:
     during: list[BaseException | None] = field(default_factory=list)
 
 
-Outage = Callable[[Callable[[], None]], Awaitable[None]]
+#: an outage gets ``send_during_outage``: it starts one publish while the server is gone and returns its task
+SendDuringOutage = Callable[[], asyncio.Task[None]]
+Outage = Callable[[SendDuringOutage], Awaitable[None]]
 
 
 async def publish_through(url: str, queue: str, worker: Served, outages: list[Outage]) -> Traffic:
     """Publish ``{"n": i}`` one after the other while each of ``outages`` runs in turn (once ``worker`` works).
 
     An outage calls the function it is given once the server is really gone: that starts one more publish,
-    which must wait for the server or fail with a clear error.
+    which must wait for the server or fail with a clear error (the function returns that publish's task).
     """
     traffic = Traffic()
     numbers = itertools.count()
@@ -72,8 +74,10 @@ async def publish_through(url: str, queue: str, worker: Served, outages: list[Ou
                 raise
             traffic.confirmed.append(n)
 
-        def send_during_outage() -> None:
-            in_outage.append(asyncio.create_task(send(next(numbers))))
+        def send_during_outage() -> asyncio.Task[None]:
+            task = asyncio.create_task(send(next(numbers)))
+            in_outage.append(task)
+            return task
 
         async def produce() -> None:
             while not stop.is_set():
@@ -133,13 +137,13 @@ async def test_rabbitmq_restarted_and_crashed_under_traffic(
     queue = unique("restart")
     worker = serve(url, queue).start()
 
-    async def restart(send_during_outage: Callable[[], None]) -> None:
+    async def restart(send_during_outage: SendDuringOutage) -> None:
         await asyncio.to_thread(rabbitmq_node.stop)  # clean shutdown: connections closed by the server
         send_during_outage()
         await asyncio.sleep(1)
         await asyncio.to_thread(rabbitmq_node.start)
 
-    async def crash(send_during_outage: Callable[[], None]) -> None:
+    async def crash(send_during_outage: SendDuringOutage) -> None:
         await asyncio.to_thread(rabbitmq_node.kill)  # SIGKILL: connections just vanish
         send_during_outage()
         await asyncio.to_thread(rabbitmq_node.start)
@@ -167,15 +171,24 @@ async def test_azurite_restarted_under_traffic(tmp_path: Path, serve: Callable[.
         queue = unique("restart")
         worker = serve(server.url, queue).start()
 
-        async def restart(send_during_outage: Callable[[], None]) -> None:
+        async def restart(send_during_outage: SendDuringOutage) -> None:
             await asyncio.to_thread(server.stop)
-            send_during_outage()
-            await asyncio.sleep(2)
+            publish = send_during_outage()
+            # Down until that publish has given up: the SDK retries for about 18 s (retry_total=3 with back-off),
+            # so an outage of a few seconds would only prove that publishes wait.
+            await wait_for(publish.done, timeout=90, what="the publish during the outage to give up")
             await asyncio.to_thread(server.start)
 
         traffic = await publish_through(server.url, queue, worker, [restart])
-        # The Azure SDK retries a send for about 15 s, then taskstream raises BrokerConnectionError.
-        assert all("cannot reach Azure Storage" in str(exc) for exc in traffic.failures), traffic.failures
+        # taskstream raises BrokerConnectionError naming the server, for the publish made during the outage and
+        # for the producer's own publishes that ran into it.
+        [during] = traffic.during
+        assert isinstance(during, BrokerConnectionError), traffic.during
+        assert traffic.failures, "no publish failed although the server was down longer than the SDK retries"
+        server_address = f"127.0.0.1:{server.port}"
+        for exc in traffic.failures:
+            assert isinstance(exc, BrokerConnectionError), repr(exc)
+            assert "cannot reach Azure Storage" in str(exc) and server_address in str(exc), str(exc)
         await check_worker_got_everything(worker, traffic)
     finally:
         server.stop()
@@ -191,7 +204,7 @@ async def test_sqs_unreachable_then_back_under_traffic(serve: Callable[..., Serv
     queue = unique("outage")
     worker = serve(url, queue).start()
 
-    async def outage(send_during_outage: Callable[[], None]) -> None:
+    async def outage(send_during_outage: SendDuringOutage) -> None:
         await proxy.down()
         send_during_outage()
         await asyncio.sleep(6)
