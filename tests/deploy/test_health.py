@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -16,6 +15,7 @@ import pytest
 from taskstream import App
 from taskstream.health import HealthServer, Readiness, app_readiness
 from tests.support.ports import free_port
+from tests.support.waiting import wait_for, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,9 +62,7 @@ async def test_readiness_follows_the_app_lifecycle() -> None:
             assert doc["status"] == "ready"
             assert sorted(c["queue"] for c in doc["consumers"]) == ["health.in", "health.other"]
             assert all(c["running"] for c in doc["consumers"])
-            async with asyncio.timeout(10):
-                while app.consumers[0].stats.acked < 1:
-                    await asyncio.sleep(0.01)
+            await wait_for(lambda: app.consumers[0].stats.acked >= 1, what="the message acked", timeout=10)
             doc = orjson.loads((await request(server.port, "/readyz"))[1])
             assert next(c for c in doc["consumers"] if c["queue"] == "health.in")["acked"] == 1
 
@@ -133,6 +131,16 @@ def http_status(port: int, path: str) -> int | None:
         return None
 
 
+def wait_ready(proc: subprocess.Popen[str], port: int) -> None:
+    """Poll ``/readyz`` until it answers 200; fail at once if the process exits first."""
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"exited with {proc.returncode} before it was ready"
+        return http_status(port, "/readyz") == 200
+
+    wait_until(ready, what=f"/readyz on port {port} to answer 200", timeout=30, interval=0.1)
+
+
 def test_cli_run_serves_health_from_the_environment() -> None:
     """`taskstream run` with TASKSTREAM_HEALTH_PORT answers ready once consuming, and still stops cleanly."""
     port = free_port()
@@ -151,14 +159,7 @@ def test_cli_run_serves_health_from_the_environment() -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            status = http_status(port, "/readyz")
-            if status == 200:
-                break
-            time.sleep(0.1)
-        assert status == 200, f"never ready (last status {status}); exit {proc.poll()}"
+        wait_ready(proc, port)
         assert http_status(port, "/healthz") == 200
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -208,14 +209,7 @@ def test_cli_worker_serves_health(tmp_path: Path) -> None:
         text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            status = http_status(port, "/readyz")
-            if status == 200:
-                break
-            time.sleep(0.1)
-        assert status == 200, f"never ready (last status {status}); exit {proc.poll()}"
+        wait_ready(proc, port)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)

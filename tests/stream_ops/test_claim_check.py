@@ -22,6 +22,7 @@ from taskstream.producer import Producer
 from taskstream.stream_ops import ListSink, MemoryStateStore, Pipeline, QueueSink, QueueSource
 from taskstream.stream_ops.service import Service, ServiceClient
 from taskstream.stream_ops.wire import record_message
+from tests.support.waiting import wait_for
 
 AMQP_URL = os.environ.get("TASKSTREAM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 #: the memory broker's limit in these tests: records over 2048 encoded bytes go by reference
@@ -47,6 +48,10 @@ class CountingStore(LocalStore):
 
 async def stored_keys(store: LocalStore) -> list[str]:
     return [info.key async for info in store.list()]
+
+
+async def _none_stored(store: LocalStore) -> bool:
+    return not await stored_keys(store)
 
 
 def frames(n: int = 40) -> list[dict[str, Any]]:
@@ -215,9 +220,8 @@ async def test_service_requests_and_replies_over_the_broker_limit_travel_by_refe
         try:
             async with ServiceClient(broker, claim_check=check) as client:
                 image = await client.call("cc-camera", {"settings": "x" * 5000}, timeout=10)
-                async with asyncio.timeout(5):
-                    while await stored_keys(store):  # the reply's payload goes right after its ack
-                        await asyncio.sleep(0.01)
+                # the reply's payload goes right after its ack
+                await wait_for(lambda: _none_stored(store), what="the reply's payload deleted", timeout=5)
         finally:
             await service.stop()
     assert isinstance(image, np.ndarray) and image.shape == (64, 64) and float(image[0, 0]) == 5000.0

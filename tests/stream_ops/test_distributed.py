@@ -32,6 +32,7 @@ from taskstream.stream_ops import (
     send_stop,
 )
 from taskstream.stream_ops.keygroups import group_of, owner
+from tests.support.waiting import wait_for
 
 
 def canon(items: list[Any]) -> list[str]:
@@ -185,7 +186,7 @@ async def test_stop_ends_a_stage_and_end_of_stream_flows_on() -> None:
     work = asyncio.create_task(p.run_stage("work", broker=broker, store=MemoryStateStore()))
     store = asyncio.create_task(p.run_stage("store", broker=broker, store=MemoryStateStore()))
     source = asyncio.create_task(p.run_stage("jobs", broker=broker))
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: len(got) >= 5, what="the five jobs through both stages", timeout=10)
     assert sorted(got) == [0, 2, 4, 6, 8]
     await send_stop(broker, p.plan().stages["work"].queue(0))
     result = await asyncio.wait_for(work, 10)

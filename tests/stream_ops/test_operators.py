@@ -101,14 +101,14 @@ async def test_batch_by_size_per_key_and_the_rest_at_end_of_stream() -> None:
 async def test_batch_by_time_with_injected_time() -> None:
     clock = ManualTime(100.0)
 
-    async def ticking() -> Any:
-        for i in range(6):
-            clock.set(100.0 + i * 0.4)  # a value every 0.4 s
-            yield i
-            await asyncio.sleep(0.01)
+    def arrive(i: int) -> int:
+        # a value every 0.4 s: the clock moves as each value reaches the batch (set by the source, it could
+        # run ahead of the batch while the source is read ahead)
+        clock.set(100.0 + i * 0.4)
+        return i
 
     p = Pipeline("batch-time")
-    out = p.source("n", ticking()).batch(100, timeout=1.0).collect()  # unkeyed: one batch
+    out = p.source("n", range(6)).map(arrive).batch(100, timeout=1.0).collect()  # unkeyed: one batch
     await p.run(now=clock, config=RunConfig(batch_size=1))
     # the first batch opens at t=100.0 and closes when a value arrives at t >= 101.0 (i=3 at 101.2)
     assert out == [[0, 1, 2, 3], [4, 5]]

@@ -19,6 +19,7 @@ from taskstream.messages import loads
 from taskstream.stream_ops import MemoryStateStore, Pipeline, RunConfig
 from taskstream.stream_ops.keygroups import KEY_GROUPS, group_of, groups_of, owner
 from taskstream.stream_ops.rescale import rescale_stage
+from tests.support.waiting import wait_for
 
 COUNT = 3000
 NAME = "s8-rescale"
@@ -56,9 +57,8 @@ async def test_s8_stopped_with_three_window_replicas_and_resumed_with_two_gives_
     store = MemoryStateStore()
     first = start_all(s8(tmp_path, 3), broker, store)
     try:
-        async with asyncio.timeout(60):  # a bound for a broken build, not a measurement
-            while source_position(store) < COUNT // 2:  # stop the whole pipeline half-way through
-                await asyncio.sleep(0.01)
+        # stop the whole pipeline half-way through
+        await wait_for(lambda: source_position(store) >= COUNT // 2, what="the source half-way", interval=0.01)
     finally:
         for task in first:
             task.cancel()  # killed hard: nothing flushed, nothing more acked

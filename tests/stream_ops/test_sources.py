@@ -28,6 +28,7 @@ from taskstream.stream_ops import (
     send_stop,
 )
 from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 
 async def test_iterable_source_bounded_by_count() -> None:
@@ -52,22 +53,25 @@ async def test_json_lines_follow_mode_reads_appended_lines_until_stop(tmp_path: 
     path = tmp_path / "live.jsonl"
     path.write_bytes(b'{"n": 0}\n')
     p = Pipeline("follow")
-    out = p.source("f", JsonLinesSource(path, follow=True, poll_interval=0.02)).collect()
+    source = JsonLinesSource(path, follow=True, poll_interval=0.02)
+    out = p.source("f", source).collect()
     task = asyncio.create_task(p.run())
 
-    async def append(data: bytes) -> None:
-        with open(path, "ab") as f:  # noqa: ASYNC230
+    def append(data: bytes) -> None:
+        with open(path, "ab") as f:
             f.write(data)
-        await asyncio.sleep(0.1)
 
-    await asyncio.sleep(0.1)
-    await append(b'{"n": 1}\n{"n"')  # half a line: must wait for the rest
-    assert out == [{"n": 0}, {"n": 1}]
-    await append(b": 2}\n")
-    await append(b'{"control": "stop"}\n{"n": 3}\n')
-    async with asyncio.timeout(5):
+    await wait_for(lambda: out == [{"n": 0}], what="the first line", timeout=10)
+    append(b'{"n": 1}\n{"n"')  # half a line: must wait for the rest
+    await wait_for(lambda: len(out) >= 2, what="the appended line", timeout=10)
+    await asyncio.sleep(0.2)  # ten polls: time for the half line to be (wrongly) read
+    assert out == [{"n": 0}, {"n": 1}] and source.bad_lines == 0
+    append(b": 2}\n")
+    await wait_for(lambda: len(out) >= 3, what="the completed line", timeout=10)
+    append(b'{"control": "stop"}\n{"n": 3}\n')
+    async with asyncio.timeout(10):
         await task
-    assert out == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert out == [{"n": 0}, {"n": 1}, {"n": 2}] and source.bad_lines == 0
 
 
 async def test_json_lines_follow_mode_ends_on_idle_timeout(tmp_path: Path) -> None:
@@ -117,11 +121,13 @@ async def test_zmq_sub_source_with_topics_and_stop() -> None:
         source = ZmqSubSource(f"tcp://127.0.0.1:{port}", topics=["temp"], with_topic=True)
         out = p.source("sub", source).collect()
         task = asyncio.create_task(p.run())
+
         # PUB/SUB drops what is sent before the subscription is up: send a probe until it arrives
-        async with asyncio.timeout(10):
-            while not out:
-                await pub.send_multipart([b"temp", orjson.dumps({"probe": True})])
-                await asyncio.sleep(0.05)
+        async def probe() -> list[Any]:
+            await pub.send_multipart([b"temp", orjson.dumps({"probe": True})])
+            return out
+
+        await wait_for(probe, what="a probe through the subscription", timeout=10)
         for i in range(5):
             await pub.send_multipart([b"temp", orjson.dumps({"i": i})])
             await pub.send_multipart([b"humidity", orjson.dumps({"i": i})])  # not subscribed

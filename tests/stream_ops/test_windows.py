@@ -125,16 +125,16 @@ async def test_session_windows_merge_two_open_sessions() -> None:
 
 async def test_processing_time_windows_close_on_the_injected_clock() -> None:
     clock = ManualTime(1000.0)
+    arrivals = [1000.1, 1000.4, 1000.9, 1001.2, 1001.3, 1002.6]
 
-    async def feed() -> Any:
-        for i, now in enumerate([1000.1, 1000.4, 1000.9, 1001.2, 1001.3, 1002.6]):
-            clock.set(now)
-            yield {"k": "a", "i": i}
-            await asyncio.sleep(0.01)
+    def arrive(x: dict[str, Any]) -> dict[str, Any]:
+        clock.set(arrivals[x["i"]])  # the clock moves as each record reaches the window, not ahead of it
+        return x
 
     p = Pipeline("proc-time")
     w = (
-        p.source("in", feed())
+        p.source("in", [{"k": "a", "i": i} for i in range(len(arrivals))])
+        .map(arrive)
         .key_by(lambda x: x["k"])
         .window(TumblingWindow(1.0), SystemClock())
         .aggregate(n=Count(), items=Collect("i"))
