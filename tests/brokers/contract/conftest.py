@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from taskstream.brokers.base import Broker, Delivery, Subscription
 from tests.brokers.contract.backends import BackendSpec, all_specs
+from tests.support.names import unique
 
 SPECS = all_specs()
 
@@ -37,12 +37,13 @@ class Ctx:
         self.brokers.append(broker)
         return broker
 
-    async def queue(self, broker: Broker, *, fifo: bool = False, stem: str = "ct") -> str:
-        name = self.spec.queue_name(f"{stem}-{uuid.uuid4().hex[:10]}")
+    async def queue(self, broker: Broker, *, fifo: bool = False, stem: str = "ct", topics: Sequence[str] = ()) -> str:
+        """Declare a queue unique to this run (bound to ``topics``); :meth:`close` deletes it and its DLQ."""
+        name = self.spec.queue_name(unique(stem))
         if fifo and not name.endswith(".fifo"):
             name = f"{name}.fifo"
-        await broker.declare(name, fifo=fifo)
-        self.queues.append(name)
+        self.queues.append(name)  # before declaring: a half-done declare is cleaned up too
+        await broker.declare(name, fifo=fifo, topics=topics)
         return name
 
     async def close(self) -> None:

@@ -8,18 +8,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import uuid
+import json
+import signal
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from taskstream.brokers.base import Broker, OutgoingMessage, QueueStats
+from taskstream.brokers.base import Broker, Delivery, OutgoingMessage, QueueStats
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import MessageTooLarge, QueueNotFound
 from taskstream.messages import Envelope
 from taskstream.payloads import ClaimCheck
 from taskstream.producer import Producer
 from tests.brokers.contract.conftest import Ctx, receive, receive_none
+from tests.support.names import unique
 from tests.support.waiting import wait_for
+
+ROOT = Path(__file__).resolve().parents[3]
+#: Visibility timeout (s) of the brokers of tests that wait for a message to come back (where brokers have one).
+SHORT_VISIBILITY = 2.0
 
 
 def env_bytes(body: object, **fields: object) -> bytes:
@@ -41,14 +50,20 @@ async def test_publish_consume_roundtrip_keeps_body_headers_and_id(ctx: Ctx) -> 
 
 
 async def test_ack_removes_message_for_good(ctx: Ctx) -> None:
-    broker = await ctx.broker()
+    # An ack that does not remove the message leaves it held: it comes back when the closing subscription
+    # returns it (brokers that hold until ack or disconnect) or when its visibility lapses, and until then the
+    # broker still counts it (in flight, or in the depth). A short visibility timeout lets the test wait past it.
+    broker = await ctx.broker(visibility_timeout=SHORT_VISIBILITY)
+    caps = broker.capabilities
     queue = await ctx.queue(broker)
     await broker.publish(queue, b"1")
     async with broker.consume(queue, prefetch=1) as sub:
         [d] = await receive(sub, 1)
         await d.ack()
     async with broker.consume(queue, prefetch=1) as sub:
-        await receive_none(sub, 1.5)
+        await receive_none(sub, (caps.visibility_timeout or 0) + 1.5)  # past the visibility, counted from the ack
+    gone = QueueStats(0, 0 if caps.reports_in_flight else None, 0 if caps.reports_consumers else None)
+    assert await settled_stats(broker, queue, gone) == gone
     assert await broker.depth(queue) == 0
 
 
@@ -71,25 +86,77 @@ async def test_nack_with_delay_hides_message_until_the_delay_passes(ctx: Ctx) ->
     broker = await ctx.broker()
     queue = await ctx.queue(broker)
     await broker.publish(queue, b"later")
+    delay = min(3.0, broker.capabilities.max_delay)
     async with broker.consume(queue, prefetch=1) as sub:
         [first] = await receive(sub, 1)
-        await first.nack(requeue=True, delay=3)
-        await receive_none(sub, 1.0)
+        nacked = time.monotonic()  # the message is due no earlier than ``delay`` after this
+        await first.nack(requeue=True, delay=delay)
+        await receive_none(sub, nacked + 0.8 * delay - time.monotonic())  # absent until shortly before it is due
         [second] = await receive(sub, 1)
         assert second.body == b"later"
         assert second.attempt == 2
         await second.ack()
 
 
+async def hold_in_a_process_and_kill_it(url: str, queue: str) -> None:
+    """A consumer process (``holder.py``) takes the message and holds it, alive; then it is SIGKILLed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.brokers.contract.holder",
+        url,
+        queue,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            async with asyncio.timeout(30):
+                line = await process.stdout.readline()
+        except TimeoutError:
+            pytest.fail("the holder process received nothing within 30 s")
+        if not line:
+            await process.wait()
+            error = (await process.stderr.read()).decode(errors="replace")[-2000:]
+            pytest.fail(f"the holder process ended (exit {process.returncode}) before holding the message:\n{error}")
+        held = json.loads(line)
+        assert held == {"message_id": "m-precious", "attempt": 1}
+    finally:
+        if process.returncode is None:
+            process.kill()  # SIGKILL: no close, no unsubscribe, no goodbye of any kind
+        await process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+async def hold_and_vanish_in_process(ctx: Ctx, queue: str) -> None:
+    """The in-process variant: a consumer task takes the message and is cancelled; its subscription is dropped
+    without ``close`` and its broker is left open, so nothing returns the message but the broker itself."""
+    doomed = await ctx.broker(visibility_timeout=SHORT_VISIBILITY)
+    held: list[Delivery] = []
+
+    async def hold() -> None:
+        held.append(await doomed.consume(queue, prefetch=1).__anext__())
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(hold())
+    await wait_for(lambda: held or task.done(), what="the doomed consumer to hold the message", timeout=30)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert [(d.message_id, d.attempt) for d in held] == [("m-precious", 1)]
+
+
 async def test_message_of_a_consumer_that_dies_without_ack_is_redelivered(ctx: Ctx) -> None:
-    survivor = await ctx.broker(visibility_timeout=2)
-    doomed = await ctx.broker(visibility_timeout=2)
+    survivor = await ctx.broker()
     queue = await ctx.queue(survivor)
     await survivor.publish(queue, b"precious", message_id="m-precious")
-    sub = doomed.consume(queue, prefetch=1)
-    [held] = await receive(sub, 1)
-    assert held.attempt == 1
-    await doomed.close()  # dies holding the message, never acks
+    if ctx.spec.url is None:  # in-process (memory): no other process can reach the broker
+        assert survivor.capabilities.in_process
+        await hold_and_vanish_in_process(ctx, queue)
+    else:
+        await hold_in_a_process_and_kill_it(ctx.spec.url(visibility_timeout=SHORT_VISIBILITY), queue)
     async with survivor.consume(queue, prefetch=1) as sub2:
         [again] = await receive(sub2, 1)
         assert again.body == b"precious"
@@ -179,7 +246,7 @@ async def test_queue_stats_count_ready_in_flight_and_consumers_as_the_capabiliti
     assert await settled_stats(broker, queue, after) == after
     assert await broker.depth(queue) == 2
     with pytest.raises(QueueNotFound):
-        await broker.queue_stats(ctx.spec.queue_name(f"ct-missing-{uuid.uuid4().hex[:10]}"))
+        await broker.queue_stats(ctx.spec.queue_name(unique("ct-missing")))
 
 
 async def test_message_over_size_limit_raises_a_clear_error(ctx: Ctx) -> None:
@@ -209,13 +276,9 @@ async def test_topic_fanout_reaches_every_matching_queue(ctx: Ctx) -> None:
     broker = await ctx.broker()
     if not broker.capabilities.fanout:
         pytest.skip(f"{broker.capabilities.name}: no topic pub/sub (Capabilities.fanout is False)")
-    all_sensors = ctx.spec.queue_name("fan-all")
-    only_a = ctx.spec.queue_name("fan-a")
-    stem = f"sensors{id(ctx)}"
-    await broker.declare(all_sensors, topics=[f"{stem}.#"])
-    await broker.declare(only_a, topics=[f"{stem}.a"])
-    await broker.purge(all_sensors)
-    await broker.purge(only_a)
+    stem = unique("sensors")  # topics unique to this run too: another run's publishes never reach these queues
+    all_sensors = await ctx.queue(broker, stem="fan-all", topics=[f"{stem}.#"])
+    only_a = await ctx.queue(broker, stem="fan-a", topics=[f"{stem}.a"])
     await broker.publish_topic(f"{stem}.a", b"A")
     await broker.publish_topic(f"{stem}.b", b"B")
     async with broker.consume(all_sensors, prefetch=10) as sub:
@@ -228,9 +291,6 @@ async def test_topic_fanout_reaches_every_matching_queue(ctx: Ctx) -> None:
         assert d.body == b"A"
         await d.ack()
         await receive_none(sub, 1.0)
-    for q in (all_sensors, only_a):
-        with contextlib.suppress(Exception):
-            await broker.delete_queue(q)
 
 
 # -- the consumer runtime on top of each backend ------------------------------------------------------

@@ -27,12 +27,16 @@ class BackendSpec:
         queue_name: turns a unique stem into a valid queue name for this backend.
         setup: optional async callable run once per test before brokers are made (start a device, check
             the server is reachable and fail with a clear message when it is not).
+        url: the URL another process gives ``broker_from_url`` to reach the same queues as ``make``'s brokers,
+            with ``visibility_timeout`` as ``make`` takes it; ``None`` where no other process can
+            (``Capabilities.in_process``).
     """
 
     name: str
     make: Callable[..., Broker]
     queue_name: Callable[[str], str] = field(default=lambda stem: stem)
     setup: Callable[[], Awaitable[None]] | None = None
+    url: Callable[..., str] | None = None
 
 
 def all_specs() -> list[BackendSpec]:

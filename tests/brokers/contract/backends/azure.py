@@ -8,6 +8,7 @@ storage path is exercised on every run.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 from taskstream.brokers.azure_queues import AzureQueueBroker, azure_queue_name
 from taskstream.brokers.base import Broker
@@ -25,6 +26,12 @@ def make(visibility_timeout: float | None = None) -> Broker:
     )
 
 
+def url(visibility_timeout: float | None = None) -> str:
+    """What :func:`make` builds, as a URL for another process."""
+    connection = quote("UseDevelopmentStorage=true", safe="")
+    return f"azurequeue://?connection_string={connection}&visibility_timeout={visibility_timeout or 30}"
+
+
 async def setup() -> None:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(AZURITE_HOST, AZURITE_QUEUE_PORT), 5)
@@ -37,4 +44,4 @@ async def setup() -> None:
     await writer.wait_closed()
 
 
-SPEC = BackendSpec(name="azure", make=make, queue_name=azure_queue_name, setup=setup)
+SPEC = BackendSpec(name="azure", make=make, queue_name=azure_queue_name, setup=setup, url=url)

@@ -23,6 +23,11 @@ def make(visibility_timeout: float | None = None) -> Broker:
     return RabbitMQBroker.from_url(URL, max_message_bytes=1024 * 1024)
 
 
+def url(visibility_timeout: float | None = None) -> str:
+    """The server's URL, for another process (no visibility timeout to pass)."""
+    return URL
+
+
 async def setup() -> None:
     from urllib.parse import urlsplit
 
@@ -37,4 +42,4 @@ async def setup() -> None:
     writer.close()
 
 
-SPEC = BackendSpec(name="rabbitmq", make=make, setup=setup)
+SPEC = BackendSpec(name="rabbitmq", make=make, setup=setup, url=url)

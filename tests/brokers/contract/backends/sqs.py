@@ -10,7 +10,7 @@ import asyncio
 import os
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -33,6 +33,15 @@ def make(visibility_timeout: float | None = None, **options: Any) -> Broker:
     return SQSBroker(SQSOptions(visibility_timeout=visibility_timeout or 30.0, **settings))
 
 
+def url(visibility_timeout: float | None = None) -> str:
+    """What :func:`make` builds, as a URL for another process (same server, region and queue prefix)."""
+    endpoint = quote(ENDPOINT, safe="")
+    return (
+        f"sqs://us-east-1/?endpoint_url={endpoint}&queue_prefix={PREFIX}&wait_time=2"
+        f"&visibility_timeout={visibility_timeout or 30.0}"
+    )
+
+
 async def setup() -> None:
     parts = urlsplit(ENDPOINT)
     host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
@@ -44,4 +53,4 @@ async def setup() -> None:
     await writer.wait_closed()
 
 
-SPEC = BackendSpec(name="sqs", make=make, setup=setup)
+SPEC = BackendSpec(name="sqs", make=make, setup=setup, url=url)

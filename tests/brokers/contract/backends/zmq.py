@@ -38,4 +38,11 @@ def make(visibility_timeout: float | None = None) -> Broker:
     return ZeroMQBroker(endpoint.endpoints[0], ZeroMQConfig(max_message_bytes=1024 * 1024))
 
 
-SPEC = BackendSpec(name="zmq", make=make, setup=setup)
+def url(visibility_timeout: float | None = None) -> str:
+    """The session's device as a ``zmq://`` URL, for another process."""
+    endpoint = device().device
+    assert endpoint is not None
+    return endpoint.endpoints[0].replace("tcp://", "zmq://")
+
+
+SPEC = BackendSpec(name="zmq", make=make, setup=setup, url=url)
