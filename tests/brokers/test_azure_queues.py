@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -199,8 +200,9 @@ async def test_extend_keeps_the_newest_pop_receipt(az: Azure, caplog: pytest.Log
 
 
 async def test_buffered_messages_stay_invisible_until_handed_out(az: Azure) -> None:
-    broker = await az.broker(visibility_timeout=2)
-    rival = await az.broker(visibility_timeout=2)
+    # 3 s visibility: the keep-alive renews every second with 2 s to spare, so a slow Azurite cannot beat it.
+    broker = await az.broker(visibility_timeout=3)
+    rival = await az.broker(visibility_timeout=3, poll_interval=0.2)  # polls often: a lapse would show at once
     queue = await az.queue(broker)
     await broker.publish_batch(queue, [OutgoingMessage(b"first"), OutgoingMessage(b"second")])
     async with broker.consume(queue, prefetch=2) as sub:
@@ -209,7 +211,7 @@ async def test_buffered_messages_stay_invisible_until_handed_out(az: Azure) -> N
         await first.ack()
         await wait_for(lambda: sub.buffered == 1, what="the second message in the buffer")
         async with rival.consume(queue, prefetch=2) as other:
-            await receive_none(other, 5.0)  # 2.5 visibility timeouts: the buffer kept it hidden
+            await receive_none(other, 4.5)  # 1.5 visibility timeouts: the buffer kept it hidden
         [second] = await receive(sub, 1)
         assert {first.body, second.body} == {b"first", b"second"}  # concurrent sends: either order
         assert second.attempt == 1
@@ -220,21 +222,50 @@ async def test_a_queue_deleted_under_a_consumer_fails_it_clearly(az: Azure) -> N
     broker = await az.broker()
     queue = await az.queue(broker)
     async with broker.consume(queue, prefetch=2) as sub:
-        await receive_none(sub, 0.5)
+        assert isinstance(sub, AzureQueueSubscription)
+        await wait_for(lambda: sub.polls >= 1, what="the consumer's first receive")
         await az.raw_client(queue).delete_queue()
         with pytest.raises(QueueNotFound, match=queue):
             await receive(sub, 1)
 
 
-async def test_publish_with_delay_is_invisible_until_the_delay_passes(az: Azure) -> None:
-    broker = await az.broker()
-    queue = await az.queue(broker)
-    await broker.publish(queue, b"later", delay=3)
-    async with broker.consume(queue, prefetch=1) as sub:
-        await receive_none(sub, 1.5)
-        [d] = await receive(sub, 1)
-        assert d.body == b"later" and d.attempt == 1
-        await d.ack()
+DELAY = 3.0
+
+
+async def absent_until(sub: AzureQueueSubscription, start: float) -> None:
+    """Nothing delivered until shortly before a ``DELAY`` counted from ``start`` is due (80 % of it)."""
+    await receive_none(sub, max(0.0, start + 0.8 * DELAY - time.monotonic()))
+
+
+async def test_publish_and_nack_delays_hide_the_message_until_they_pass(az: Azure) -> None:
+    # Both delays run at once (two queues): the test takes one delay, not two. Polling every 0.1 s at most, a
+    # message due early is received before the absence check ends.
+    broker = await az.broker(poll_interval=0.1)
+    delayed, retried = await az.queue(broker), await az.queue(broker)
+    await broker.publish(retried, b"retry")
+
+    async def publish_with_delay() -> None:
+        async with broker.consume(delayed, prefetch=1) as sub:
+            assert isinstance(sub, AzureQueueSubscription)
+            start = time.monotonic()  # before the call: the delay cannot start earlier on the server
+            await broker.publish(delayed, b"later", delay=DELAY)
+            await absent_until(sub, start)
+            [d] = await receive(sub, 1)
+            assert d.body == b"later" and d.attempt == 1
+            await d.ack()
+
+    async def nack_with_delay() -> None:
+        async with broker.consume(retried, prefetch=1) as sub:
+            assert isinstance(sub, AzureQueueSubscription)
+            [first] = await receive(sub, 1)
+            start = time.monotonic()
+            await first.nack(requeue=True, delay=DELAY)
+            await absent_until(sub, start)
+            [second] = await receive(sub, 1)
+            assert second.body == b"retry" and second.attempt == 2
+            await second.ack()
+
+    await asyncio.gather(publish_with_delay(), nack_with_delay())
 
 
 # -- poison queue ---------------------------------------------------------------------------------------------
@@ -390,15 +421,21 @@ async def test_foreign_base64_messages_decode_when_asked(az: Azure) -> None:
 
 
 async def test_empty_queue_polling_backs_off_and_resets_on_work(az: Azure) -> None:
-    broker = await az.broker(poll_interval=0.8)
+    interval = 0.8
+    broker = await az.broker(poll_interval=interval)
     producer = await az.broker()  # another connection: its publishes cannot wake the subscription directly
     queue = await az.queue(broker)
     async with broker.consume(queue, prefetch=4) as sub:
         assert isinstance(sub, AzureQueueSubscription)
-        await receive_none(sub, 3.0)
-        # A busy loop would poll hundreds of times in 3 s; backing off to 0.8 s gives about 8.
-        assert 2 <= sub.empty_polls <= 15, sub.empty_polls
-        assert sub.idle_delay == 0.8
+        # 0.05 s doubled after each empty poll reaches the cap after 4 of them.
+        await wait_for(lambda: sub.idle_delay == interval, timeout=20, what="the idle delay to reach poll_interval")
+        assert sub.empty_polls >= 4, sub.empty_polls
+        # Backed off: three more empty polls take at least the two full pauses between them (a busy loop would
+        # take milliseconds). A slow machine only makes this take longer, never shorter.
+        start, before = time.monotonic(), sub.empty_polls
+        await wait_for(lambda: sub.empty_polls >= before + 3, timeout=20, what="three more empty polls")
+        assert time.monotonic() - start >= 2 * interval - 0.1
+        assert sub.idle_delay == interval  # capped, not growing further
         await producer.publish(queue, b"work")
         [d] = await receive(sub, 1, timeout=10)
         assert sub.idle_delay == MIN_POLL_DELAY  # work arrived: polling is eager again
@@ -406,16 +443,20 @@ async def test_empty_queue_polling_backs_off_and_resets_on_work(az: Azure) -> No
 
 
 async def test_publish_through_the_same_broker_wakes_a_sleeping_poller(az: Azure) -> None:
-    broker = await az.broker(poll_interval=30)
+    asleep = 600.0  # far beyond the receive's deadline below: only the wake-up can deliver in time
+    broker = await az.broker(poll_interval=asleep)
     queue = await az.queue(broker)
     async with broker.consume(queue, prefetch=4) as sub:
         assert isinstance(sub, AzureQueueSubscription)
-        # After 7 empty polls (about 3.2 s) the poller sleeps 3.2 s before the next one.
-        await wait_for(lambda: sub.empty_polls >= 7, timeout=30, what="the poller to back off")
+        # The next empty poll sleeps this long (the back-off would get there by itself, after hours).
+        sub.idle_delay = asleep
+        before = sub.empty_polls
+        await wait_for(lambda: sub.empty_polls > before, timeout=20, what="an empty poll that starts the long sleep")
         polls = sub.polls
         await broker.publish(queue, b"wake up")
-        [d] = await receive(sub, 1, timeout=2.5)
-        assert polls < sub.polls <= polls + 2  # polled at once (the poll after it may have finished too)
+        [d] = await receive(sub, 1, timeout=30)
+        assert d.body == b"wake up"
+        assert sub.polls > polls
         await d.ack()
 
 
@@ -430,7 +471,8 @@ async def test_an_outage_is_logged_once_and_receiving_resumes(az: Azure, caplog:
     caplog.set_level(logging.DEBUG, logger="taskstream.brokers.azure")
     try:
         async with broker.consume(queue, prefetch=2) as sub:
-            await receive_none(sub, 0.5)
+            assert isinstance(sub, AzureQueueSubscription)
+            await wait_for(lambda: sub.polls >= 1, what="a receive through the proxy before the outage")
             await proxy.down()
             # The SDK retries each receive a few times; wait for the second failed receive of the outage.
             await wait_for(lambda: "failed again" in caplog.text, timeout=90, what="two failed receives")
@@ -440,7 +482,7 @@ async def test_an_outage_is_logged_once_and_receiving_resumes(az: Azure, caplog:
             assert d.body == b"back"
             await d.ack()
     finally:
-        await proxy.down()
+        await proxy.stop()
     failed = [r for r in caplog.records if r.levelno == logging.WARNING and "failed" in r.getMessage()]
     again = [r for r in caplog.records if "work again" in r.getMessage()]
     assert len(failed) == 1 and len(again) == 1, caplog.text
