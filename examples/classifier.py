@@ -37,7 +37,7 @@ from typing import Any
 from taskstream import App, Task, gather
 from taskstream.tasks import WorkerConfig
 
-QUEUE = "classifier"
+QUEUE = os.environ.get("CLASSIFIER_QUEUE", "classifier")  # a worker process serves the queue main() tells it
 LABELS = ("math", "physics", "computer science", "biology", "finance")
 DIM = 32
 BUCKETS = 4096
@@ -228,11 +228,11 @@ def run(task: Task[Any, Any], documents: list[str], truth: list[str], max_blocks
     report.accuracy = correct / total if total else 0.0
 
 
-def _start_worker(broker: str, max_workers: int, idle_timeout: float) -> subprocess.Popen[bytes]:
+def _start_worker(broker: str, max_workers: int, idle_timeout: float, queue: str) -> subprocess.Popen[bytes]:
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TASKSTREAM_BROKER_URL=broker)
+    env = dict(os.environ, TASKSTREAM_BROKER_URL=broker, CLASSIFIER_QUEUE=queue)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "taskstream.cli", "worker", "examples.classifier:app", "--queues", QUEUE]
+    command = [sys.executable, "-m", "taskstream.cli", "worker", "examples.classifier:app", "--queues", queue]
     options = ["--autoscale", f"1:{max_workers}", "--idle-timeout", str(idle_timeout)]
     return subprocess.Popen([*command, *options], env=env, cwd=root)
 
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--load-scale", type=float, default=1.0, help="model tuning cost (scales C)")
     parser.add_argument("--item-scale", type=float, default=1.0, help="prototypes (scales r, and C a little)")
     parser.add_argument("--broker", default=None, help="a real broker URL: a worker process is started for it")
+    parser.add_argument("--queue", default=QUEUE, help=f"the task queue on that broker ({QUEUE})")
     args = parser.parse_args(argv)
     os.environ["CLASSIFIER_LOAD_SCALE"] = str(args.load_scale)  # worker processes take it at their start
     os.environ["CLASSIFIER_ITEM_SCALE"] = str(args.item_scale)
@@ -255,10 +256,10 @@ def main(argv: list[str] | None = None) -> Report:
     report = Report(args.docs, args.max_workers)
 
     if args.broker:
-        worker = _start_worker(args.broker, args.max_workers, args.idle_timeout)
+        worker = _start_worker(args.broker, args.max_workers, args.idle_timeout, args.queue)
         try:
             with App(args.broker, workers=False) as client:
-                run(client.remote("classify_block", queue=QUEUE), documents, truth, args.max_blocks, report)
+                run(client.remote("classify_block", queue=args.queue), documents, truth, args.max_blocks, report)
         finally:
             worker.terminate()
             worker.wait(60)

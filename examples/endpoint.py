@@ -1,9 +1,9 @@
 """S2: a function endpoint (funcX-style).
 
-An *endpoint* is a worker serving the queue ``endpoint``. Clients submit calls to it **by name** (they need not
-have the code), get a task id at once, and ask for status (``pending``, ``running``, ``success``, ``failed``)
-and the result by that id, later, from any client. A batch of calls goes out in one go. The sync API also works
-inside Jupyter, whose cells run inside an event loop.
+An *endpoint* is a worker serving the queue ``endpoint`` (``--queue`` or ``ENDPOINT_QUEUE`` name another).
+Clients submit calls to it **by name** (they need not have the code), get a task id at once, and ask for status
+(``pending``, ``running``, ``success``, ``failed``) and the result by that id, later, from any client. A batch
+of calls goes out in one go. The sync API also works inside Jupyter, whose cells run inside an event loop.
 
     taskstream worker examples.endpoint:app --queues endpoint --broker amqp://guest:guest@127.0.0.1:5672/
     python examples/endpoint.py --broker amqp://guest:guest@127.0.0.1:5672/   # a client session
@@ -31,7 +31,7 @@ from typing import Any
 
 from taskstream import App, TaskInfo, gather
 
-QUEUE = "endpoint"
+QUEUE = os.environ.get("ENDPOINT_QUEUE", "endpoint")  # an endpoint process serves the queue main() tells it
 MEMORY_HUB = "memory://endpoint"
 
 ABSTRACTS = [
@@ -88,17 +88,17 @@ def watch(client: App, task_id: str, timeout: float = 30.0) -> list[str]:
     return seen
 
 
-def client_session(broker: str) -> dict[str, Any]:
+def client_session(broker: str, queue: str = QUEUE) -> dict[str, Any]:
     """What a funcX user does from a script: submit by name, ids at once, status and results by id."""
     report: dict[str, Any] = {}
     with App(broker, workers=False) as client:
-        run = client.remote("classify", queue=QUEUE)  # by name: this client has no code for it
+        run = client.remote("classify", queue=queue)  # by name: this client has no code for it
         future = run.submit(ABSTRACTS[1])
         print(f"submitted classify -> task id {future.task_id} (returned at once)")
         print(f"  result: {future.result(timeout=60)!r}")
         report["single"] = future.result()
 
-        slow = client.remote("slow_echo", queue=QUEUE).submit("hello", seconds=0.5)
+        slow = client.remote("slow_echo", queue=queue).submit("hello", seconds=0.5)
         report["statuses"] = watch(client, slow.task_id)
         print(f"  slow_echo {slow.task_id}: {' -> '.join(report['statuses'])}")
 
@@ -107,7 +107,7 @@ def client_session(broker: str) -> dict[str, Any]:
         report["batch_ids"] = [f.task_id for f in batch]
         for text, subject in zip(ABSTRACTS, report["batch"], strict=True):
             print(f"  {subject:<17} <- {text[:60]}...")
-        counts = client.remote("word_count", queue=QUEUE).map(ABSTRACTS, chunksize=5)
+        counts = client.remote("word_count", queue=queue).map(ABSTRACTS, chunksize=5)
         report["word_counts"] = gather(counts).result(timeout=60)
         report["first_id"] = future.task_id
     return report
@@ -123,24 +123,24 @@ def another_client(broker: str, task_ids: list[str]) -> list[TaskInfo]:
     return infos
 
 
-def notebook_cell(broker: str) -> Any:
+def notebook_cell(broker: str, queue: str = QUEUE) -> Any:
     """A Jupyter cell runs inside an event loop; the sync API still works there (and ``await`` does too)."""
 
     async def cell() -> Any:
         with App(broker, workers=False) as client:
-            future = client.remote("word_count", queue=QUEUE).submit("one two three")
+            future = client.remote("word_count", queue=queue).submit("one two three")
             blocking = future.result(timeout=60)  # plain sync call inside a running loop
-            awaited = await client.remote("classify", queue=QUEUE).submit(ABSTRACTS[0])
+            awaited = await client.remote("classify", queue=queue).submit(ABSTRACTS[0])
             return blocking, awaited
 
     return asyncio.run(cell())
 
 
-def _start_endpoint(broker: str) -> subprocess.Popen[bytes]:
+def _start_endpoint(broker: str, queue: str) -> subprocess.Popen[bytes]:
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TASKSTREAM_BROKER_URL=broker)
+    env = dict(os.environ, TASKSTREAM_BROKER_URL=broker, ENDPOINT_QUEUE=queue)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "taskstream.cli", "worker", "examples.endpoint:app", "--queues", QUEUE]
+    command = [sys.executable, "-m", "taskstream.cli", "worker", "examples.endpoint:app", "--queues", queue]
     return subprocess.Popen(command, env=env, cwd=root)
 
 
@@ -148,20 +148,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default=None, help="a real broker URL (default: the in-process memory hub)")
     parser.add_argument("--start-endpoint", action="store_true", help="start the endpoint worker for this run")
+    parser.add_argument("--queue", default=QUEUE, help=f"the endpoint's queue on a real broker ({QUEUE})")
     args = parser.parse_args(argv)
     broker = args.broker or MEMORY_HUB
+    queue = args.queue if args.broker else QUEUE  # the in-process endpoint serves QUEUE
     with contextlib.ExitStack() as stack:
         if args.broker is None:
             stack.enter_context(app)  # the memory hub's endpoint runs inside this program
         elif args.start_endpoint:
-            endpoint = _start_endpoint(broker)
+            endpoint = _start_endpoint(broker, queue)
             stack.callback(endpoint.wait, 60)
             stack.callback(endpoint.terminate)
-        print(f"endpoint queue {QUEUE!r} on {app.broker_url if args.broker is None else 'the given broker'}")
-        report = client_session(broker)
+        print(f"endpoint queue {queue!r} on {app.broker_url if args.broker is None else 'the given broker'}")
+        report = client_session(broker, queue)
         print("another client, by id:")
         report["later"] = another_client(broker, [report["first_id"], *report["batch_ids"][:2]])
-        report["notebook"] = notebook_cell(broker)
+        report["notebook"] = notebook_cell(broker, queue)
         print(f"inside a running loop: {report['notebook']}")
     return report
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from taskstream import App, Task, gather
 
-QUEUE = "pi"
+QUEUE = os.environ.get("PI_QUEUE", "pi")  # a worker process serves the queue main() tells it
 BLOCKS = (1, 2, 4, 5, 10, 20, 100)
 
 # The seed's measurements on a 4-core Azure VM (seconds for 100 x pi(10**6)).
@@ -121,12 +121,12 @@ def plot(report: Report, path: Path) -> Path:
     return path
 
 
-def _start_worker(broker: str, processes: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, TASKSTREAM_BROKER_URL=broker)
+def _start_worker(broker: str, processes: int, queue: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, TASKSTREAM_BROKER_URL=broker, PI_QUEUE=queue)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     command = [sys.executable, "-m", "taskstream.cli", "worker", "examples.pi_bag_of_tasks:app"]
-    return subprocess.Popen([*command, "--queues", QUEUE, "--processes", str(processes)], env=env, cwd=root)
+    return subprocess.Popen([*command, "--queues", queue, "--processes", str(processes)], env=env, cwd=root)
 
 
 def main(argv: list[str] | None = None) -> Report:
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)), help="block sizes, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("pi_bag_of_tasks.png"), help="plot file (PNG)")
     parser.add_argument("--broker", default=None, help="a real broker URL: a worker process is started for it")
+    parser.add_argument("--queue", default=QUEUE, help=f"the task queue on that broker ({QUEUE})")
     args = parser.parse_args(argv)
     blocks = tuple(int(b) for b in args.blocks.split(","))
     cores = os.cpu_count() or 1
@@ -145,9 +146,9 @@ def main(argv: list[str] | None = None) -> Report:
         pi(args.n)
     report = Report(args.calls, args.n, cores, time.perf_counter() - started)
 
-    worker = _start_worker(args.broker, cores) if args.broker else None
+    worker = _start_worker(args.broker, cores, args.queue) if args.broker else None
     client = App(args.broker, workers=False) if args.broker else app
-    task = client.remote("pi", queue=QUEUE) if args.broker else pi
+    task = client.remote("pi", queue=args.queue) if args.broker else pi
     try:
         with client:
             gather(task.map([1000] * cores)).result(timeout=120)  # warm-up: worker processes started

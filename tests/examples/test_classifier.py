@@ -8,6 +8,8 @@ import pytest
 
 from examples import classifier
 from tests.brokers.contract.backends.rabbitmq import URL
+from tests.support.names import unique
+from tests.support.queues import delete_queues_sync
 
 QUICK = ["--docs", "40", "--max-blocks", "4", "--load-scale", "0.1", "--item-scale", "0.1", "--max-workers", "2"]
 
@@ -34,4 +36,9 @@ def test_classifier_with_an_autoscaling_worker_process(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TASKSTREAM_RESULT_STORE_URL", f"sqlite:///{tmp_path / 'results.sqlite3'}")
-    check(classifier.main([*QUICK, "--broker", URL]), capsys)
+    queue = unique("classifier")  # not the example's fixed name: runs on the shared broker must not meet
+    try:
+        report = classifier.main([*QUICK, "--broker", URL, "--queue", queue])
+    finally:
+        delete_queues_sync(URL, queue)
+    check(report, capsys)

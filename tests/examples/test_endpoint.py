@@ -9,6 +9,8 @@ import pytest
 
 from examples import endpoint
 from tests.brokers.contract.backends.rabbitmq import URL
+from tests.support.names import unique
+from tests.support.queues import delete_queues_sync
 
 
 def check(report: dict[str, Any]) -> None:
@@ -30,6 +32,10 @@ def test_endpoint_in_process() -> None:
 @pytest.mark.rabbitmq
 def test_endpoint_as_a_separate_worker_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKSTREAM_RESULT_STORE_URL", f"sqlite:///{tmp_path / 'results.sqlite3'}")
-    report = endpoint.main(["--broker", URL, "--start-endpoint"])
+    queue = unique("endpoint")  # not the example's fixed name: runs on the shared broker must not meet
+    try:
+        report = endpoint.main(["--broker", URL, "--start-endpoint", "--queue", queue])
+    finally:
+        delete_queues_sync(URL, queue)
     check(report)
     assert "running" in report["statuses"]  # the client saw the worker pick it up

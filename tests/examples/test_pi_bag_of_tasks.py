@@ -8,6 +8,8 @@ import pytest
 
 from examples import pi_bag_of_tasks
 from tests.brokers.contract.backends.rabbitmq import URL
+from tests.support.names import unique
+from tests.support.queues import delete_queues_sync
 
 
 def check(report: pi_bag_of_tasks.Report, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,6 +35,10 @@ def test_pi_bag_of_tasks_on_rabbitmq(
 ) -> None:
     monkeypatch.setenv("TASKSTREAM_RESULT_STORE_URL", f"sqlite:///{tmp_path / 'results.sqlite3'}")  # worker too
     out = tmp_path / "pi.png"
-    argv = ["--calls", "8", "--n", "20000", "--blocks", "1,2,4", "--out", str(out), "--broker", URL]
-    report = pi_bag_of_tasks.main(argv)
+    queue = unique("pi")  # not the example's fixed "pi": a second run on the shared broker must not meet this one
+    argv = ["--calls", "8", "--n", "20000", "--blocks", "1,2,4", "--out", str(out), "--broker", URL, "--queue", queue]
+    try:
+        report = pi_bag_of_tasks.main(argv)
+    finally:
+        delete_queues_sync(URL, queue)
     check(report, out, capsys)

@@ -12,6 +12,7 @@ import orjson
 
 from tests.brokers.contract.backends import BackendSpec
 from tests.observe.conftest import Orders, only_on
+from tests.support.names import unique
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,9 @@ def cli_url(spec: BackendSpec) -> str:
     return endpoint.endpoints[0].replace("tcp://", "zmq://")
 
 
-async def taskstream(*args: str, url: str, code: int = 0, stdin: bytes | None = None) -> str:
+async def taskstream(
+    *args: str, url: str, code: int = 0, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> str:
     """Run ``taskstream ARGS --broker URL`` without blocking the loop (the app runs on it); its stdout."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -39,7 +42,7 @@ async def taskstream(*args: str, url: str, code: int = 0, stdin: bytes | None = 
         "--broker",
         url,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -102,10 +105,15 @@ async def test_the_cli_lists_shows_replays_and_purges(orders: Orders, spec: Back
 @only_on("rabbitmq")
 async def test_queues_of_an_app_module(orders: Orders, spec: BackendSpec) -> None:
     url = cli_url(spec)
-    await orders.inspect.declare("observe-app-orders")
+    prefix = unique("observe-app")  # the app module's queue names, this run's own
+    consumed, missing = f"{prefix}-orders", unique("missing-queue")
+    await orders.inspect.declare(consumed)
     try:
-        out = await taskstream("queues", "--app", "tests.observe.cli_app:app", "missing-queue-x", url=url)
-        assert "observe-app-orders" in out and "observe-app-orders.dlq" in out
-        assert "missing-queue-x does not exist" in out
+        out = await taskstream(
+            "queues", "--app", "tests.observe.cli_app:app", missing, url=url, env={"TS_OBSERVE_PREFIX": prefix}
+        )
+        assert consumed in out and f"{consumed}.dlq" in out
+        assert f"{missing} does not exist" in out
     finally:
-        await orders.inspect.delete_queue("observe-app-orders")
+        for name in (consumed, f"{consumed}.dlq", f"{prefix}-tasks"):
+            await orders.inspect.delete_queue(name)

@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,9 @@ import pytest
 
 from taskstream.tasks.stores.base import result_store_from_url
 from tests.brokers.contract.backends.rabbitmq import URL
+from tests.support.names import unique
+from tests.support.queues import delete_queues_sync
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKSTREAM = str(Path(sys.executable).parent / "taskstream")
@@ -32,7 +33,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
         TASKSTREAM_BROKER_URL=URL,
         TASKSTREAM_RESULT_STORE_URL=f"sqlite:///{tmp_path / 'results.sqlite3'}",
         TASKSTREAM_SHUTDOWN_GRACE="2",
-        TS_TEST_QUEUE=f"cli-{uuid.uuid4().hex[:10]}",
+        TS_TEST_QUEUE=unique("cli"),
         PYTHONPATH=str(ROOT),
     )
     return env
@@ -64,16 +65,18 @@ def worker(cli_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
     if process.poll() is None:
         process.kill()
         process.wait(10)
+    delete_queues_sync(cli_env["TASKSTREAM_BROKER_URL"], cli_env["TS_TEST_QUEUE"])
 
 
 def wait_status(task_id: str, env: dict[str, str], wanted: str, timeout: float = 60) -> dict[str, object]:
     """Poll the shared result store, then check ``taskstream status --json`` (another process) agrees."""
     store = result_store_from_url(env["TASKSTREAM_RESULT_STORE_URL"])
-    deadline = time.monotonic() + timeout
-    while (info := store.get(task_id)) is None or info.status != wanted:
-        if time.monotonic() > deadline:
-            pytest.fail(f"task {task_id} did not reach {wanted!r} within {timeout} s (last: {info})")
-        time.sleep(0.05)
+
+    def reached() -> bool:
+        info = store.get(task_id)
+        return info is not None and info.status == wanted
+
+    wait_until(reached, what=f"task {task_id} to reach {wanted!r} in the result store", timeout=timeout)
     out = run("status", task_id, "--json", env=env)
     assert out.returncode == 0, out.stderr
     record: dict[str, object] = json.loads(out.stdout)
