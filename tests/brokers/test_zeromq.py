@@ -38,9 +38,15 @@ from taskstream.brokers.zeromq import (
 )
 from taskstream.errors import BrokerConnectionError, ConfigurationError, QueueNotFound
 from tests.brokers.contract.conftest import receive, receive_none
+from tests.support.names import unique
 from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.zmq
+
+# Heartbeats as often as in the liveness tests, but 10 s of silence before the device gives a client up: a
+# connection that is not the subject of a test never expires because the machine was slow for a moment.
+PATIENT = "?heartbeat=0.2&liveness=50"
 
 # A consumer in its own process: takes every message it can, acks none, reports what it holds, then waits.
 HOLDER = textwrap.dedent(
@@ -87,16 +93,19 @@ async def start_holder(url: str, queue: str, count: int, tmp_path: Path) -> tupl
 
 
 async def test_messages_of_a_killed_consumer_process_go_to_another_consumer(device: ZmqDevice, tmp_path: Path) -> None:
-    url = endpoint_url(device.endpoints[0]) + "?heartbeat=0.2&liveness=3"
+    # A killed process is found by its closed connection (or, at the latest, its 10 s of silence): no liveness
+    # window the holder could miss while alive.
+    url = endpoint_url(device.endpoints[0]) + PATIENT
+    queue = unique("work")
     async with broker_from_url(url) as survivor:
-        await survivor.declare("work")
+        await survivor.declare(queue)
         ids = [f"m-{i}" for i in range(10)]
-        await survivor.publish_batch("work", [OutgoingMessage(i.encode(), message_id=i) for i in ids])
-        proc, line = await start_holder(url, "work", 10, tmp_path)
+        await survivor.publish_batch(queue, [OutgoingMessage(i.encode(), message_id=i) for i in ids])
+        proc, line = await start_holder(url, queue, 10, tmp_path)
         try:
             assert line.split()[1:] == sorted(ids)
-            assert device.snapshot()["queues"]["work"]["unacked"] == 10
-            async with survivor.consume("work", prefetch=20) as sub:
+            assert device.snapshot()["queues"][queue]["unacked"] == 10
+            async with survivor.consume(queue, prefetch=20) as sub:
                 await receive_none(sub, 0.5)  # all ten are held by the other process
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
@@ -110,19 +119,23 @@ async def test_messages_of_a_killed_consumer_process_go_to_another_consumer(devi
                 proc.kill()
                 await proc.wait()
         assert device.stats.clients_gone + device.stats.clients_expired >= 1
-        assert await survivor.depth("work") == 0
+        assert await survivor.depth(queue) == 0
 
 
 async def test_messages_of_a_frozen_consumer_return_after_missed_heartbeats(tmp_path: Path) -> None:
     async with ZmqDevice(["tcp://127.0.0.1:*"]) as device:
-        url = endpoint_url(device.endpoints[0]) + "?heartbeat=0.2&liveness=3"
-        async with broker_from_url(url) as survivor:
-            await survivor.declare("frozen")
-            await survivor.publish_batch("frozen", [OutgoingMessage(b"x", message_id=f"f-{i}") for i in range(3)])
-            proc, _ = await start_holder(url, "frozen", 3, tmp_path)
+        endpoint = endpoint_url(device.endpoints[0])
+        queue = unique("frozen")
+        # Only the frozen holder has a short window (8 missed beats, 1.6 s); the survivor's is 10 s, so the one
+        # expiry the test counts is the holder's.
+        async with broker_from_url(endpoint + PATIENT) as survivor:
+            await survivor.declare(queue)
+            await survivor.publish_batch(queue, [OutgoingMessage(b"x", message_id=f"f-{i}") for i in range(3)])
+            proc, _ = await start_holder(endpoint + "?heartbeat=0.2&liveness=8", queue, 3, tmp_path)
             try:
+                assert device.stats.clients_expired == 0, "the holder expired before it was frozen"
                 proc.send_signal(signal.SIGSTOP)  # alive, connection open, but silent
-                async with survivor.consume("frozen", prefetch=10) as sub:
+                async with survivor.consume(queue, prefetch=10) as sub:
                     again = await receive(sub, 3)
                     assert {d.attempt for d in again} == {2}
                     for d in again:
@@ -138,27 +151,30 @@ async def test_device_restart_replays_declarations_and_subscriptions() -> None:
     first = ZmqDevice([bind])
     await first.start()
     url = endpoint_url(bind) + "?heartbeat=0.1&liveness=5"
+    queue = unique("survives")
     async with broker_from_url(url) as broker:
         assert isinstance(broker, ZeroMQBroker)
-        await broker.declare("survives")
-        sub = broker.consume("survives", prefetch=4)
-        await broker.publish("survives", b"before")
+        await broker.declare(queue)
+        sub = broker.consume(queue, prefetch=4)
+        await broker.publish(queue, b"before")
         [old] = await receive(sub, 1)
         await first.stop()  # the message it held is gone: the device is not durable
         async with ZmqDevice([bind]) as second:
-            async with asyncio.timeout(20):
-                while "survives" not in second.snapshot()["queues"] or not second.snapshot()["clients"]:
-                    await asyncio.sleep(0.05)
-                while second.snapshot()["queues"]["survives"]["consumers"] == 0:
-                    await asyncio.sleep(0.05)
+
+            def replayed() -> bool:
+                snapshot = second.snapshot()
+                queues = snapshot["queues"]
+                return bool(snapshot["clients"]) and queue in queues and queues[queue]["consumers"] > 0
+
+            await wait_for(replayed, timeout=20, what="the declaration and the subscription replayed")
             await old.ack()  # void: that delivery belonged to the old device
-            await broker.publish("survives", b"after")
+            await broker.publish(queue, b"after")
             [new] = await receive(sub, 1)
             assert new.body == b"after"
             assert new.attempt == 1
             await new.ack()
             await sub.close()
-            assert await broker.depth("survives") == 0
+            assert await broker.depth(queue) == 0
             assert second.stats.acked == 1
 
 
@@ -168,15 +184,16 @@ async def test_no_silent_drop_when_high_water_marks_are_reached() -> None:
     config = DeviceConfig(hwm=1, delivery_batch=1)
     async with ZmqDevice(["tcp://127.0.0.1:*"], config) as device:
         broker = ZeroMQBroker(device.endpoints[0], ZeroMQConfig(hwm=1))
+        queue = unique("flood")
         async with broker:
-            await broker.declare("flood")
+            await broker.declare(queue)
             body = b"z" * 64 * 1024
             total = 600
             for start in range(0, total, 200):
                 batch = [OutgoingMessage(body, message_id=str(i)) for i in range(start, start + 200)]
-                await broker.publish_batch("flood", batch)
+                await broker.publish_batch(queue, batch)
             seen: list[str] = []
-            async with broker.consume("flood", prefetch=total) as sub:
+            async with broker.consume(queue, prefetch=total) as sub:
                 for d in await receive(sub, total, timeout=60):
                     seen.append(d.message_id)
                     await d.ack()
@@ -186,49 +203,58 @@ async def test_no_silent_drop_when_high_water_marks_are_reached() -> None:
 
 
 async def test_sustained_load_with_competing_producers_and_consumers_loses_and_duplicates_nothing() -> None:
-    # The device on its own thread (its own loop), three producer and three consumer connections; heartbeats,
-    # replies, deliveries and acks interleave for a while. Every message must be acked exactly once.
-    # (The liveness window stays at 1 s: two busy event loops sharing one GIL lag each other by 0.1-0.2 s.)
+    # The device on its own thread (its own loop), three producer and three consumer connections; heartbeats
+    # (every 0.2 s), replies, deliveries and acks interleave for a while. Every message must be acked exactly
+    # once. Two busy event loops sharing one GIL lag each other, so the liveness window is 10 s (PATIENT): an
+    # expiry here would be a stall, not a slow machine.
     device = DeviceThread(["tcp://127.0.0.1:*"]).start()
     try:
         async with contextlib.AsyncExitStack() as stack:
-            url = device.url + "?heartbeat=0.2"
+            url = device.url + PATIENT
             producers = [await stack.enter_async_context(broker_from_url(url)) for _ in range(3)]
             consumers = [await stack.enter_async_context(broker_from_url(url)) for _ in range(3)]
-            await producers[0].declare("load")
+            queue = unique("load")
+            await producers[0].declare(queue)
             per_producer, seen = 10_000, collections.Counter[str]()
+            total = 3 * per_producer
 
             async def produce(broker: Broker, p: int) -> None:
                 for start in range(0, per_producer, 500):
                     batch = [OutgoingMessage(b"x" * 64, message_id=f"{p}-{i}") for i in range(start, start + 500)]
-                    await broker.publish_batch("load", batch)
+                    await broker.publish_batch(queue, batch)
 
             async def consume(broker: Broker) -> None:
-                async with broker.consume("load", prefetch=300) as sub:
-                    while sum(seen.values()) < 3 * per_producer:
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(0.5):
-                                delivery = await sub.__anext__()
-                                seen[delivery.message_id] += 1
-                                await delivery.ack()
+                async with broker.consume(queue, prefetch=300) as sub:
+                    async for delivery in sub:
+                        await delivery.ack()
+                        seen[delivery.message_id] += 1
 
-            async with asyncio.timeout(120):
-                await asyncio.gather(*(produce(b, p) for p, b in enumerate(producers)), *map(consume, consumers))
-            assert len(seen) == 3 * per_producer
+            consuming = [asyncio.create_task(consume(b)) for b in consumers]
+            try:
+                async with asyncio.timeout(120):
+                    await asyncio.gather(*(produce(b, p) for p, b in enumerate(producers)))
+                await wait_for(lambda: sum(seen.values()) >= total, timeout=120, what=f"{total} acked deliveries")
+            finally:
+                for task in consuming:
+                    task.cancel()
+                failures = [r for r in await asyncio.gather(*consuming, return_exceptions=True) if r is not None]
+            assert all(isinstance(r, asyncio.CancelledError) for r in failures), failures
+            assert len(seen) == total
             assert set(seen.values()) == {1}, f"{sum(seen.values()) - len(seen)} duplicates"
-            assert await producers[0].depth("load") == 0
+            assert await producers[0].depth(queue) == 0
             snapshot = device.call(lambda: device.device.snapshot() if device.device else {})
-            assert snapshot["acked"] == 3 * per_producer and snapshot["in_flight"] == 0
+            assert snapshot["acked"] == total and snapshot["in_flight"] == 0
             assert snapshot["clients_expired"] == 0
     finally:
         device.stop()
 
 
 async def test_publish_to_an_undeclared_queue_and_a_missing_device_fail_clearly() -> None:
+    nowhere = unique("nowhere")
     async with ZmqDevice(["tcp://127.0.0.1:*"]) as device, ZeroMQBroker(device.endpoints[0]) as broker:
-        with pytest.raises(QueueNotFound, match="nowhere"):
-            await broker.publish("nowhere", b"x")
-        sub = broker.consume("nowhere", prefetch=1)
+        with pytest.raises(QueueNotFound, match=nowhere):
+            await broker.publish(nowhere, b"x")
+        sub = broker.consume(nowhere, prefetch=1)
         with pytest.raises(QueueNotFound):
             await sub.__anext__()
         await sub.close()
@@ -321,12 +347,26 @@ async def test_pub_drops_are_counted_at_each_hop_and_seen_by_the_subscriber() ->
             if sent % 20 == 0:
                 await asyncio.sleep(0)  # let the forwarder run
         assert pub.dropped + fwd.stats.dropped > 0, "nothing was dropped: the test proved nothing"
+        # Read until every message sent is either received or counted as dropped (a drop no counter saw never
+        # lets this finish); then the pipes are empty and the last message cannot be dropped.
         received = 0
-        with contextlib.suppress(TimeoutError):
+
+        async def read() -> None:
+            nonlocal received
             while True:
-                async with asyncio.timeout(1.0):
-                    await sub.recv()
+                await sub.recv()
                 received += 1
+
+        reader = asyncio.create_task(read())
+        try:
+            await wait_for(
+                lambda: received + pub.dropped + fwd.stats.dropped == sent,
+                timeout=30,
+                what="every message received or counted as dropped",
+            )
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         pub.on_full = "block"
         await pub.publish("t", b"last")  # a gap before it reveals drops after the last one read
         sent += 1
@@ -468,10 +508,11 @@ async def test_cli_runs_device_and_forwarder_until_sigterm(tmp_path: Path) -> No
         front = next(line.split("-> ")[1] for line in lines if "publishers ->" in line)
         back = next(line.split("-> ")[1] for line in lines if "subscribers ->" in line)
         for url in urls:
+            queue = unique("cli")
             async with broker_from_url(url) as broker:
-                await broker.declare("cli")
-                await broker.publish("cli", url.encode())
-                async with broker.consume("cli", prefetch=1) as sub:
+                await broker.declare(queue)
+                await broker.publish(queue, url.encode())
+                async with broker.consume(queue, prefetch=1) as sub:
                     [d] = await receive(sub, 1)
                     assert d.body == url.encode()
                     await d.ack()
