@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,9 @@ import pytest
 from taskstream import App
 from taskstream.errors import ConfigurationError
 from taskstream.settings import Settings
+from tests.support.names import unique
+from tests.support.queues import delete_queues_sync
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKSTREAM = str(Path(sys.executable).parent / "taskstream")
@@ -146,16 +148,19 @@ def start_worker(env: dict[str, str], tmp_path: Path, *extra: str) -> tuple[subp
     return process, log
 
 
-def wait_for(log: Path, process: subprocess.Popen[bytes], text: str) -> str:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
+def wait_for_output(log: Path, process: subprocess.Popen[bytes], text: str) -> str:
+    """The worker's output once it contains ``text``; fails at once if the worker exits first."""
+
+    def written() -> str | None:
         content = log.read_text(errors="replace")
         if text in content:
             return content
         if process.poll() is not None:
             pytest.fail(f"the worker exited ({process.returncode}) before {text!r}:\n{content[-3000:]}")
-        time.sleep(0.1)
-    pytest.fail(f"no {text!r} in the worker's output:\n{log.read_text(errors='replace')[-3000:]}")
+        return None
+
+    output: str = wait_until(written, what=f"{text!r} in the worker's output ({log})", timeout=DEADLINE, interval=0.1)
+    return output
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:
@@ -175,7 +180,7 @@ def test_the_worker_prints_and_logs_its_broker_url_without_secrets(tmp_path: Pat
     env = clean_env(tmp_path, TASKSTREAM_BROKER_URL=f"memory://u:{SECRET}@hub?visibility_timeout=30")
     process, log = start_worker(env, tmp_path, "--verbose")
     try:
-        output = wait_for(log, process, "app started on")
+        output = wait_for_output(log, process, "app started on")
     finally:
         assert stop(process) == 0
     output = log.read_text(errors="replace")
@@ -185,12 +190,16 @@ def test_the_worker_prints_and_logs_its_broker_url_without_secrets(tmp_path: Pat
 
 @pytest.mark.azure
 def test_an_azure_worker_never_shows_its_credential(tmp_path: Path) -> None:
-    env = clean_env(tmp_path, TASKSTREAM_BROKER_URL=f"azurequeue://devstorage?credential={SECRET}&poll_interval=0.5")
-    process, log = start_worker(env, tmp_path, "--verbose", "--queues", f"cfg-{uuid.uuid4().hex[:8]}")
+    url = f"azurequeue://devstorage?credential={SECRET}&poll_interval=0.5"
+    queue = unique("cfg")
+    env = clean_env(tmp_path, TASKSTREAM_BROKER_URL=url)
+    process, log = start_worker(env, tmp_path, "--verbose", "--queues", queue)
     try:
-        wait_for(log, process, "app started on")
+        wait_for_output(log, process, "app started on")
     finally:
-        assert stop(process) == 0
+        code = stop(process)
+        delete_queues_sync(url, queue)
+    assert code == 0
     output = log.read_text(errors="replace")
     assert "azurequeue://devstorage?credential=***&poll_interval=0.5" in output
     assert SECRET not in output
@@ -199,7 +208,7 @@ def test_an_azure_worker_never_shows_its_credential(tmp_path: Path) -> None:
 @pytest.mark.rabbitmq
 def test_empty_variables_mean_unset_so_tasks_run(tmp_path: Path) -> None:
     """``TASKSTREAM_RESULT_STORE_URL=`` (as compose files leave it) used to fail every task; now it is the default."""
-    queue = f"cfg-{uuid.uuid4().hex[:10]}"
+    queue = unique("cfg")
     env = clean_env(
         tmp_path,
         TASKSTREAM_BROKER_URL=RABBIT,
@@ -212,13 +221,15 @@ def test_empty_variables_mean_unset_so_tasks_run(tmp_path: Path) -> None:
     assert Settings.model_validate({}).result_store_url is None
     process, log = start_worker(env, tmp_path, "--queues", queue)
     try:
-        wait_for(log, process, "app started on")
+        wait_for_output(log, process, "app started on")
         submitted = subprocess.run(
             [TASKSTREAM, "submit", "add", "2", "3", "--queue", queue, "--wait", "--timeout", "60"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
     finally:
-        assert stop(process) == 0
+        code = stop(process)
+        delete_queues_sync(RABBIT, queue)
+    assert code == 0
     assert submitted.returncode == 0, submitted.stderr + log.read_text(errors="replace")[-3000:]
     assert submitted.stdout.splitlines()[-1] == "5"
 

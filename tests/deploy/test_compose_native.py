@@ -28,7 +28,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ import yaml
 
 from examples import sensor_windows, stack
 from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 from .conftest import ROOT, VENV_BIN, require_tool
 from .test_compose import PROMETHEUS_CONFIG, dashboard_queries, load_compose, load_dashboard, taskstream_services
@@ -279,14 +279,18 @@ def window_rows(db: Path) -> list[tuple[Any, ...]]:
         return []
 
 
-def wait_for(condition: Any, stack_: NativeStack, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+def wait_stack(condition: Any, stack_: NativeStack, timeout: float, what: str) -> None:
+    """Poll ``condition`` while every service keeps running; on a timeout, fail with the services' logs."""
+
+    def holds() -> Any:
         stack_.assert_running()
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{stack_.log(n)[-1500:]}" for n in stack_.procs)
-            pytest.fail(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.2)
+        return condition()
+
+    try:
+        wait_until(holds, what=what, timeout=timeout, interval=0.2)
+    except pytest.fail.Exception as timed_out:
+        logs = "\n".join(f"--- {n}\n{stack_.log(n)[-1500:]}" for n in stack_.procs)
+        pytest.fail(f"{timed_out.msg}\n{logs}")
 
 
 def submit_task(env: dict[str, str], cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -305,15 +309,15 @@ def submit_task(env: dict[str, str], cwd: Path, *argv: str) -> subprocess.Comple
 
 def check_prometheus(prometheus: NativePrometheus, native: NativeStack) -> None:
     """Every target up, every dashboard query answered, and the two submitted tasks counted as successes."""
-    wait_for(lambda: len(prometheus.query("up == 1")) == prometheus.targets, native, 60, "every scrape target up")
+    wait_stack(lambda: len(prometheus.query("up == 1")) == prometheus.targets, native, 60, "every scrape target up")
     finished = 'sum by (task, status) (taskstream_tasks_finished_total{job="taskstream-worker"})'
 
     def counted() -> dict[tuple[str, str], float]:
         return {(r["metric"]["task"], r["metric"]["status"]): float(r["value"][1]) for r in prometheus.query(finished)}
 
-    wait_for(lambda: len(counted()) == 2, native, 60, "the finished tasks in Prometheus")
+    wait_stack(lambda: len(counted()) == 2, native, 60, "the finished tasks in Prometheus")
     assert counted() == {("estimate_pi", "success"): 1.0, ("window_stats", "success"): 1.0}
-    wait_for(lambda: not prometheus.unanswered(), native, 60, "answers to the dashboard's queries")
+    wait_stack(lambda: not prometheus.unanswered(), native, 60, "answers to the dashboard's queries")
     stages = prometheus.query('sum by (stage) (taskstream_stream_records_out_total{job="taskstream-pipeline"})')
     assert {r["metric"]["stage"] for r in stages} == {"sensor", "windows", "store"}
     assert all(float(r["value"][1]) > 0 for r in stages), stages
@@ -334,7 +338,7 @@ def test_every_taskstream_service_runs_natively(tmp_path: Path, vhost: str) -> N
 
         # Health checks, as compose runs them, pass once each service is consuming.
         for name in [n for n in native.services if "healthcheck" in native.services[n]]:
-            wait_for(lambda n=name: native.healthcheck(n), native, 60, f"{name}'s health check")
+            wait_stack(lambda n=name: native.healthcheck(n), native, 60, f"{name}'s health check")
 
         # The worker serves the example tasks: a CPU-bound one (worker processes) and a plain one.
         client = native.env("worker")
@@ -347,7 +351,7 @@ def test_every_taskstream_service_runs_natively(tmp_path: Path, vhost: str) -> N
 
         # The pipeline produces window results.
         db = native.workdir / "sensor-store" / stack.RESULTS_DB
-        wait_for(lambda: len(window_rows(db)) >= MIN_WINDOW_ROWS, native, 90, f"{MIN_WINDOW_ROWS} window results")
+        wait_stack(lambda: len(window_rows(db)) >= MIN_WINDOW_ROWS, native, 90, f"{MIN_WINDOW_ROWS} window results")
 
         check_prometheus(prometheus, native)
         native.assert_running()

@@ -20,6 +20,7 @@ import pytest
 
 from examples import sensor_windows
 from taskstream.brokers.base import broker_from_url
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 AMQP_URL = os.environ.get("TASKSTREAM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -181,16 +182,19 @@ async def test_a_stage_replica_killed_mid_stream_and_restarted_gives_the_fused_r
             run.start("windows", window)
         run.start("store")
         run.start("sensor")
-        deadline = time.monotonic() + 30
-        while run.replica_state_rows(stage, replica) == 0:  # it has taken input and committed a snapshot
-            assert time.monotonic() < deadline, f"{stage}/{replica} never committed:\n{run.log(stage, replica)}"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+
+        def committed() -> int:  # it has taken input and committed a snapshot
+            proc = run.procs[(stage, replica)]
+            assert proc.poll() is None, f"{stage}/{replica} exited with {proc.returncode}:\n{run.log(stage, replica)}"
+            return run.replica_state_rows(stage, replica)
+
+        await wait_for(committed, what=f"a snapshot of {stage}/{replica}", timeout=30)
+        await asyncio.sleep(0.3)  # not synchronisation: lets it take input past that snapshot, lost by the kill
         proc = run.procs[(stage, replica)]
         assert proc.poll() is None, f"{stage}/{replica} finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # not synchronisation: the others run on while it is down
         run.start(stage, replica)  # same command: it restores its snapshot and goes on
         await asyncio.to_thread(run.wait_all, 120)
     finally:

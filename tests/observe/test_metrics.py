@@ -28,6 +28,7 @@ from taskstream.health import HealthServer
 from taskstream.observe.metrics import METRICS, NOOP, PrometheusRecorder, reason_class, recorder_for
 from taskstream.settings import Settings
 from tests.support.ports import free_port
+from tests.support.queues import delete_queues
 from tests.support.waiting import wait_for
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -95,14 +96,6 @@ async def wait_ready(port: int, proc: subprocess.Popen[str]) -> None:
     await wait_for(ready, what="/readyz to answer 200", timeout=60)
 
 
-async def delete_queues(*names: str) -> None:
-    broker = broker_from_url(AMQP)
-    async with broker:
-        for name in names:
-            with contextlib.suppress(Exception):
-                await broker.delete_queue(name)
-
-
 RUN_MODULE = """
 import os
 from taskstream import App
@@ -145,7 +138,7 @@ async def test_taskstream_run_serves_exact_counts(tmp_path: Path) -> None:
 
             samples = await wait_for(settled, what="3 handled, 4 dead letters, dead-letter depth 4", timeout=90)
     finally:
-        await delete_queues(queue, f"{queue}.dlq", f"{queue}.out")
+        await delete_queues(AMQP, queue, f"{queue}.out")
 
     assert value(samples, "taskstream_messages_received_total", queue=queue) == 8  # 13 came twice
     assert value(samples, "taskstream_messages_handled_total", queue=queue) == 3
@@ -202,7 +195,7 @@ async def test_taskstream_worker_serves_exact_task_counts(tmp_path: Path) -> Non
 
             samples = await wait_for(settled, what="4 task messages handled", timeout=60)
     finally:
-        await delete_queues(queue, f"{queue}.dlq")
+        await delete_queues(AMQP, queue)
 
     assert value(samples, "taskstream_tasks_finished_total", task="square", status="success") == 3
     assert value(samples, "taskstream_tasks_finished_total", task="boom", status="failed") == 1
@@ -258,7 +251,7 @@ async def test_pipeline_stage_serves_step_counts(tmp_path: Path) -> None:
 
             samples = await wait_for(counted, what="the stage to pass 10 of 20 records", timeout=90)
     finally:
-        await delete_queues(source_queue, f"{source_queue}.dlq", out)
+        await delete_queues(AMQP, source_queue, out)
     step = _step(samples, name, "filter")
     assert value(samples, "taskstream_stream_records_in_total", pipeline=name, stage="numbers", step=step) == 20
     assert value(samples, "taskstream_stream_records_out_total", pipeline=name, stage="numbers", step=step) == 10
