@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,8 @@ from examples import fifo_components
 from taskstream.brokers.base import Broker, broker_from_url
 from taskstream.messages import Envelope
 from taskstream.producer import Producer
+from tests.support.names import unique
+from tests.support.queues import delete_queues
 
 SQS_ENDPOINT = os.environ.get("TASKSTREAM_TEST_SQS_ENDPOINT", "http://127.0.0.1:9324")
 
@@ -72,7 +73,7 @@ async def test_fifo_components_bounded_by_count_and_idle_time(tmp_path: Path) ->
 async def test_fifo_components_on_sqs(tmp_path: Path) -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    prefix = f"ts{uuid.uuid4().hex[:6]}-"
+    prefix = f"{unique('ts')}-"
     url = f"sqs://us-east-1/?endpoint_url={SQS_ENDPOINT}&queue_prefix={prefix}&visibility_timeout=20&wait_time=1"
     try:
         broker = broker_from_url(url)
@@ -84,6 +85,9 @@ async def test_fifo_components_on_sqs(tmp_path: Path) -> None:
         await run_s6(broker, tmp_path, n=16, name="s6sqs")
     finally:
         await broker.close()
+        plan = fifo_components.build_pipeline(queue="s6sqs-in.fifo", db=tmp_path / "s6.db", name="s6sqs").plan()
+        queues = [q for stage in plan.stages.values() for q in stage.queues]
+        await delete_queues(url, "s6sqs-in.fifo", *queues, plan.dead_letter_queue)
 
 
 async def test_a_plain_client_can_feed_the_front_end(tmp_path: Path) -> None:
