@@ -17,6 +17,8 @@ import pytest
 from taskstream.brokers.base import Broker, broker_from_url
 from tests.brokers.contract.backends.rabbitmq import URL as AMQP_URL
 from tests.brokers.contract.backends.sqs import ENDPOINT as SQS_ENDPOINT
+from tests.support.require import unavailable
+from tests.support.servers import PrivateRabbitMQ, Unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKSTREAM = str(Path(sys.executable).parent / "taskstream")
@@ -115,7 +117,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
         delay: float = 0.005,
         target: str = "tests.e2e.apps:app",
         verb: str = "run",
-        task_queue: str = "e2e.tasks",
+        task_queue: str | None = None,
+        prefetch: int = 64,
     ) -> Served:
         env = dict(os.environ)
         env.pop("TASKSTREAM_BROKER_URL", None)
@@ -124,7 +127,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             E2E_LOG=str(tmp_path / f"{uuid.uuid4().hex[:6]}.seen"),
             E2E_PUBLISH_TO=publish_to or "",
             E2E_DELAY=str(delay),
-            E2E_TASK_QUEUE=task_queue,
+            E2E_TASK_QUEUE=task_queue or unique("tasks"),  # a worker's task queue: pass one from ``queues``
+            TASKSTREAM_PREFETCH=str(prefetch),  # messages a consumer holds: more than its 4 handlers run at once
             TASKSTREAM_RESULT_STORE_URL=f"sqlite:///{tmp_path / 'results.sqlite3'}",
             TASKSTREAM_SHUTDOWN_GRACE="5",
         )
@@ -139,6 +143,19 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(served.process.pid, signal.SIGKILL)
             served.process.wait(30)
+
+
+@pytest.fixture
+def rabbitmq_node(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of this test's own, which it may stop and crash (killed afterwards)."""
+    node = PrivateRabbitMQ(tmp_path / "rabbitmq")
+    node.workdir.mkdir()
+    try:
+        node.start()
+    except Unavailable as exc:
+        unavailable(f"a private RabbitMQ node cannot start on this machine: {exc}")
+    yield node
+    node.kill()
 
 
 @pytest.fixture
