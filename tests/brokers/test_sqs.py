@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import importlib.util
+import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiobotocore.session import get_session
@@ -32,7 +33,10 @@ from taskstream.producer import Producer
 from tests.brokers.contract.backends.sqs import ENDPOINT, make
 from tests.brokers.contract.conftest import receive as take
 from tests.brokers.contract.conftest import receive_none as nothing
-from tests.support.waiting import wait_for
+from tests.support.names import unique
+from tests.support.ports import free_port
+from tests.support.require import unavailable
+from tests.support.waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.sqs
 
@@ -60,22 +64,25 @@ def fifo_endpoint() -> Iterator[str]:
     if os.environ.get("TASKSTREAM_TEST_SQS_ENDPOINT"):
         yield ENDPOINT
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    if importlib.util.find_spec("moto") is None:
+        unavailable("moto is not installed: the serial moto server for the FIFO tests cannot run")
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", _SERIAL_MOTO, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     endpoint = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if server.poll() is not None:
+            pytest.fail(f"the serial moto server on port {port} exited with {server.returncode}")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"the serial moto server on port {port} did not start")
+        wait_until(answers, timeout=20, interval=0.1, what=f"the serial moto server on port {port}")
         yield endpoint
     finally:
         server.terminate()
@@ -113,10 +120,6 @@ async def raw() -> AsyncIterator[Any]:
     """A plain aiobotocore SQS client on the same server (a foreign producer, or queues made elsewhere)."""
     async with get_session().create_client("sqs", region_name="us-east-1", endpoint_url=ENDPOINT) as client:
         yield client
-
-
-def unique(stem: str) -> str:
-    return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
 async def in_flight(broker: SQSBroker, queue: str, raw: Any) -> tuple[int, int]:
@@ -231,19 +234,24 @@ async def test_fifo_refuses_per_message_delay_and_fifo_flag_needs_the_suffix(new
 # -- visibility ------------------------------------------------------------------------------------------
 
 
-async def test_handler_running_three_visibility_timeouts_runs_once(new_broker: MakeBroker, raw: Any) -> None:
-    broker = await new_broker(visibility_timeout=2)
-    rival_broker = await new_broker(visibility_timeout=2)
+async def test_handler_running_two_visibility_timeouts_runs_once(
+    new_broker: MakeBroker, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 3 s visibility: the heartbeat (every second, back to 3 s) has 2 s to spare for a slow moto; the handler
+    # runs two visibility timeouts, so without the heartbeat the rival gets the message in its first one.
+    broker = await new_broker(visibility_timeout=3)
+    rival_broker = await new_broker(visibility_timeout=3)
     queue = unique("slow")
     await broker.declare(queue)
     timeout = broker.capabilities.visibility_timeout
-    assert timeout == 2
+    assert timeout == 3
     runs: list[tuple[str, int]] = []
+    caplog.set_level(logging.WARNING, logger="taskstream.consumer")
 
     def slow(name: str) -> Callable[[Message], Awaitable[None]]:
         async def handle(message: Message) -> None:
             runs.append((name, message.delivery.attempt))
-            await asyncio.sleep(timeout * 3)
+            await asyncio.sleep(timeout * 2)  # the work itself: it outlives the visibility timeout
 
         return handle
 
@@ -255,29 +263,34 @@ async def test_handler_running_three_visibility_timeouts_runs_once(new_broker: M
     rival = Consumer(rival_broker, queue, slow("rival"), ConsumerConfig(prefetch=1, concurrency=1))
     await rival.start()
     await wait_for(lambda: consumer.stats.acked == 1, what="the slow handler to finish")
-    await asyncio.sleep(timeout + 1)
+    # Deleted, not only hidden: a failed delete would leave it on the queue, invisible, and back later.
+    assert await in_flight(broker, queue, raw) == (0, 0)
     await consumer.stop()
     await rival.stop()
     assert runs == [("holder", 1)]
-    assert await in_flight(broker, queue, raw) == (0, 0)
+    assert not [r for r in caplog.records if "heartbeat" in r.getMessage()], caplog.text
 
 
-async def test_messages_waiting_behind_a_slow_handler_keep_their_first_attempt(new_broker: MakeBroker) -> None:
-    broker = await new_broker(visibility_timeout=2)
+async def test_messages_waiting_behind_a_slow_handler_keep_their_first_attempt(
+    new_broker: MakeBroker, raw: Any
+) -> None:
+    # 3 s visibility: the buffer's keep-alive and the handler's heartbeat have 2 s to spare for a slow moto.
+    broker = await new_broker(visibility_timeout=3)
     queue = unique("waiting")
     await broker.declare(queue)
     runs: list[tuple[int, int]] = []
 
     async def handle(message: Message) -> None:
         runs.append((int(message.envelope.body), message.delivery.attempt))  # type: ignore[call-overload]
-        await asyncio.sleep(2.5)  # longer than the visibility timeout, while the others wait their turn
+        await asyncio.sleep(3.5)  # longer than the visibility timeout, while the others wait their turn
 
-    # prefetch 4, one handler at a time: messages 1 and 2 wait 2.5 and 5 s, received but not running.
+    # prefetch 4, one handler at a time: messages 1 and 2 wait 3.5 and 7 s, received but not running.
     consumer = Consumer(broker, queue, handle, ConsumerConfig(prefetch=4, concurrency=1))
     await Producer(broker).send_many(queue, [Envelope(body=i) for i in range(3)])
     await consumer.start()
     await wait_for(lambda: consumer.stats.acked == 3, what="three messages")
-    await asyncio.sleep(2.5)  # anything that lapsed would be back by now
+    # A copy that lapsed and was received again would still be on the queue (held or visible): none is.
+    assert await in_flight(broker, queue, raw) == (0, 0)
     await consumer.stop()
     assert sorted(runs) == [(0, 1), (1, 1), (2, 1)], f"a waiting message lapsed and ran again: {runs}"
 
@@ -301,6 +314,11 @@ async def test_close_returns_held_messages_at_once(new_broker: MakeBroker) -> No
             await d.ack()
 
 
+async def absent_until(sub: Any, start: float, hidden: float) -> None:
+    """Nothing delivered until shortly before ``hidden`` seconds counted from ``start`` pass (80 % of them)."""
+    await nothing(sub, max(0.0, start + 0.8 * hidden - time.monotonic()))
+
+
 async def test_extend_and_nack_delay_map_onto_visibility(new_broker: MakeBroker) -> None:
     broker = await new_broker(visibility_timeout=2)
     queue = unique("extend")
@@ -308,12 +326,14 @@ async def test_extend_and_nack_delay_map_onto_visibility(new_broker: MakeBroker)
     await broker.publish(queue, b"e")
     async with broker.consume(queue, prefetch=1) as sub:
         [held] = await take(sub, 1)
+        start = time.monotonic()  # before the call: the server cannot start the 6 s earlier
         await held.extend(6)  # hidden for 6 s from now, well past the 2 s timeout
-        await nothing(sub, 3.5)
+        await absent_until(sub, start, 6)
         [back] = await take(sub, 1, timeout=15)
         assert back.attempt == 2
+        start = time.monotonic()
         await back.nack(requeue=True, delay=3)
-        await nothing(sub, 2.0)
+        await absent_until(sub, start, 3)
         [third] = await take(sub, 1, timeout=15)
         assert third.attempt == 3
         await third.ack()
@@ -454,8 +474,8 @@ async def test_plain_sqs_producers_are_read(new_broker: MakeBroker, raw: Any) ->
 
 def test_url_parameters_and_their_errors() -> None:
     broker = broker_from_url(
-        "sqs://eu-west-1/?endpoint_url=http://127.0.0.1:9324&queue_prefix=dev-&visibility_timeout=45&wait_time=5"
-        "&max_receive_count=7&create_queues=false"
+        f"sqs://eu-west-1/?endpoint_url={quote(ENDPOINT, safe='')}&queue_prefix=dev-&visibility_timeout=45"
+        "&wait_time=5&max_receive_count=7&create_queues=false"
     )
     assert isinstance(broker, SQSBroker)
     options = broker.options
