@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from taskstream.brokers.base import Broker, Delivery, Subscription
+from taskstream.errors import QueueNotFound
 from tests.brokers.contract.backends import BackendSpec, all_specs
 from tests.support.names import unique
+from tests.support.waiting import wait_for
 
 SPECS = all_specs()
 
@@ -47,16 +49,36 @@ class Ctx:
         return name
 
     async def close(self) -> None:
-        if self.brokers:  # delete what the test declared, so servers do not fill up with test queues
-            broker = self.brokers[0]
-            for queue in self.queues:
-                for name in (queue, broker.dead_letter_name(queue)):
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(10):
-                            await broker.delete_queue(name)
-        for broker in self.brokers:
-            with contextlib.suppress(Exception):
-                await broker.close()
+        """Delete the queues the test declared (and their dead-letter queues), check they are gone, close."""
+        try:
+            if self.queues:
+                await self._remove_queues()
+        finally:
+            for broker in self.brokers:
+                with contextlib.suppress(Exception):
+                    await broker.close()
+
+    async def _remove_queues(self) -> None:
+        # A broker of its own: the test may have closed or broken its brokers.
+        cleaner = self.spec.make()
+        self.brokers.append(cleaner)
+        await cleaner.connect()
+        names = [name for queue in self.queues for name in (queue, cleaner.dead_letter_name(queue))]
+        for name in names:
+            with contextlib.suppress(Exception):  # a dead-letter queue the test never used does not exist
+                async with asyncio.timeout(10):
+                    await cleaner.delete_queue(name)
+
+        async def all_gone() -> bool:
+            for name in names:
+                try:
+                    await cleaner.queue_stats(name)
+                except QueueNotFound:
+                    continue
+                return False
+            return True
+
+        await wait_for(all_gone, what=f"the test's queues {names} to be deleted", timeout=30, interval=0.2)
 
 
 @pytest.fixture
