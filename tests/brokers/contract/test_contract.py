@@ -201,20 +201,14 @@ async def test_publish_batch_and_depth_and_purge(ctx: Ctx) -> None:
     broker = await ctx.broker()
     queue = await ctx.queue(broker)
     await broker.publish_batch(queue, [OutgoingMessage(f"m{i}".encode(), {"i": str(i)}) for i in range(25)])
-    depth = 0
-    for _ in range(60):  # depth is approximate on some brokers: poll until it settles
-        depth = await broker.depth(queue)
-        if depth == 25:
-            break
-        await asyncio.sleep(0.5)
-    assert depth == 25
+
+    async def depth_is(expected: int) -> bool:
+        return await broker.depth(queue) == expected
+
+    # depth is approximate on some brokers: poll until it settles
+    await wait_for(lambda: depth_is(25), what="depth 25 after publishing 25", timeout=30, interval=0.2)
     await broker.purge(queue)
-    for _ in range(60):
-        depth = await broker.depth(queue)
-        if depth == 0:
-            break
-        await asyncio.sleep(0.5)
-    assert depth == 0
+    await wait_for(lambda: depth_is(0), what="depth 0 after the purge", timeout=30, interval=0.2)
 
 
 async def settled_stats(broker: Broker, queue: str, expected: QueueStats) -> QueueStats:
