@@ -7,20 +7,25 @@ taking a proxy down is, to the client, losing that host. Killing real cluster no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 
 from taskstream.brokers.rabbitmq import RabbitMQBroker
 from taskstream.brokers.rabbitmq.config import parse_url, split_hosts
 from taskstream.errors import BrokerConnectionError, ConfigurationError
-from tests.brokers.test_rabbitmq import PORT
+from tests.brokers.test_rabbitmq import HOST, PORT, URL
+from tests.support.names import unique
 from tests.support.ports import free_port
 from tests.support.proxy import TcpProxy
 
-SECRET = "guest"  # the password of the test server; a URL shown in logs or errors must not contain it after ':'
+# The test server's credentials (TASKSTREAM_TEST_AMQP_URL, or guest/guest); a URL shown in logs or errors must
+# not contain the password after ':'.
+USER = urlsplit(URL).username or "guest"
+SECRET = urlsplit(URL).password or "guest"
 
 
 def test_split_hosts_keeps_credentials_vhost_and_options() -> None:
@@ -52,32 +57,48 @@ def test_bad_host_list_says_what_is_wrong_without_the_password(url: str, problem
 
 @pytest.fixture
 async def proxies() -> AsyncIterator[list[TcpProxy]]:
-    made = [TcpProxy(PORT), TcpProxy(PORT)]
+    made = [TcpProxy(PORT, HOST), TcpProxy(PORT, HOST)]
     for proxy in made:
         await proxy.up()
     yield made
     for proxy in made:
-        await proxy.down()
+        await proxy.stop()
 
 
-def url_of(*ports: int, query: str = "") -> str:
-    return f"amqp://guest:{SECRET}@" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/" + query
+@pytest.fixture
+async def queues() -> AsyncIterator[list[str]]:
+    """Names a test appends; deleted afterwards over a direct connection (the test's own may be broken)."""
+    names: list[str] = []
+    yield names
+    if names:
+        async with RabbitMQBroker.from_url(URL) as cleaner:
+            for name in names:
+                with contextlib.suppress(Exception):
+                    await cleaner.delete_queue(name)
+
+
+def url_of(*ports: int, query: str = "", host: str = "127.0.0.1") -> str:
+    """A URL listing ``ports`` as hosts (the last on ``host``: the real server when it is given its port)."""
+    hosts = [f"127.0.0.1:{p}" for p in ports[:-1]] + [f"{host}:{ports[-1]}"]
+    return f"amqp://{USER}:{SECRET}@" + ",".join(hosts) + "/" + query
 
 
 @pytest.mark.rabbitmq
-async def test_first_connect_skips_hosts_that_do_not_answer(caplog: pytest.LogCaptureFixture) -> None:
+async def test_first_connect_skips_hosts_that_do_not_answer(
+    caplog: pytest.LogCaptureFixture, queues: list[str]
+) -> None:
     dead = free_port()
-    broker = RabbitMQBroker.from_url(url_of(dead, PORT))
-    queue = f"hosts.first-{uuid.uuid4().hex[:8]}"
+    broker = RabbitMQBroker.from_url(url_of(dead, PORT, host=HOST))
+    queue = unique("hosts.first")
+    queues.append(queue)
     with caplog.at_level(logging.WARNING, logger="taskstream.brokers.rabbitmq"):
         async with broker:
             await broker.declare(queue)
             await broker.publish(queue, b'{"n": 1}')
             assert await broker.depth(queue) == 1
-            await broker.delete_queue(queue)
     shown = [r.getMessage() for r in caplog.records if f"127.0.0.1:{dead}" in r.getMessage()]
     assert shown, "the host that did not answer is named in a warning"
-    assert all(f":{SECRET}@" not in line and "guest:***@" in line for line in shown)
+    assert all(f":{SECRET}@" not in line and f"{USER}:***@" in line for line in shown)
 
 
 @pytest.mark.rabbitmq
@@ -93,9 +114,12 @@ async def test_no_host_answers_names_every_host_and_hides_the_password() -> None
 
 
 @pytest.mark.rabbitmq
-async def test_reconnect_moves_to_the_next_host_and_resumes_the_consumer(proxies: list[TcpProxy]) -> None:
+async def test_reconnect_moves_to_the_next_host_and_resumes_the_consumer(
+    proxies: list[TcpProxy], queues: list[str]
+) -> None:
     first, second = proxies
-    queue = f"hosts.failover-{uuid.uuid4().hex[:8]}"
+    queue = unique("hosts.failover")
+    queues.append(queue)
     broker = RabbitMQBroker.from_url(url_of(first.port, second.port, query="?reconnect_interval=0.2"))
     async with broker:
         await broker.declare(queue)
@@ -113,4 +137,3 @@ async def test_reconnect_moves_to_the_next_host_and_resumes_the_consumer(proxies
                 await delivery.ack()
             assert set(bodies) <= {b'{"n": 1}', b'{"n": 2}'}
         await subscription.close()
-        await broker.delete_queue(queue)
