@@ -5,13 +5,15 @@ it commits its snapshot and acks the input. The Outbox gives each record the id 
 (:mod:`~taskstream.stream_ops.lineage`) and routes each record to the replica owning its key group
 (:mod:`~taskstream.stream_ops.keygroups`), counting what it sent per downstream stage and group for
 end-of-stream. Each record is encoded when it is added (so one that cannot be encoded is known at once); what
-a batch sends to one queue leaves as record batches (:func:`~taskstream.stream_ops.wire.batch_messages`).
+a batch sends to one queue leaves as record batches (:func:`~taskstream.stream_ops.wire.pack_records`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from taskstream.brokers.base import OutgoingMessage
@@ -21,11 +23,12 @@ from taskstream.stream_ops.keygroups import KEY_GROUPS, group_of, owner
 from taskstream.stream_ops.lineage import SEP, derive_id
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import RuntimeContext
-from taskstream.stream_ops.wire import BatchLimits, batch_entry, batch_messages
+from taskstream.stream_ops.wire import BatchLimits, pack_records
 
 __all__ = ["DeadLetters", "Ids", "Outbox"]
 
 Ids = list[str | None] | None
+_GROUP = itemgetter(2)  # the key group of a record [id, to, g, key, value]
 
 
 class DeadLetters:
@@ -75,7 +78,8 @@ class Outbox:
         self.src = f"{stage.name}/{replica}"
         self.now = now
         self.limits = limits or BatchLimits()
-        self.pending: dict[str, list[tuple[str, bytes]]] = {}  # per queue: (record id, encoded record)
+        # per queue: encoded chunks of records, (records [id, to, g, key, value], their JSON list)
+        self.pending: dict[str, list[tuple[list[list[Any]], bytes]]] = {}
         self.sent: dict[str, dict[str, int]] = {}  # per downstream stage: records sent per key group
         self._rr: dict[str, int] = {}
         self.lineage = ""
@@ -89,10 +93,12 @@ class Outbox:
 
     def _ids(self, target: StagePlan, origin: str, items: list[Any], ids: Ids) -> list[str]:
         """The record id of each item bound for ``target`` (see :mod:`~taskstream.stream_ops.lineage`)."""
-        out = []
         # derive_id(self.stage, lineage, origin, target.name), inlined: it runs once per record
         head, tail = f"{self.stage}{SEP}", f"{SEP}{origin}{SEP}{target.name}"
         blake2b = hashlib.blake2b
+        if ids is not None and None not in ids:  # the common case: every item has its lineage
+            return [blake2b(f"{head}{lineage}{tail}".encode(), digest_size=16).hexdigest() for lineage in ids]
+        out = []
         for index in range(len(items)):
             lineage = ids[index] if ids is not None else None
             if lineage is None:
@@ -108,6 +114,9 @@ class Outbox:
     ) -> dict[int, TypeError] | None:
         """Encode ``items`` for ``target``'s queues; ``ids`` is their lineage, ``origin`` the emitting step/port.
 
+        The records bound for one queue are encoded in one ``dumps`` call (the same bytes as one call per
+        record, joined); only when that fails are they encoded one by one, to find the items that cannot be.
+
         Returns:
             ``None`` when every item was queued; otherwise the index of each item that cannot be encoded
             (a value the wire format does not carry) and its error. The others are queued.
@@ -115,30 +124,53 @@ class Outbox:
         entry: str | list[str] = entries[0] if len(entries) == 1 else entries
         mids = self._ids(target, origin, items, ids)
         n = target.parallelism
-        queues = target.queues
-        sent = self.sent.setdefault(target.name, {})
-        failed: dict[int, TypeError] | None = None
         groups = self._groups
         if len(groups) > 65536:  # a cache of key -> group, kept small
             groups.clear()
-        for index, item in enumerate(items):
+        rows: list[list[Any]] = []  # [id, to, g, key, value] per item, in order
+        per_replica: list[list[list[Any]]] = [[] for _ in range(n)] if n > 1 else [rows]
+        for item, mid in zip(items, mids, strict=True):
             if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
                 key = item[0]
                 group = groups.get(key)
                 if group is None:
                     group = groups[key] = group_of(key)
+                row = [mid, entry, group, key, item[1]]
             else:
                 group = self._rr.get(target.name, 0)
                 self._rr[target.name] = (group + 1) % KEY_GROUPS
-            mid = mids[index]
+                row = [mid, entry, group, None, item]
+            rows.append(row)
+            if n > 1:
+                per_replica[(group * n) // KEY_GROUPS].append(row)  # keygroups.owner, inlined
+        chunks: list[tuple[int, list[list[Any]], bytes]] = []
+        try:
+            for replica, part in enumerate(per_replica):
+                if part:
+                    chunks.append((replica, part, dumps(part)))
+        except TypeError:
+            return self._add_one_by_one(target, rows)
+        sent = self.sent.setdefault(target.name, {})
+        for replica, part, data in chunks:
+            self.pending.setdefault(target.queues[replica], []).append((part, data))
+        for group, count in Counter(map(_GROUP, rows)).items():
+            g = str(group)
+            sent[g] = sent.get(g, 0) + count
+        return None
+
+    def _add_one_by_one(self, target: StagePlan, rows: list[list[Any]]) -> dict[int, TypeError]:
+        """Queue ``rows`` encoded one by one; those that cannot be encoded are left out and returned."""
+        failed: dict[int, TypeError] = {}
+        sent = self.sent.setdefault(target.name, {})
+        n = target.parallelism
+        for index, row in enumerate(rows):
             try:
-                data = batch_entry(item, entry, mid, group)
+                data = dumps([row])
             except TypeError as exc:
-                if failed is None:
-                    failed = {}
                 failed[index] = exc
                 continue
-            self.pending.setdefault(queues[owner(group, n)], []).append((mid, data))
+            group = row[2]
+            self.pending.setdefault(target.queues[owner(group, n)], []).append(([row], data))
             g = str(group)
             sent[g] = sent.get(g, 0) + 1
         return failed
@@ -147,4 +179,4 @@ class Outbox:
         """The record batches to publish, per queue (and forget them)."""
         pending, self.pending = self.pending, {}
         now = self.now()
-        return {queue: batch_messages(records, self.src, now, self.limits) for queue, records in pending.items()}
+        return {queue: pack_records(chunks, self.src, now, self.limits) for queue, chunks in pending.items()}

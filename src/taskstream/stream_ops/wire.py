@@ -64,6 +64,7 @@ __all__ = [
     "batch_messages",
     "control_message",
     "is_batch",
+    "pack_records",
     "read_batch",
     "read_entry",
     "read_record",
@@ -141,12 +142,49 @@ def batch_messages(
 
 
 def _batch(records: list[tuple[str, bytes]], src: str, now: float) -> OutgoingMessage:
-    bid = derive_id("batch", src, records[0][0], records[-1][0], len(records))
+    return _batch_of(records[0][0], records[-1][0], len(records), b",".join(data for _, data in records), src, now)
+
+
+def _batch_of(first: str, last: str, count: int, body: bytes, src: str, now: float) -> OutgoingMessage:
+    """A batch message of ``count`` records from ``first`` to ``last`` (ids) whose JSON, comma-joined, is
+    ``body``."""
+    bid = derive_id("batch", src, first, last, count)
     head = dumps(
         {"ts": WIRE_VERSION, "id": bid, "kind": "record", "created_at": now, "headers": {"src": src, "batch": 1}}
     )
-    body = b"".join((head[:-1], b',"body":[', b",".join(data for _, data in records), b"]}"))
-    return OutgoingMessage(body, BATCH_HEADERS, message_id=bid)
+    return OutgoingMessage(b"".join((head[:-1], b',"body":[', body, b"]}")), BATCH_HEADERS, message_id=bid)
+
+
+def pack_records(
+    chunks: list[tuple[list[list[Any]], bytes]], src: str, now: float, limits: BatchLimits = BatchLimits()
+) -> list[OutgoingMessage]:
+    """Pack chunks of records into batch messages, in order: each chunk is records ``[id, to, g, key, value]``
+    and their JSON list (one ``dumps`` of them). Chunks are joined while they fit in ``limits``; a chunk
+    larger than the limit is split record by record (:func:`batch_messages`)."""
+    out: list[OutgoingMessage] = []
+    held: list[tuple[list[list[Any]], bytes]] = []
+    size = 0
+
+    def close() -> None:
+        if held:
+            first, last = held[0][0][0][0], held[-1][0][-1][0]
+            count = sum(len(rows) for rows, _ in held)
+            out.append(_batch_of(first, last, count, b",".join(data[1:-1] for _, data in held), src, now))
+            held.clear()
+
+    for rows, data in chunks:
+        if len(data) > limits.max_bytes and len(rows) > 1:
+            close()
+            size = 0
+            out.extend(batch_messages([(row[0], dumps(row)) for row in rows], src, now, limits))
+            continue
+        if held and size + len(data) > limits.max_bytes:
+            close()
+            size = 0
+        held.append((rows, data))
+        size += len(data)
+    close()
+    return out
 
 
 def is_batch(doc: dict[str, Any]) -> bool:
