@@ -3,6 +3,13 @@
 Every client App owns one reply queue (``ts-reply-<random>``, deleted when the App stops). Workers publish
 each task's outcome there; the listener resolves the matching future by task id. Nothing polls.
 
+On RabbitMQ the reply queue is transient (see ``brokers/rabbitmq/topology.py``): a broker restart drops it
+with the replies in it. After every reconnect the client therefore reads the outcomes of the tasks it still
+waits for from the result store, where a worker records each outcome before it acks the request (now, and
+twice more a little later, for records committed just after a reply was lost). A worker writes the record
+and publishes the reply at the same time, so a reply can arrive before the record is readable: until it is,
+``get_task`` answers from the outcome this client received (:meth:`TaskClient.local_info_by_id`).
+
 Submissions made in one turn of the event loop go out as one ``publish_batch`` per queue (5,000 ``submit``
 calls in a loop become a handful of broker requests) and the ``pending`` records go to the result store in
 one write. Arguments are encoded by ``submit`` itself, so a value that cannot travel fails there, at once.
@@ -15,6 +22,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -32,7 +40,7 @@ from taskstream.tasks.errors import error_from_data, error_to_data
 from taskstream.tasks.future import FutureOwner, TaskFuture
 from taskstream.tasks.protocol import TaskReply, new_task_id, sign_request
 from taskstream.tasks.registry import Task, chunked
-from taskstream.tasks.stores.base import TaskInfo
+from taskstream.tasks.stores.base import ResultStore, TaskInfo
 
 if TYPE_CHECKING:
     from taskstream.context import AppContext
@@ -46,6 +54,8 @@ REPLY_PREFETCH = 1000
 REPLY_ACK_DELAY = 0.02  # seconds a handled reply waits to be acked with others (see _listen)
 REPLY_ACK_BATCH = REPLY_PREFETCH // 2  # acked at once from this many, so the prefetch window never fills
 PENDING_DELAY = 0.05  # seconds pending records wait, to be written in fewer, larger batches
+RECOVER_DELAYS = (0.0, 1.0, 5.0)  # after a reconnect: when to read waiting tasks' outcomes from the store
+MAX_FINISHED = 10_000  # outcomes remembered after their reply, for get_task before the store has them
 
 Call = tuple[Sequence[Any], dict[str, Any]]
 
@@ -90,6 +100,8 @@ class TaskClient(FutureOwner):
         self._to_ack: list[Delivery] = []
         self._ack_timer: asyncio.TimerHandle | None = None
         self._to_release: list[PayloadRef] = []  # payloads of large results, deleted once their reply is acked
+        self._finished: OrderedDict[str, TaskInfo] = OrderedDict()  # recent outcomes received (see get_task)
+        self._reconnect_hook: Any = None  # (broker, listener) registered for recovery after a reconnect
 
     # -- FutureOwner ---------------------------------------------------------------------------------
 
@@ -101,9 +113,18 @@ class TaskClient(FutureOwner):
         return entry.info if entry is not None else None
 
     def local_info_by_id(self, task_id: str) -> TaskInfo | None:
-        """A copy of what this client knows about a task it is still waiting for."""
+        """A copy of what this client knows about a task it waits for or recently received the outcome of."""
         entry = self._waiting.get(task_id)
-        return replace(entry.info) if entry is not None else None
+        if entry is not None:
+            return replace(entry.info)
+        finished = self._finished.get(task_id)
+        return replace(finished) if finished is not None else None
+
+    def _remember(self, info: TaskInfo) -> None:
+        """Keep a received outcome for ``get_task`` until the store surely has it (bounded, oldest dropped)."""
+        self._finished[info.task_id] = info
+        if len(self._finished) > MAX_FINISHED:
+            self._finished.popitem(last=False)
 
     def future_by_id(self, task_id: str) -> TaskFuture[Any] | None:
         """The (first) future of a task this client is still waiting for."""
@@ -349,6 +370,51 @@ class TaskClient(FutureOwner):
         await broker.declare(self.reply_queue)
         self._subscription = broker.consume(self.reply_queue, prefetch=REPLY_PREFETCH)
         self._listener = asyncio.get_running_loop().create_task(self._listen(self._subscription))
+        add = getattr(broker, "add_reconnect_listener", None)
+        if add is not None and self._reconnect_hook is None:
+            add(self._on_reconnect)
+            self._reconnect_hook = broker
+
+    def _on_reconnect(self) -> None:
+        if self._waiting:
+            self._spawn(self._recover())
+
+    async def _recover(self) -> None:
+        """Settle waiting tasks whose outcome the store has (their transient reply may be lost)."""
+        store = self.runtime.store
+        for delay in RECOVER_DELAYS:
+            await asyncio.sleep(delay)
+            ids = list(self._waiting)
+            if not ids:
+                return
+            try:
+                records = await asyncio.to_thread(_read_records, store, ids)
+            except Exception as exc:
+                log.warning("could not read %d waiting task(s) from the result store: %s", len(ids), exc)
+                continue
+            settled = 0
+            for record in records:
+                if record is None or not record.done:
+                    continue
+                entry = self._waiting.pop(record.task_id, None)
+                if entry is None or record.reply_to != self.reply_queue:  # answered meanwhile, or not ours
+                    if entry is not None:
+                        self._waiting[record.task_id] = entry
+                    continue
+                body = {
+                    "task_id": record.task_id,
+                    "status": record.status,
+                    "result": record.result,
+                    "error": record.error,
+                    "started_at": record.started_at,
+                    "finished_at": record.finished_at,
+                    "worker": record.worker,
+                    "attempts": record.attempts,
+                }
+                self._apply(entry, record.task_id, body)
+                settled += 1
+            if settled:
+                log.info("settled %d task(s) from the result store after a reconnect", settled)
 
     async def _listen(self, subscription: Subscription) -> None:
         broker = self.context.broker
@@ -410,6 +476,10 @@ class TaskClient(FutureOwner):
         entry = self._waiting.pop(task_id, None)
         if entry is None:
             return  # cancelled here, or a duplicate
+        self._apply(entry, task_id, body)
+
+    def _apply(self, entry: _Pending, task_id: str, body: Any) -> None:
+        """Settle ``entry``'s futures from a reply body (from the reply queue, or rebuilt from the store)."""
         try:
             reply = TaskReply.model_validate(body)
         except PydanticValidationError as exc:
@@ -422,6 +492,7 @@ class TaskClient(FutureOwner):
         info.finished_at = reply.finished_at
         info.worker = reply.worker
         info.attempts = reply.attempts
+        self._remember(info)
         if reply.status == "cancelled":
             for future in entry.futures:
                 future._force_cancel()
@@ -433,7 +504,7 @@ class TaskClient(FutureOwner):
                 future._settle(error=error)
             return
         if not entry.chunked:
-            info.result = reply.result
+            info.result = reply.result  # the remembered info sees it too
             entry.futures[0]._settle(reply.result)
             return
         self._settle_chunk(entry, task_id, reply.result)
@@ -465,6 +536,9 @@ class TaskClient(FutureOwner):
 
     async def stop(self) -> None:
         """Stop listening, fail futures still waiting, delete the reply queue."""
+        if self._reconnect_hook is not None:
+            self._reconnect_hook.remove_reconnect_listener(self._on_reconnect)
+            self._reconnect_hook = None
         self._flush_records()
         if self._to_ack:
             self._ack_replies()
@@ -486,3 +560,8 @@ class TaskClient(FutureOwner):
         self._listener = None
         self._subscription = None
         self._declared.clear()
+
+
+def _read_records(store: ResultStore, task_ids: list[str]) -> list[TaskInfo | None]:
+    """The store's records of ``task_ids`` (on a thread: a SQLite read may wait for a commit)."""
+    return [store.get(task_id) for task_id in task_ids]

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import aiormq
@@ -26,7 +26,7 @@ from taskstream.brokers.rabbitmq.codec import DELAY_HEADER, outgoing_properties,
 from taskstream.brokers.rabbitmq.config import RabbitMQConfig, parse_url
 from taskstream.brokers.rabbitmq.connection import ConnectionManager
 from taskstream.brokers.rabbitmq.subscription import RabbitSubscription
-from taskstream.brokers.rabbitmq.topology import DELAY_EXCHANGE, MAX_DELAY, Topology
+from taskstream.brokers.rabbitmq.topology import DELAY_EXCHANGE, MAX_DELAY, Topology, is_transient
 from taskstream.errors import BrokerConnectionError, BrokerError, MessageTooLarge, PublishError, QueueNotFound
 from taskstream.settings import redact_url
 
@@ -66,6 +66,7 @@ class RabbitMQBroker(Broker):
         self._link = ConnectionManager(url, self.config, self._restored, self._wake_subscriptions)
         self._topology = Topology(self.config, self._link)
         self._batch_slots = asyncio.Semaphore(2)
+        self._reconnect_listeners: list[Callable[[], None]] = []
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
@@ -90,6 +91,28 @@ class RabbitMQBroker(Broker):
 
     async def _restored(self) -> None:
         await self._topology.replay()
+        for listener in list(self._reconnect_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("a RabbitMQ reconnect listener failed")
+
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on the loop, without awaiting) after every reconnect, once queues are declared again.
+
+        The task client uses it to read, from the result store, outcomes whose transient replies a broker
+        restart may have dropped.
+        """
+        self._reconnect_listeners.append(listener)
+
+    def remove_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener`` (no-op if it is not registered)."""
+        with contextlib.suppress(ValueError):
+            self._reconnect_listeners.remove(listener)
+
+    def _mode(self, queue: str) -> int:
+        """The delivery mode for a message to ``queue``: reply queues are transient (see topology)."""
+        return 1 if is_transient(queue, self.config) else self._delivery_mode
 
     def _wake_subscriptions(self) -> None:
         for subscription in list(self._subscriptions):
@@ -217,7 +240,7 @@ class RabbitMQBroker(Broker):
         delay: float | None = None,
     ) -> None:
         self._check_size(body)
-        properties = outgoing_properties(headers, message_id, key, self._delivery_mode)
+        properties = outgoing_properties(headers, message_id, key, self._mode(queue))
         if delay is not None and delay > 0:
             await self._send_delayed(queue, body, properties, delay)
         else:
@@ -256,7 +279,7 @@ class RabbitMQBroker(Broker):
                 raise result
 
     async def _send_one(self, queue: str, message: OutgoingMessage) -> None:
-        properties = outgoing_properties(message.headers, message.message_id, message.key, self._delivery_mode)
+        properties = outgoing_properties(message.headers, message.message_id, message.key, self._mode(queue))
         if message.delay is not None and message.delay > 0:
             await self._send_delayed(queue, message.body, properties, message.delay)
         else:

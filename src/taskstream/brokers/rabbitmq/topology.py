@@ -4,6 +4,11 @@ Every queue gets ``x-dead-letter-exchange`` = ``taskstream.dlx`` (routing key: t
 brokers, ``x-queue-type``; a queue that already exists with other arguments is used as it is, with a warning.
 Delays go through the headers exchange ``taskstream.delay`` to one queue per delay bucket, whose TTL expires the
 message back onto its queue through the default exchange.
+
+Task reply queues (``ts-reply-*``, one per task client) are *transient* on classic brokers: not durable, and
+the broker publishes to them with ``delivery_mode=1``. A reply is then routed without RabbitMQ's persistence
+work; one lost with a broker restart is read by the task client from the result store after it reconnects
+(the worker writes the record before it acks the request). See ``docs/architecture.md``, "Fast path".
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ from taskstream.brokers.rabbitmq.config import RabbitMQConfig
 from taskstream.brokers.rabbitmq.connection import ConnectionManager
 from taskstream.errors import BrokerError, ConfigurationError
 
-__all__ = ["DELAY_EXCHANGE", "DELAY_QUEUE_PREFIX", "DLX_EXCHANGE", "MAX_DELAY", "Topology", "delay_bucket_ms"]
+__all__ = [
+    "DELAY_EXCHANGE",
+    "DELAY_QUEUE_PREFIX",
+    "DLX_EXCHANGE",
+    "MAX_DELAY",
+    "TRANSIENT_QUEUE_PREFIX",
+    "Topology",
+    "delay_bucket_ms",
+    "is_transient",
+]
 
 log = logging.getLogger("taskstream.brokers.rabbitmq")
 
@@ -31,6 +45,19 @@ DELAY_QUEUE_PREFIX = "taskstream.delay."
 DLX_EXCHANGE = "taskstream.dlx"
 MAX_DELAY = 24 * 3600.0
 _DELAY_MARGIN_MS = 3_600_000  # a delay queue outlives its TTL by an hour after its last use
+TRANSIENT_QUEUE_PREFIX = "ts-reply-"  # the task clients' reply queues (taskstream.tasks.client)
+
+
+def is_transient(queue: str, config: RabbitMQConfig) -> bool:
+    """Whether ``queue`` is a task reply queue kept transient (non-durable, non-persistent messages).
+
+    Only on classic queues: quorum queues are always durable, so there reply queues stay as they are.
+
+    Example:
+        >>> is_transient("ts-reply-abc", RabbitMQConfig()), is_transient("orders", RabbitMQConfig())
+        (True, False)
+    """
+    return config.queue_type == "classic" and queue.startswith(TRANSIENT_QUEUE_PREFIX)
 
 
 def delay_bucket_ms(delay: float) -> int:
@@ -89,7 +116,7 @@ class Topology:
 
     async def _declare_queue(self, queue: str, arguments: dict[str, Any] | None) -> dict[str, Any] | None:
         """Declare ``queue``; an existing queue with other arguments is used as it is (with a warning)."""
-        durable = self.config.durable or self.config.queue_type == "quorum"
+        durable = (self.config.durable or self.config.queue_type == "quorum") and not is_transient(queue, self.config)
         admin_call = self._connection.admin_call
         try:
             await admin_call(
