@@ -325,10 +325,13 @@ class TaskRuntime:
             TaskNotFound: the store has no record (never submitted, or expired after ``result_ttl``).
         """
         info = self.store.get(task_id)
-        if info is None:
+        if info is None or not info.done:
+            # A worker writes the record while its reply travels: this client may hold an outcome the store
+            # shows a moment later (read-your-writes for the submitter), or a record not written yet.
             entry = self.client.local_info_by_id(task_id)
-            if entry is not None:
+            if entry is not None and (info is None or entry.done):
                 return entry
+        if info is None:
             raise TaskNotFound(
                 f"no task {task_id!r} in the result store {self.store!r} "
                 "(never submitted there, or its record expired after result_ttl)"

@@ -15,7 +15,7 @@ shutdown is graceful):
    process (:mod:`taskstream.tasks.pool`).
 4. On an exception, while attempts remain (``retries``), record ``pending`` and requeue with backoff;
    otherwise record ``failed`` with the remote type, message and traceback. Store the outcome and publish
-   it to the client's reply queue, then ack.
+   it to the client's reply queue at the same time, then ack once both are done.
 
 Timeouts (``timeout=`` seconds from the moment the call starts running):
 
@@ -388,11 +388,22 @@ class TaskWorker:
             except TypeError as exc:
                 info.status, info.result = "failed", None
                 info.error = error_to_data(TypeError(f"the result of task {info.name} cannot travel: {exc}"))
-        # Stored first, so a client that sees the result can also read it by id (read-your-writes).
-        await self.runtime.store.finish(info)
         run_time = info.finished_at - info.started_at if info.finished_at and info.started_at else None
         self.context.metrics.task_finished(info.name, info.status, run_time)
-        await self._publish_reply(envelope, reply)
+        if reply is None:
+            await self.runtime.store.finish(info)
+            return
+        # The record is written while the reply travels: the store's commit is off the round trip's latency.
+        # The request is acked (when this returns) only once both are done, so an outcome is never lost: a
+        # client whose reply was dropped reads the record after its reconnect. A client may see the reply
+        # before the record; its get_task answers from the reply until then (TaskClient.local_info_by_id).
+        # A store that fails raises here after the reply went out: the request is retried, the client keeps
+        # the first answer.
+        stored = asyncio.get_running_loop().create_task(self.runtime.store.finish(info))
+        try:
+            await self._publish_reply(envelope, reply)
+        finally:
+            await stored
 
     async def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
         reply = Envelope(id=new_task_id(), kind="result", correlation_id=envelope.id, body=self._reply_body(info))
