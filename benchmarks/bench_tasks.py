@@ -21,6 +21,10 @@ the counts; ``BENCH_TASKS_STORE=memory`` runs the worker with the ``memory://`` 
 SQLite file, to tell the store's cost from the path's. Each row also records the CPU time per task of the worker
 process, of the client and of a local RabbitMQ server (``extra``): on a shared, noisy machine those figures
 move far less than the rates.
+``BENCH_TASKS_DRAMATIQ=/path/to/python`` (an interpreter with ``dramatiq[rabbitmq,redis]``, e.g. the peers' venv
+of ``benchmarks/peers.py``) also runs Dramatiq's peer script (``peer_scripts/dramatiq_tasks.py``, RabbitMQ with
+Redis results, same counts) once per round, between the two sides, and prints its medians: issue 15 compares
+taskstream's throughput with Dramatiq's in the same run.
 Targets: throughput at least 0.7x the baseline, p50 latency at most 1.5x (ratio >= 0.67).
 """
 
@@ -61,6 +65,7 @@ THROUGHPUT_TARGET = 0.7
 LATENCY_TARGET = 1 / 1.5
 HERE = Path(__file__).resolve()
 STORE = os.environ.get("BENCH_TASKS_STORE", "sqlite")  # "sqlite" (the default for real brokers) or "memory"
+DRAMATIQ_PYTHON = os.environ.get("BENCH_TASKS_DRAMATIQ", "")  # an interpreter with dramatiq, or "": not run
 
 
 # -- the taskstream side -----------------------------------------------------------------------------
@@ -274,9 +279,24 @@ async def one_round(
             out["raw_lat"] = await baseline_latencies(client, SEQUENTIAL)
 
     sides = [taskstream_side, baseline_side] if taskstream_first else [baseline_side, taskstream_side]
-    for side in sides:
+    for i, side in enumerate(sides):
         await side()
+        if i == 0 and DRAMATIQ_PYTHON:
+            out["dramatiq"] = await asyncio.to_thread(dramatiq_round)
     return out
+
+
+def dramatiq_round() -> dict[str, float]:
+    """Dramatiq's throughput and p50 on the same server (its peer script, in its own interpreter)."""
+    script = HERE.parent / "peer_scripts" / "dramatiq_tasks.py"
+    done = subprocess.run(
+        [DRAMATIQ_PYTHON, str(script), str(N), str(SEQUENTIAL)], capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the Dramatiq peer script failed:\n{done.stderr[-2000:]}")
+    result: dict[str, float] = orjson.loads(lines[-1])
+    return result
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -330,7 +350,7 @@ def measure(repeats: int = 3) -> list[Row]:
             higher_is_better=True,
             target=THROUGHPUT_TARGET,
             notes="worker in its own process on both sides; taskstream also records every task in its store",
-            extra={"n": N, "concurrency": CONCURRENCY, "store": STORE, **cpu},
+            extra={"n": N, "concurrency": CONCURRENCY, "store": STORE, **cpu, **_dramatiq_medians(rounds)},
         ),
         Row(
             workload=f"tasks: {SEQUENTIAL} sequential, p50",
@@ -355,6 +375,18 @@ def measure(repeats: int = 3) -> list[Row]:
             extra={"n": SEQUENTIAL},
         ),
     ]
+
+
+def _dramatiq_medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    runs = [r["dramatiq"] for r in rounds if "dramatiq" in r]
+    if not runs:
+        return {}
+    return {
+        "dramatiq": {
+            "throughput": statistics.median(r["throughput"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+        }
+    }
 
 
 async def _delete_queues(names: list[str]) -> None:
@@ -388,6 +420,13 @@ if __name__ == "__main__":
         print_rows(rows)
         for row in rows:
             print(f"  {row.workload}: taskstream {statistics.median(row.values):.2f} {row.unit}, ratio {row.ratio:.2f}")
+        dramatiq = rows[0].extra.get("dramatiq")
+        if dramatiq:
+            ts_rate, ts_p50 = statistics.median(rows[0].values), statistics.median(rows[1].values)
+            print(
+                f"  Dramatiq (same run): {dramatiq['throughput']:.0f} tasks/s, p50 {dramatiq['p50_ms']:.2f} ms; "
+                f"taskstream/Dramatiq throughput {ts_rate / dramatiq['throughput']:.2f}x"
+            )
         for side, used in rows[0].extra["cpu_us_per_task"].items():
             print(
                 f"  CPU per task, {side}: worker {used['worker']:.0f} us, client {used['client']:.0f} us, "
