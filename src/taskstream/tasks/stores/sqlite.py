@@ -134,7 +134,6 @@ SYNCHRONOUS_LEVELS = ("normal", "full")
 # per-transaction upkeep of its own cache grows with what that cache holds (issue 15, benchmarks/bench_store.py).
 _CACHE_KIB = 2 * 1024  # private page cache of the task path's connection
 _MMAP_BYTES = 1024 * 1024 * 1024  # the whole file of several million records (file-backed memory, reclaimable)
-_WAL_LIMIT_BYTES = 16 * 1024 * 1024  # the WAL file is cut back to this after a checkpoint
 _VACUUM_ON_OPEN_BYTES = 256 * 1024 * 1024  # older files up to this size are converted to auto_vacuum at open
 
 
@@ -145,7 +144,7 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run on the upkeep thread, never in a task's commit
-    conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
+    conn.execute("PRAGMA journal_size_limit=-1")  # the WAL file is reused, never cut in a task's commit (upkeep)
     conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
     conn.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
     return conn
@@ -303,7 +302,7 @@ class SQLiteResultStore(ResultStore):
         self._lock = threading.Lock()
         self._batch: list[tuple[Op, asyncio.Future[Any]]] = []
         self._last_commit = 0.0  # monotonic time of the last commit: a store quiet for _QUIET commits at once
-        self._upkeep = Upkeep(self.path, ttl=ttl)
+        self._upkeep = Upkeep(self.path, ttl=ttl, writes=self._lock)
         weakref.finalize(self, self._upkeep.stop_soon)  # a store dropped without close() stops its thread
         self._closed = False
 

@@ -21,7 +21,20 @@ writes arrive:
    seconds (a quarter of the TTL, at most :data:`PURGE_EVERY`);
 2. gives free pages back to the file system with ``PRAGMA incremental_vacuum`` (``auto_vacuum=INCREMENTAL``),
    keeping a reserve of free pages for the next inserts, at most :data:`VACUUM_PAGES` pages per pass;
-3. checkpoints the WAL (``PASSIVE``: it never waits for, nor blocks, a writer or a reader).
+3. checkpoints the WAL (``PASSIVE``: it never waits for, nor blocks, a writer or a reader);
+4. keeps the WAL bounded. SQLite starts the WAL over from its beginning only at a write that finds every frame
+   copied into the database, which under a steady load never happens: the writer adds frames while a passive
+   checkpoint copies the earlier ones. At 20,000 tasks/s the WAL grew by about 200 MiB a second, to 1.5 GB in
+   7 s, and throughput halved (every page read searches the WAL's index, one hash table per 4,096 frames).
+   Once the WAL holds more than :data:`WAL_CATCH_UP_BYTES`, the pass copies the frames written during its
+   passive checkpoint while holding the store's write lock, so the next write starts the WAL over. This
+   process's writers wait on a thread lock meanwhile (not on SQLite's busy sleeps): on a 1,000,000-record file
+   50-70 ms, mostly the fsync of the pages copied, hence the large threshold (under a full load one such wait
+   every second or so; with 16 or 64 MiB, one every pass, for no steadier throughput). The task path's
+   connection never cuts the WAL file back (``journal_size_limit=-1``): a cut was an ``ftruncate`` of tens of
+   MiB inside a task's commit, then the file regrown block by block by the next commits (about 6 us of CPU per
+   task on a busy 1M-record store); its blocks are reused instead. When the store has been quiet for a pass,
+   the WAL file is cut to nothing if it is larger than :data:`WAL_KEEP_BYTES`.
 
 So the file holds at most about a TTL's worth of records plus the reserve, and shrinks when the load drops.
 """
@@ -42,6 +55,8 @@ __all__ = [
     "PURGE_EVERY",
     "PURGE_ROUNDS",
     "VACUUM_PAGES",
+    "WAL_CATCH_UP_BYTES",
+    "WAL_KEEP_BYTES",
     "Upkeep",
     "UpkeepReport",
     "purge_interval",
@@ -55,6 +70,10 @@ PURGE_BATCH = 500  # expired records deleted per transaction
 PURGE_ROUNDS = 20  # transactions per pass: at most PURGE_BATCH * PURGE_ROUNDS deletions per pass
 VACUUM_PAGES = 4096  # pages given back to the file system per pass (16 MiB of 4 KiB pages)
 FREE_RESERVE_PAGES = 256  # free pages kept for the next inserts (plus an eighth of the file)
+WAL_CATCH_UP_BYTES = 256 * 1024 * 1024  # a larger WAL is brought to a complete checkpoint, its writers held
+WAL_KEEP_BYTES = 16 * 1024 * 1024  # a quiet store's WAL file larger than this is cut to nothing
+_WAL_FRAME_HEADER = 24  # bytes before each page in the WAL file
+_QUIET_BUSY_MS = 50  # how long the quiet cut waits for another process's reader or writer before giving up
 
 _TABLE = "taskstream_tasks"
 _PURGE = (
@@ -89,10 +108,13 @@ class Upkeep:
     Args:
         path: the database file.
         ttl: the store's record lifetime in seconds (sets how often expiry runs).
+        writes: the lock the store's writers in this process hold for each commit; held while a checkpoint
+            catches up with them (see the module docstring). Without it the WAL is only checkpointed passively.
     """
 
-    def __init__(self, path: Path, *, ttl: float) -> None:
+    def __init__(self, path: Path, *, ttl: float, writes: threading.Lock | None = None) -> None:
         self.path = path
+        self._writes = writes
         self.purge_every = purge_interval(ttl)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
@@ -102,6 +124,7 @@ class Upkeep:
         self._next_purge = 0.0
         self._started = threading.Lock()
         self._pid = os.getpid()
+        self._page_bytes = 0
 
     def touch(self) -> None:
         """Note a write (the thread runs only while the store is written); starts the thread on first use."""
@@ -116,8 +139,11 @@ class Upkeep:
                     )
                     self._thread.start()
 
-    def run_once(self, *, now: float | None = None, purge: bool = True) -> UpkeepReport:
+    def run_once(self, *, now: float | None = None, purge: bool = True, quiet: bool = False) -> UpkeepReport:
         """Run one bounded pass now, on the calling thread: expiry (when ``purge``), shrink, checkpoint.
+
+        ``quiet``: the store has not been written since the last pass; a WAL file larger than
+        :data:`WAL_KEEP_BYTES` is then cut to nothing.
 
         Raises:
             sqlite3.Error: the file could not be written (the thread logs these and tries again later).
@@ -134,8 +160,37 @@ class Upkeep:
                     if not backlog:
                         break
                 vacuumed = _shrink(conn)
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # frames: the WAL's length when the checkpoint began (all copied unless a reader still needs some)
+            frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+            if quiet:
+                self._cut_wal(conn)
+            elif self._writes is not None and frames * (self._page_size(conn) + _WAL_FRAME_HEADER) > WAL_CATCH_UP_BYTES:
+                with self._writes:  # the remainder: what was written during the passive checkpoint
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             return UpkeepReport(purged=purged, vacuumed=vacuumed, backlog=backlog)
+
+    def _page_size(self, conn: sqlite3.Connection) -> int:
+        if self._page_bytes == 0:
+            self._page_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        return self._page_bytes
+
+    def _cut_wal(self, conn: sqlite3.Connection) -> None:
+        """Cut a large WAL file of a quiet store to nothing (gives up at once if another process is at work)."""
+        try:
+            size = os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return
+        if size <= WAL_KEEP_BYTES:
+            return
+        conn.execute(f"PRAGMA busy_timeout={_QUIET_BUSY_MS}")
+        try:
+            if self._writes is not None:
+                with self._writes:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            else:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.execute("PRAGMA busy_timeout=10000")
 
     def stop(self) -> None:
         """Stop the thread after a last checkpoint, and close its connection. Idempotent."""
@@ -160,7 +215,8 @@ class Upkeep:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self._dirty.wait(self.purge_every):
+            written = self._dirty.wait(self.purge_every)
+            if written:
                 self._stop.wait(CHECKPOINT_EVERY)  # let a quarter second of writes gather in the WAL
             if self._stop.is_set():
                 break
@@ -168,7 +224,7 @@ class Upkeep:
             now = time.time()
             purge = now >= self._next_purge
             try:
-                report = self.run_once(now=now, purge=purge)
+                report = self.run_once(now=now, purge=purge, quiet=not written)
             except sqlite3.Error as exc:
                 log.warning("result store upkeep of %s failed (tried again later): %s", self.path, exc)
                 continue
