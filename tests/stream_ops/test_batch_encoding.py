@@ -86,3 +86,26 @@ def test_pack_records_joins_chunks_in_order_and_splits_one_over_the_limit() -> N
     assert ["id37"] in per_message  # a record over the limit travels alone
     assert all(len(m.body) < 600 + 200 for m in small if len(records_of([m])) > 1)  # the head adds < 200 bytes
     assert len(small) >= 2 + 30 * 70 // 600
+
+
+def test_read_records_takes_a_well_formed_batch_whole_and_anything_else_record_by_record() -> None:
+    from taskstream.stream_ops.inbound import read_records
+
+    both = ["tumbling", "sliding"]
+    raw: list[Any] = [[f"r{i}", both, i % 4, f"s{i % 4}" if i % 3 else None, {"n": i}] for i in range(9)]
+    read = read_records(raw, "up/0", both, set())
+    assert read.fresh == [f"r{i}" for i in range(9)] and not read.bad and read.duplicates == 0
+    assert read.runs() == [
+        (("tumbling", "sliding"), [{"n": i} if i % 3 == 0 else (f"s{i % 4}", {"n": i}) for i in range(9)], read.fresh)
+    ]
+    assert read.groups == {0: 3, 1: 2, 2: 2, 3: 2}
+    one_each = [[f"q{i}", both[i % 2], 1, "k", i] for i in range(4)]
+    assert [(t, ids) for t, _, ids in read_records(one_each, "up/0", both, set()).runs()] == [
+        ("tumbling", ["q0"]),
+        ("sliding", ["q1"]),
+        ("tumbling", ["q2"]),
+        ("sliding", ["q3"]),
+    ]
+    again = read_records([*raw[:3], raw[1], ["x", "nowhere", 1, "k", 0]], "up/0", both, {"r0"})
+    assert again.fresh == ["r1", "r2"] and again.duplicates == 2
+    assert [index for index, _, _ in again.bad] == [4]

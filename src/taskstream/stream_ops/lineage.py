@@ -73,7 +73,8 @@ class AppliedIds:
 
     def add_many(self, sender: str, mids: list[str]) -> None:
         """Remember the ids of the records of one batch from ``sender`` (those not remembered yet): one row."""
-        fresh = [mid for mid in mids if mid not in self.ids]
+        ids = self.ids
+        fresh = list(mids) if ids.isdisjoint(mids) else [mid for mid in mids if mid not in ids]  # a list of its own
         if not fresh:
             return
         n = self._seq.get(sender, 0) + 1

@@ -47,7 +47,7 @@ from taskstream.producer import Producer
 from taskstream.stream_ops.accounting import Accounting
 from taskstream.stream_ops.core import SourceNode
 from taskstream.stream_ops.executor import Executor
-from taskstream.stream_ops.inbound import Routed, bad_record_message, entry_of, read_records
+from taskstream.stream_ops.inbound import Run, bad_record_message, entry_of, read_records
 from taskstream.stream_ops.lineage import AppliedIds, derive_id
 from taskstream.stream_ops.outbox import Outbox
 from taskstream.stream_ops.plan import Plan, StagePlan
@@ -414,17 +414,17 @@ class Runner:
                 continue
             if opened.ref is not None:
                 refs.append(opened.ref)
-            for mid, entry, item in routed:  # none for a duplicate
-                if mid is not None:
-                    ids.append(mid)
+            for entry, items, mids in routed:  # none for a duplicate
+                if mids[0] is not None:  # a plain JSON message has no id
+                    ids.extend(mids)  # type: ignore[arg-type]
                 if entry is None:  # a control message
                     continue
-                self.received += 1
+                self.received += len(items)
                 if groups and groups[-1][0] == entry:
-                    groups[-1][1].append(item)
-                    groups[-1][2].append(mid)
+                    groups[-1][1].extend(items)
+                    groups[-1][2].extend(mids)
                 else:
-                    groups.append((entry, [item], [mid]))
+                    groups.append((entry, items, mids))
         if self.outbox is not None:  # ids of what this batch sends: from the ids of its messages
             self.outbox.begin(derive_id(*sorted(ids)))
         for group_entry, items, item_ids in groups:
@@ -432,8 +432,8 @@ class Runner:
                 await self.executor.feed(node_id, items, item_ids)
         return settle, refs
 
-    def _route(self, doc: Any, delivery: Delivery, entries: list[str]) -> list[Routed]:
-        """``(record id, entry step(s), item)`` of each record a decoded message brings (none for a duplicate):
+    def _route(self, doc: Any, delivery: Delivery, entries: list[str]) -> list[Run]:
+        """The records a decoded message brings as runs ``(entry step(s), items, ids)`` (none for a duplicate):
         the entry is ``None`` for a control message (applied here).
 
         Raises:
@@ -442,7 +442,7 @@ class Runner:
         if not is_envelope_document(doc):  # plain JSON from a foreign producer
             if len(entries) != 1:
                 raise MalformedMessage("raw message on a stage queue with several entry steps")
-            return [(None, entries[0], doc)]
+            return [(entries[0], [doc], [None])]
         if is_batch(doc):
             return self._route_batch(doc, delivery, entries)
         record = read_record(doc, delivery.message_id)
@@ -452,7 +452,7 @@ class Runner:
         if record.kind == "control":
             self._control(record.body)
             self.applied.add("control", record.id)
-            return [(record.id, None, None)]
+            return [(None, [], [record.id])]
         if record.kind != "record":
             raise MalformedMessage(f"malformed message: a stage reads records, not envelopes of kind {record.kind!r}")
         entry = entry_of(record.to, entries)
@@ -460,9 +460,9 @@ class Runner:
             self.accounting.count(record.src, record.group, record.key)
         self.applied.add(record.src or "", record.id)
         item = (record.key, record.body) if record.key is not None else record.body
-        return [(record.id, entry, item)]
+        return [(entry, [item], [record.id])]
 
-    def _route_batch(self, doc: dict[str, Any], delivery: Delivery, entries: list[str]) -> list[Routed]:
+    def _route_batch(self, doc: dict[str, Any], delivery: Delivery, entries: list[str]) -> list[Run]:
         """The records of a record batch not applied yet; a malformed record is dead-lettered alone."""
         assert self.intake is not None
         src, raw = read_batch(doc)
@@ -480,7 +480,7 @@ class Runner:
         if src:
             self.accounting.count_groups(src, read.groups)
         self.applied.add_many(src or "", read.fresh)
-        return read.routed
+        return read.runs()
 
     def _control(self, body: Any) -> None:
         """Apply a control message.
