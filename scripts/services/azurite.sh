@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Azurite (Azure Storage emulator): queue service on 127.0.0.1:10001 and blob service on 127.0.0.1:10000.
 # Started with setsid so the servers outlive the shell (and process group) that started them.
-# Idempotent: installs azurite@3.35.0 into .services/azurite only when missing (3.36+ needs a newer Node),
-# starts each service only when its port does not answer, then waits until both answer.
+# Idempotent: installs azurite@3.35.0 into .services/azurite when missing (3.36+ needs a newer Node), even when
+# an Azurite already answers (the restart tests start private ones from it), starts each service only when its
+# port does not answer, then waits until both answer.
 # Data lives in .services/azurite-data, logs in .services/azurite-{queue,blob}.log.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -14,11 +15,6 @@ mkdir -p "$services" "$data"
 
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-if up 10001 && up 10000; then
-  echo "azurite: up on 127.0.0.1:10001 (queue) and 127.0.0.1:10000 (blob)"
-  exit 0
-fi
-
 bin="$prefix/node_modules/.bin"
 installed=$(node -p "require('$prefix/node_modules/azurite/package.json').version" 2>/dev/null || true)
 if [[ "$installed" != "$version" ]]; then
@@ -27,6 +23,11 @@ if [[ "$installed" != "$version" ]]; then
   mkdir -p "$prefix"
   npm install --prefix "$prefix" --no-audit --no-fund --loglevel=error "azurite@$version" >"$services/azurite-npm.log" 2>&1 \
     || { echo "azurite: npm install failed, see $services/azurite-npm.log" >&2; tail -20 "$services/azurite-npm.log" >&2; exit 1; }
+fi
+
+if up 10001 && up 10000; then
+  echo "azurite: up on 127.0.0.1:10001 (queue) and 127.0.0.1:10000 (blob)"
+  exit 0
 fi
 
 common=(--location "$data" --skipApiVersionCheck --silent --disableTelemetry)
