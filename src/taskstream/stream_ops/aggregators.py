@@ -185,17 +185,31 @@ class Named(Aggregator):
                 raise ConfigurationError(f"aggregator {name!r} is a {type(agg).__name__}, not an Aggregator")
         self.names = list(aggregators)
         self.aggs = list(aggregators.values())
-        self._fast = _compile_fast_add(self.aggs)
+        self._fast = _compile_fast_add(self.aggs, self._add_each)
+
+    @property
+    def _fast(self) -> Callable[[list[Any], Any], list[Any]] | None:
+        """The generated fold, when every aggregator has one: it is then this instance's ``add`` (one call per
+        value on the hot path); ``None`` makes ``add`` the general path again."""
+        return self._fast_add
+
+    @_fast.setter
+    def _fast(self, fold: Callable[[list[Any], Any], list[Any]] | None) -> None:
+        self._fast_add = fold
+        if fold is None:
+            self.__dict__.pop("add", None)
+        else:
+            self.add = fold  # type: ignore[method-assign,assignment]
 
     def zero(self) -> list[Any]:
         return [a.zero() for a in self.aggs]
 
     def add(self, acc: list[Any], value: Any) -> list[Any]:
-        if self._fast is not None:
-            done = self._fast(acc, value)
-            if done is not None:
-                return done
-            # a field is missing or the record is not a dict: the general path says what is wrong
+        return self._add_each(acc, value)
+
+    def _add_each(self, acc: list[Any], value: Any) -> list[Any]:
+        """Each aggregator in turn (the general path; the fast one comes here when a field is missing or the
+        record is not a dict, so that the aggregator that needs it says what is wrong)."""
         for i, a in enumerate(self.aggs):
             acc[i] = a.add(acc[i], value)
         return acc
@@ -207,13 +221,15 @@ class Named(Aggregator):
         return {name: agg.result(x) for name, agg, x in zip(self.names, self.aggs, acc, strict=True)}
 
 
-def _compile_fast_add(aggs: list[Aggregator]) -> Callable[[list[Any], Any], list[Any] | None] | None:
+def _compile_fast_add(
+    aggs: list[Aggregator], general: Callable[[list[Any], Any], list[Any]]
+) -> Callable[[list[Any], Any], list[Any]] | None:
     """One function folding a dict record into every built-in aggregator at once (the hot path of windows).
 
     Only for exact ``Count``/``Sum``/``Mean``/``Min``/``Max`` over field names (or the record itself); any
-    other aggregator keeps the general path. The generated code reads every field (returning ``None`` when one
-    is missing, so the general path can say which), computes every new value, and only then writes them: a
-    value that fails (say, a string where a number belongs) leaves the accumulator unchanged.
+    other aggregator keeps the general path. The generated code reads every field (handing the record to
+    ``general`` when one is missing, so the general path can say which), computes every new value, and only
+    then writes them: a value that fails (say, a string where a number belongs) leaves the accumulator unchanged.
     """
     fields: dict[str | None, str] = {}
     compute: list[str] = []
@@ -250,16 +266,16 @@ def _compile_fast_add(aggs: list[Aggregator]) -> Callable[[list[Any], Any], list
             "    try:",
             *(reads or ["        pass"]),
             "    except (KeyError, TypeError, IndexError):",
-            "        return None",
+            "        return general(acc, value)",
             *compute,
             *store,
             "    return acc",
             "",
         ]
     )
-    namespace: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"general": general}
     exec(compile(source, "<taskstream aggregators>", "exec"), namespace)  # built from our own names only
-    fast: Callable[[list[Any], Any], list[Any] | None] = namespace["add"]
+    fast: Callable[[list[Any], Any], list[Any]] = namespace["add"]
     return fast
 
 

@@ -40,7 +40,7 @@ def map_op(fn: Callable[[Any], Any]) -> BatchOp:
         return BatchOp(amap, amap_one, is_async=True, one_to_one=True)
 
     def smap(items: list[Any]) -> list[Any]:
-        return [fn(x) for x in items]
+        return list(map(fn, items))  # the loop in C: one call of fn per item, no comprehension frame
 
     return BatchOp(smap, lambda x: [fn(x)], one_to_one=True)
 
@@ -72,7 +72,7 @@ def filter_op(predicate: Callable[[Any], Any]) -> BatchOp:
             return [x] if await predicate(x) else []
 
         return BatchOp(afilter, afilter_one, is_async=True, subset=True)
-    return BatchOp(lambda items: [x for x in items if predicate(x)], lambda x: [x] if predicate(x) else [], subset=True)
+    return BatchOp(lambda items: list(filter(predicate, items)), lambda x: [x] if predicate(x) else [], subset=True)
 
 
 def flat_map_op(fn: Callable[[Any], Any]) -> BatchOp:
@@ -94,10 +94,10 @@ def key_by_op(fn: Callable[[Any], Any]) -> BatchOp:
     """``x -> (str(fn(x)), x)``: keys are strings (they travel in message keys and pick replicas)."""
 
     def keyed(items: list[Any]) -> list[Any]:
-        out = [(fn(x), x) for x in items]
-        if out and not all(type(k) is str for k, _ in out):
-            out = [(k if type(k) is str else str(k), x) for k, x in out]
-        return out
+        keys = list(map(fn, items))
+        if keys and not (len(set(map(type, keys))) == 1 and type(keys[0]) is str):  # type checks and pairs in C
+            keys = [k if type(k) is str else str(k) for k in keys]
+        return list(zip(keys, items, strict=True))
 
     def keyed_one(x: Any) -> list[Any]:
         k = fn(x)

@@ -162,18 +162,31 @@ class EventClock(Clock):
     def build(self, now: Callable[[], float]) -> Callable[[dict[str, Any] | None], ClockLogic]:
         get_ts, lateness, idle = self.getter(), self.allowed_lateness, self.idle_timeout
         if idle is None:
-            return lambda state: EventClockLogic(get_ts, lateness, state)
+            field = self.ts if isinstance(self.ts, str) else None
+            return lambda state: EventClockLogic(get_ts, lateness, state, field=field)
         return lambda state: IdleEventClockLogic(get_ts, lateness, state, idle=idle, now=now)
 
 
 class EventClockLogic(ClockLogic):
-    """Watermark = largest event time seen minus the allowed lateness."""
+    """Watermark = largest event time seen minus the allowed lateness.
 
-    __slots__ = ("get_ts", "lateness")
+    ``field``: the field name ``get_ts`` reads, when it reads one (the window logic's hot path reads
+    ``value[field]`` itself and calls ``get_ts`` only when that fails).
+    """
 
-    def __init__(self, get_ts: Callable[[Any], float], lateness: float, state: dict[str, Any] | None) -> None:
+    __slots__ = ("field", "get_ts", "lateness")
+
+    def __init__(
+        self,
+        get_ts: Callable[[Any], float],
+        lateness: float,
+        state: dict[str, Any] | None,
+        *,
+        field: str | None = None,
+    ) -> None:
         self.get_ts = get_ts
         self.lateness = lateness
+        self.field = field
         wm = state.get("wm") if state else None
         self.watermark = NEG_INF if wm is None else float(wm)
 
