@@ -5,7 +5,10 @@ Per task the worker's store work is ``claim`` (before running it), ``finish`` (b
 an empty store and against a store holding ``RECORDS`` finished records (live, within the TTL), in turn, so a
 busy machine slows both alike. Rows (tasks/s; the ratio is 1M / empty, goal >= 0.9):
 
-1. *SQLite*: a fresh file for each empty round; the full file is filled once through the store's own API.
+1. *SQLite*: the full file is filled once through the store's own API; the empty store is one file kept open
+   and emptied before each of its rounds, so both stores run with their WAL file already grown, as a running
+   worker's store does (``BENCH_STORE_FRESH_EMPTY=1``: a new file for each empty round instead, whose rounds
+   then also pay for growing a new WAL file, which favours the full store).
 2. *memory*: the embedded broker's store.
 3. *Redis* (when a server answers on ``BENCH_REDIS_URL``): keys filled with the store's layout in pipelines,
    in a database of their own, deleted afterwards.
@@ -20,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +46,9 @@ TASKS = 10_000
 CONCURRENCY = 8
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 FILL_CHUNK = 20_000
+# SQLite: one empty store emptied before each round (its WAL file already grown, as the full store's is), or
+# with BENCH_STORE_FRESH_EMPTY=1 a new file each round (that round also pays for growing a new WAL file)
+WARM_EMPTY = os.environ.get("BENCH_STORE_FRESH_EMPTY", "") != "1"
 STORES = [name.strip() for name in os.environ.get("BENCH_STORES", "sqlite,memory,redis").split(",") if name.strip()]
 
 
@@ -117,26 +124,41 @@ async def tasks_per_second(store: ResultStore, tasks: int = TASKS) -> float:
     return tasks / (time.perf_counter() - started)
 
 
-async def _rounds(label: str, make_empty: Callable[[], ResultStore], full: ResultStore, repeats: int) -> Row:
-    """Alternate a round on a fresh empty store and a round on ``full``; closes ``full`` at the end."""
+async def _rounds(
+    label: str,
+    make_empty: Callable[[], ResultStore],
+    full: ResultStore,
+    repeats: int,
+    empty_again: Callable[[ResultStore], Awaitable[None]] | None = None,
+) -> Row:
+    """Alternate a round on an empty store and a round on ``full``; closes ``full`` at the end.
+
+    The empty store is a new one each round, or with ``empty_again`` one store emptied by it before each round.
+    """
     empty_rates: list[float] = []
     full_rates: list[float] = []
     empty_cpu: list[float] = []
     full_cpu: list[float] = []
+    kept = make_empty() if empty_again is not None else None
     try:
         for _ in range(repeats):
-            empty = make_empty()
+            empty = make_empty() if kept is None else kept
+            if empty_again is not None:
+                await empty_again(empty)
             try:
                 started = time.thread_time()
                 empty_rates.append(await tasks_per_second(empty))
                 empty_cpu.append((time.thread_time() - started) / TASKS * 1e6)
             finally:
-                await empty.close()
+                if kept is None:
+                    await empty.close()
             started = time.thread_time()
             full_rates.append(await tasks_per_second(full))
             full_cpu.append((time.thread_time() - started) / TASKS * 1e6)
     finally:
         await full.close()
+        if kept is not None:
+            await kept.close()
     return Row(
         workload=f"{label} store: claim+finish+get at {RECORDS:,} records",
         subject=f"taskstream {label} store, {RECORDS:,} records",
@@ -162,13 +184,25 @@ async def measure_sqlite(repeats: int) -> Row:
         await fill(full, RECORDS)
         await asyncio.to_thread(full.upkeep)  # checkpoint the fill's WAL, as the upkeep thread would soon
         filled = time.perf_counter() - started
+        empty_path = Path(tmp) / "empty.sqlite3"
+
+        async def empty_again(store: ResultStore) -> None:
+            """Delete every record, then an upkeep pass (the WAL copied into the file, free pages returned)."""
+            assert isinstance(store, SQLiteResultStore)
+            with sqlite3.connect(empty_path, isolation_level=None) as conn:
+                conn.execute("DELETE FROM taskstream_tasks")
+            conn.close()
+            await asyncio.to_thread(store.upkeep)
+
         counter = iter(range(10**9))
 
         def make_empty() -> ResultStore:
+            if WARM_EMPTY:
+                return SQLiteResultStore(empty_path)
             return result_store_from_url(f"sqlite:///{Path(tmp) / f'empty-{next(counter)}.sqlite3'}")
 
         size = path.stat().st_size
-        row = await _rounds("SQLite", make_empty, full, repeats)
+        row = await _rounds("SQLite", make_empty, full, repeats, empty_again if WARM_EMPTY else None)
         row.extra |= {"fill_seconds": round(filled, 1), "file_mib": round(size / 2**20, 1)}
         return row
 

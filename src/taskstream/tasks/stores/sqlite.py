@@ -14,14 +14,16 @@ Every statement is an index search (``EXPLAIN QUERY PLAN``): the ``task_id`` ind
 refusals and cancel; the ``expires_at`` index for expiry. So no statement scans, and a task's cost grows only
 with the depth of those indexes (``benchmarks/bench_store.py`` measures it at a million records). Clean pages
 are read in place through a memory map of the whole file and the connection keeps only a small cache of its
-own: with 1,000,000 records claim + finish + get cost 47 us of CPU per task against 41 us empty (0.87x; a 16 MiB
-cache and a 64 MiB map: 54 us, 0.75x). What remains is a new task's entry in the ``task_id`` index, one page at
-a random place per task. Measured and not taken: an index on a 64-bit integer key from the id (the same cost at
-1M records, more when empty: a claim takes two statements) and that key as the rowid (1.6x the cost at 1M
-records: whole rows written at random places, as in the WITHOUT ROWID files before). Expiry, WAL
-checkpoints and giving free pages back (``auto_vacuum=INCREMENTAL``) run on a thread of their own, bounded per
-pass, never inside a task's commit (:mod:`.sqlite_upkeep`): the file holds about a TTL's worth of records and
-shrinks when the load drops.
+own (a 16 MiB cache and a 64 MiB map cost more: 54 us of CPU per task at 1M records, 0.75x). The WAL file is
+reused, never cut inside a task's commit, and kept bounded by the upkeep (:mod:`.sqlite_upkeep`): the cut and
+the regrowth after it were the rest of the difference (0.85-0.87x CPU before; with 1,000,000 records claim +
+finish + get now cost the same CPU as empty, 0.97-1.0x in ``bench_store.py``). What remains per task is a new
+task's entry in the ``task_id`` index, one page at a random place. Measured and not taken: an index on a 64-bit
+integer key from the id (the same cost at 1M records, more when empty: a claim takes two statements) and that
+key as the rowid (1.6x the cost at 1M records: whole rows written at random places, as in the WITHOUT ROWID
+files before). Expiry, WAL checkpoints and giving free pages back (``auto_vacuum=INCREMENTAL``) run on a thread
+of their own, bounded per pass, never inside a task's commit (:mod:`.sqlite_upkeep`): the file holds about a
+TTL's worth of records and shrinks when the load drops.
 
 Durability (``synchronous``, the ``?synchronous=`` URL option):
 
