@@ -55,6 +55,9 @@ SAMPLES, SEED = 20_000, 7
 ONLY_AFTER_FAILURES = ("taskstream_messages_dead_lettered_total", "taskstream_publish_errors_total")
 
 
+INHERITED = ("HOME", "XDG_CACHE_HOME", "LANG", "TMPDIR", "OPENBLAS_CORETYPE")  # XDG_CACHE_HOME: the run's, not ~/.cache
+
+
 def image_env() -> dict[str, str]:
     """The final stage's ENV of the Dockerfile, with image paths mapped onto this checkout and venv."""
     env: dict[str, str] = {}
@@ -115,7 +118,7 @@ class NativeStack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: list[Any] = []
         self.base_env = {
-            **{k: os.environ[k] for k in ("HOME", "LANG", "TMPDIR", "OPENBLAS_CORETYPE") if k in os.environ},
+            **{k: os.environ[k] for k in INHERITED if k in os.environ},
             **image_env(),
         }
 
