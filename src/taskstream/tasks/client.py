@@ -38,7 +38,7 @@ from taskstream.producer import broker_headers
 from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
 from taskstream.tasks.errors import error_from_data, error_to_data
 from taskstream.tasks.future import FutureOwner, TaskFuture
-from taskstream.tasks.protocol import TaskReply, new_task_id, sign_request
+from taskstream.tasks.protocol import TaskReply, new_task_id, reply_body, sign_request
 from taskstream.tasks.registry import Task, chunked
 from taskstream.tasks.stores.base import ResultStore, TaskInfo
 
@@ -394,25 +394,12 @@ class TaskClient(FutureOwner):
                 continue
             settled = 0
             for record in records:
-                if record is None or not record.done:
-                    continue
+                if record is None or not record.done or record.reply_to != self.reply_queue:
+                    continue  # not finished yet, or submitted by another client
                 entry = self._waiting.pop(record.task_id, None)
-                if entry is None or record.reply_to != self.reply_queue:  # answered meanwhile, or not ours
-                    if entry is not None:
-                        self._waiting[record.task_id] = entry
-                    continue
-                body = {
-                    "task_id": record.task_id,
-                    "status": record.status,
-                    "result": record.result,
-                    "error": record.error,
-                    "started_at": record.started_at,
-                    "finished_at": record.finished_at,
-                    "worker": record.worker,
-                    "attempts": record.attempts,
-                }
-                self._apply(entry, record.task_id, body)
-                settled += 1
+                if entry is not None:  # else answered by its reply meanwhile
+                    self._apply(entry, record.task_id, reply_body(record))
+                    settled += 1
             if settled:
                 log.info("settled %d task(s) from the result store after a reconnect", settled)
 

@@ -56,6 +56,7 @@ from pydantic import ValidationError as PydanticValidationError
 from taskstream.errors import ConfigurationError
 from taskstream.messages import dumps
 from taskstream.tasks.errors import TaskRefused
+from taskstream.tasks.stores.base import TaskInfo
 
 __all__ = [
     "SIGNATURE_LIFETIME",
@@ -66,6 +67,7 @@ __all__ = [
     "function_source",
     "load_shipped",
     "new_task_id",
+    "reply_body",
     "sign_request",
     "verify_request",
 ]
@@ -123,6 +125,23 @@ class TaskRequest(BaseModel):
     cpu_bound: bool | None = None
     items: list[tuple[list[Any], dict[str, Any]]] | None = None
     code: ShippedCode | None = None
+
+
+def reply_body(info: TaskInfo) -> dict[str, Any]:
+    """The body of a result message for a finished task (what :class:`TaskReply` checks)."""
+    body: dict[str, Any] = {
+        "task_id": info.task_id,
+        "status": info.status,
+        "started_at": info.started_at,
+        "finished_at": info.finished_at,
+        "worker": info.worker,
+        "attempts": info.attempts,
+    }
+    if info.status == "success":
+        body["result"] = info.result
+    elif info.error is not None:
+        body["error"] = info.error
+    return body
 
 
 def function_source(func: Callable[..., Any]) -> tuple[str, str]:

@@ -54,7 +54,7 @@ from taskstream.messages import Envelope, header_str, short_errors
 from taskstream.producer import broker_headers
 from taskstream.tasks.errors import TaskRefused, TaskTimeout, error_to_data
 from taskstream.tasks.pool import DEFAULT_IDLE_TIMEOUT, ProcessPool, Target, run_items
-from taskstream.tasks.protocol import TaskRequest, load_shipped, new_task_id, verify_request
+from taskstream.tasks.protocol import TaskRequest, load_shipped, new_task_id, reply_body, verify_request
 from taskstream.tasks.registry import MAX_RETRIES, TaskOptions, function_ref
 from taskstream.tasks.stores.base import TaskInfo
 
@@ -354,21 +354,6 @@ class TaskWorker:
 
     # -- answers -------------------------------------------------------------------------------------
 
-    def _reply_body(self, info: TaskInfo) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "task_id": info.task_id,
-            "status": info.status,
-            "started_at": info.started_at,
-            "finished_at": info.finished_at,
-            "worker": info.worker,
-            "attempts": info.attempts,
-        }
-        if info.status == "success":
-            body["result"] = info.result
-        elif info.error is not None:
-            body["error"] = info.error
-        return body
-
     async def _finish(self, envelope: Envelope, info: TaskInfo) -> None:
         """Store the outcome and publish it to the reply queue (a result that cannot travel becomes a failure)."""
         reply: tuple[str, bytes, dict[str, Any]] | None = None
@@ -406,7 +391,7 @@ class TaskWorker:
             await stored
 
     async def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
-        reply = Envelope(id=new_task_id(), kind="result", correlation_id=envelope.id, body=self._reply_body(info))
+        reply = Envelope(id=new_task_id(), kind="result", correlation_id=envelope.id, body=reply_body(info))
         data, _ = await self.context.producer.prepare(reply)  # a large result travels by reference
         return reply.id, data, broker_headers(reply)
 
