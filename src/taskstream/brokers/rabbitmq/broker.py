@@ -178,6 +178,7 @@ class RabbitMQBroker(Broker):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.publish_timeout
         while True:
+            channel: aiormq.abc.AbstractChannel | None = None
             try:
                 channel = self._link.open_publish_channel()
                 if channel is None:
@@ -221,6 +222,12 @@ class RabbitMQBroker(Broker):
                 continue
             except amqp_errors.AMQPError as exc:
                 raise map_error(exc, f"cannot publish to RabbitMQ {routing_key!r}") from exc
+            except Exception as exc:
+                # aiormq fails the confirms of a channel that closed without a reason with a bare ``Exception``
+                if channel is None or not channel.is_closed or self._link.closed or loop.time() >= deadline:
+                    raise map_error(exc, f"cannot publish to RabbitMQ {routing_key!r}") from exc
+                await asyncio.sleep(0.05)
+                continue
             if isinstance(result, DeliveredMessage):
                 raise QueueNotFound(
                     f"RabbitMQ returned a message for {routing_key!r} as unroutable: no such queue (declare it first)"

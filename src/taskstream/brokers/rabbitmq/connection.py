@@ -96,6 +96,7 @@ class ConnectionManager:
         self._admin_lock = asyncio.Lock()
         self._connect_lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
+        self._restoring: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         """Open the robust connection and the publisher channel (a no-op when already connected)."""
@@ -154,6 +155,7 @@ class ConnectionManager:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._stop_restoring()
         self.guard.cancel()
         connection, self._connection = self._connection, None
         self._publisher = self._pub_underlay = self._admin = None
@@ -164,6 +166,7 @@ class ConnectionManager:
     # -- outages --------------------------------------------------------------------------------------
 
     def _on_connection_lost(self, connection: Any, exc: BaseException | None) -> None:
+        self._stop_restoring()  # its declarations were on the connection that just died
         if self.closed or self._watchdog is not None:
             return
         lost = self._connection.current_url if self._connection is not None else self.url
@@ -186,7 +189,21 @@ class ConnectionManager:
         self.gone = None
         reached = self._connection.current_url if self._connection is not None else self.url
         log.info("RabbitMQ connection restored, to %s", redact_url(reached))
-        await self._on_restored()
+        # Not awaited here: aio-pika awaits this callback inside its reconnect loop, and declarations that wait
+        # on a connection lost meanwhile would hold that loop (no next reconnect) until their timeout.
+        self._stop_restoring()
+        self._restoring = asyncio.get_running_loop().create_task(self._restore())
+
+    async def _restore(self) -> None:
+        try:
+            await self._on_restored()
+        except Exception:
+            log.exception("restoring RabbitMQ declarations after a reconnect failed")
+
+    def _stop_restoring(self) -> None:
+        restoring, self._restoring = self._restoring, None
+        if restoring is not None and not restoring.done():
+            restoring.cancel()
 
     # -- channels -------------------------------------------------------------------------------------
 
@@ -263,4 +280,8 @@ class ConnectionManager:
                 f"{what}: no answer from RabbitMQ within {self.config.publish_timeout} s"
             ) from exc
         except Exception as exc:
+            admin = self._admin
+            if not isinstance(exc, aiormq.exceptions.AMQPError) and (admin is None or admin.is_closed):
+                # aiormq fails the calls of a channel that closed without a reason with a bare ``Exception``
+                raise BrokerConnectionError(f"{what}: the connection was lost ({type(exc).__name__})") from exc
             raise map_error(exc, what) from exc

@@ -24,7 +24,7 @@ from taskstream.brokers.base import Delivery, Subscription
 from taskstream.brokers.rabbitmq.acks import AckBatcher
 from taskstream.brokers.rabbitmq.channels import map_error
 from taskstream.brokers.rabbitmq.codec import delivery_tag, read_received
-from taskstream.errors import BrokerError, ConfigurationError, QueueNotFound
+from taskstream.errors import BrokerConnectionError, BrokerError, ConfigurationError, QueueNotFound
 from taskstream.messages import new_id
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class RabbitSubscription(Subscription):
         self._failure: BrokerError | None = None
         self._acks = AckBatcher(queue, self._link.guard)
         self._handed: dict[int, RabbitDelivery] = {}
+        self._resuming: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -128,14 +129,42 @@ class RabbitSubscription(Subscription):
         await underlay.basic_consume(self.queue, self._on_message, consumer_tag=self._consumer_tag)
 
     async def _on_reopen(self, channel: Any) -> None:
+        # Not awaited here: aio-pika awaits this inside its reconnect loop; a resume that waits on a connection
+        # lost meanwhile would hold that loop (no next reconnect) until its timeout.
         if self._closed or self._channel is None:
             return
-        try:
-            await self.broker._topology.redeclare(self.queue)
-            await self._consume(await self._channel.get_underlay_channel())
-            log.info("consumer on RabbitMQ queue %r resumed after a reconnect", self.queue)
-        except Exception as exc:
-            self._fail(map_error(exc, f"cannot resume consuming RabbitMQ queue {self.queue!r}"))
+        self._stop_resuming()
+        self._resuming = asyncio.get_running_loop().create_task(self._resume(self._channel))
+
+    async def _resume(self, channel: AbstractRobustChannel) -> None:
+        """Declare the queue again and consume on the reopened channel; a refusal (queue gone) fails the
+        subscription, a connection that breaks again leaves it to the next reopen."""
+        while not self._closed:
+            try:
+                await self.broker._topology.redeclare(self.queue)
+                await self._consume(await channel.get_underlay_channel())
+                log.info("consumer on RabbitMQ queue %r resumed after a reconnect", self.queue)
+                return
+            except Exception as exc:
+                if channel.is_closed or self._link.gone is not None:
+                    return  # the next reopen resumes, or the subscription wakes to the broker's end
+                refused = isinstance(exc, amqp_errors.AMQPChannelError) or (
+                    isinstance(exc, BrokerError) and not isinstance(exc, BrokerConnectionError)
+                )
+                if refused:  # the queue is gone or access was refused: that does not pass with a reconnect
+                    self._fail(
+                        exc
+                        if isinstance(exc, BrokerError)
+                        else map_error(exc, f"cannot resume consuming RabbitMQ queue {self.queue!r}")
+                    )
+                    return
+                log.info("consumer on RabbitMQ queue %r not resumed yet (%s); retrying", self.queue, exc)
+                await asyncio.sleep(0.5)
+
+    def _stop_resuming(self) -> None:
+        resuming, self._resuming = self._resuming, None
+        if resuming is not None and not resuming.done():
+            resuming.cancel()
 
     def _on_cancelled(self, frame: Any) -> None:
         if getattr(frame, "consumer_tag", None) == self._consumer_tag and not self._closed:
@@ -252,6 +281,7 @@ class RabbitSubscription(Subscription):
             return
         self._closed = True
         self.wake()
+        self._stop_resuming()
         start = self._start_task
         if start is not None and not start.done():
             start.cancel()
