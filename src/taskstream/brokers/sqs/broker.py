@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 import orjson
 
 from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, QueueStats, Subscription
-from taskstream.brokers.sqs.client import AUTH_FAILED, Batcher, Entry, SQSClient, SQSError
+from taskstream.brokers.sqs.client import AUTH_FAILED, Batcher, Entry, SQSClient, SQSError, was_cut
 from taskstream.brokers.sqs.codec import QueueInfo, encode_entry
 from taskstream.brokers.sqs.config import (
+    CUT_RETRY_PAUSE,
+    CUT_RETRY_WINDOW,
     HEADER_ALLOWANCE,
     OPTIONS,
     QUEUE_NAME,
@@ -362,17 +364,25 @@ class SQSBroker(Broker):
             "delete": ("delete_message_batch", f"ack on {info.name!r}"),
             "visibility": ("change_message_visibility_batch", f"change visibility on {info.name!r}"),
         }[op]
-        try:
-            response = await self._call(
-                operation,
-                action,
-                QueueUrl=info.url,
-                Entries=[{"Id": str(i), **entry.request} for i, entry in enumerate(entries)],
-            )
-        except SQSError as exc:
-            if op == "send":
-                raise PublishError(str(exc)) from exc
-            raise
+        request = [{"Id": str(i), **entry.request} for i, entry in enumerate(entries)]
+        deadline: float | None = None
+        while True:
+            try:
+                response = await self._call(operation, action, QueueUrl=info.url, Entries=request)
+                break
+            except SQSError as exc:
+                if op == "send":
+                    raise PublishError(str(exc)) from exc
+                raise
+            except BrokerConnectionError as exc:
+                # Cut mid-request: sent again (it may arrive twice), so a short cut never fails a publish.
+                if op != "send" or not was_cut(exc):
+                    raise
+                now = asyncio.get_running_loop().time()
+                deadline = now + CUT_RETRY_WINDOW if deadline is None else deadline
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(CUT_RETRY_PAUSE)
         failed = {str(f["Id"]): f for f in response.get("Failed", ())}
         for index, entry in enumerate(entries):
             if entry.future.done():

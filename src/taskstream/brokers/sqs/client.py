@@ -13,7 +13,7 @@ from taskstream.brokers.sqs.config import SQS_MAX_BATCH, SQSOptions
 from taskstream.errors import BrokerConnectionError, BrokerError, ConfigurationError, QueueNotFound
 from taskstream.settings import redact_url
 
-__all__ = ["AUTH_FAILED", "Batcher", "Entry", "SQSClient", "SQSError", "ignore_outcome", "is_gone"]
+__all__ = ["AUTH_FAILED", "Batcher", "Entry", "SQSClient", "SQSError", "ignore_outcome", "is_gone", "was_cut"]
 
 NOT_FOUND = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NonExistentQueue"}
 AUTH_FAILED = {"InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException", "ExpiredToken"}
@@ -31,6 +31,13 @@ class SQSError(BrokerError):
 def is_gone(exc: BaseException) -> bool:
     """The message is no longer ours to change (already visible again, or deleted)."""
     return isinstance(exc, BrokerError) and getattr(exc, "code", "") in GONE
+
+
+def was_cut(exc: BaseException) -> bool:
+    """A request reached SQS and lost its connection before the answer (a cut, not an unreachable server)."""
+    from botocore.exceptions import ConnectionClosedError
+
+    return isinstance(exc, BrokerConnectionError) and isinstance(exc.__cause__, ConnectionClosedError)
 
 
 def ignore_outcome(future: asyncio.Future[None]) -> None:

@@ -34,6 +34,10 @@ SQS_MAX_DELAY = 900
 SQS_MAX_VISIBILITY = 12 * 3600
 #: The FIFO message group of messages published without a key.
 DEFAULT_GROUP = "default"
+#: How long a publish is sent again while its requests reach SQS and lose the connection before the answer
+#: (botocore's three attempts can all meet cuts in a row); an unreachable server fails after botocore's retries.
+CUT_RETRY_WINDOW = 30.0
+CUT_RETRY_PAUSE = 0.1
 #: Pause after an empty short poll (``wait_time=0``), so an empty queue is not polled in a busy loop.
 SHORT_POLL_PAUSE = 0.1
 
