@@ -21,7 +21,8 @@ import zmq.asyncio
 
 from taskstream.brokers.base import Broker, Capabilities, Delivery, OutgoingMessage, QueueStats, Subscription
 from taskstream.brokers.zeromq.config import ZeroMQConfig, check_endpoint, config_from_url, endpoint_from_url
-from taskstream.brokers.zeromq.protocol import DRAIN, new_routing_id, recv_nowait, send_nowait
+from taskstream.brokers.zeromq.protocol import new_routing_id
+from taskstream.brokers.zeromq.pump import SocketPump
 from taskstream.errors import (
     BrokerConnectionError,
     BrokerError,
@@ -180,7 +181,8 @@ class ZeroMQBroker(Broker):
             reports_in_flight=True,
             reports_consumers=True,
         )
-        self._sock: zmq.asyncio.Socket | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._pump: SocketPump | None = None
         self._closing = False
         self._rids = itertools.count(1)
         self._ids = itertools.count(1)
@@ -197,7 +199,6 @@ class ZeroMQBroker(Broker):
         self._epoch = 0
         self._last_heard = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self._writer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -219,8 +220,8 @@ class ZeroMQBroker(Broker):
         if self._sock is not None:
             return
         self._loop = asyncio.get_running_loop()
-        ctx = zmq.asyncio.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        # a plain socket on the shared context, read by a SocketPump (frames handled in the turn they arrive)
+        sock: zmq.Socket[bytes] = zmq.Socket(zmq.asyncio.Context.instance(), zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.config.hwm)
@@ -233,7 +234,9 @@ class ZeroMQBroker(Broker):
         self._sock = sock
         self._closing = False
         self._last_heard = time.monotonic()
-        self._tasks = [asyncio.create_task(self._read(), name=f"zmq-read:{self.endpoint}")]
+        self._pump = SocketPump(sock, self._on_frames, on_writable=self._write)
+        self._pump.start()
+        self._tasks = []
         try:
             await self._wait(self._hello(), "hello")
         except BaseException:
@@ -263,13 +266,13 @@ class ZeroMQBroker(Broker):
         await self._shutdown(BrokerConnectionError(f"zmq broker connection to {self.endpoint} is closed"))
 
     async def _shutdown(self, error: BrokerError) -> None:
-        tasks = [*self._tasks, *([self._writer] if self._writer else [])]
+        tasks = self._tasks
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks, self._writer = [], None
+        self._tasks = []
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -279,9 +282,9 @@ class ZeroMQBroker(Broker):
         self._acks.clear()
         self._nacks.clear()
         self._outq.clear()
-        if self._sock is not None:
-            self._sock.close(0)
-        self._sock = None
+        if self._pump is not None:
+            self._pump.close()
+        self._sock = self._pump = None
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -333,7 +336,8 @@ class ZeroMQBroker(Broker):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._sock is None:
+        pump = self._pump
+        if pump is None:
             return
         batch: list[list[bytes]] = []
         if self._acks or self._nacks:
@@ -350,23 +354,27 @@ class ZeroMQBroker(Broker):
         if self._outq:
             self._outq.extend(batch)
             return
-        sock = self._sock
         for i, frames in enumerate(batch):
             try:
-                send_nowait(sock, frames)
+                pump.send(frames)
             except zmq.Again:
                 # at the high-water mark: keep order, wait for room (DEALER never drops)
                 self._outq.extend(batch[i:])
-                self._writer = asyncio.create_task(self._write(), name=f"zmq-write:{self.endpoint}")
+                pump.want_write = True
+                pump.poke()
                 return
 
-    async def _write(self) -> None:
-        sock = self._sock
-        assert sock is not None
+    def _write(self) -> None:
+        """The socket has room again: send what waited, in order (the pump calls this)."""
+        pump = self._pump
+        assert pump is not None
         while self._outq:
-            await sock.send_multipart(self._outq[0])
+            try:
+                pump.send(self._outq[0])
+            except zmq.Again:
+                return
             self._outq.popleft()
-        self._writer = None
+        pump.want_write = False
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval
@@ -384,21 +392,8 @@ class ZeroMQBroker(Broker):
 
     # -- receiving ----------------------------------------------------------------------------------
 
-    async def _read(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        while True:
-            frames = await sock.recv_multipart()
-            self._last_heard = time.monotonic()
-            self._on_frames(frames)
-            for _ in range(DRAIN):
-                try:
-                    frames = recv_nowait(sock)
-                except zmq.Again:
-                    break
-                self._on_frames(frames)
-
     def _on_frames(self, frames: list[bytes]) -> None:
+        self._last_heard = time.monotonic()
         try:
             header = orjson.loads(frames[0])
             op = header["t"]  # t: operation

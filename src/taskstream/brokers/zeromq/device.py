@@ -20,11 +20,11 @@ from typing import Any, Self
 
 import orjson
 import zmq
-import zmq.asyncio
 
 from taskstream.brokers.base import topic_matches
 from taskstream.brokers.zeromq.config import DeviceConfig, check_endpoint
-from taskstream.brokers.zeromq.protocol import DRAIN, PROTOCOL_VERSION, recv_nowait, send_nowait, split_records
+from taskstream.brokers.zeromq.protocol import PROTOCOL_VERSION, split_records
+from taskstream.brokers.zeromq.pump import SocketPump
 from taskstream.brokers.zeromq.state import (
     CommandError,
     DeviceClient,
@@ -74,8 +74,9 @@ class ZmqDevice:
         self._touched: set[DeviceClient] = set()
         self._flush_scheduled = False
         self._retry_handle: asyncio.TimerHandle | None = None
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._pump: SocketPump | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ops: dict[str, Callable[[DeviceClient, dict[str, Any], list[bytes]], Any]] = {
@@ -106,7 +107,7 @@ class ZmqDevice:
         if self._sock is not None:
             return
         self._loop = asyncio.get_running_loop()
-        ctx = zmq.asyncio.Context()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -123,10 +124,10 @@ class ZmqDevice:
             self.endpoints.clear()
             raise BrokerConnectionError(f"the zmq device cannot bind {endpoint!r}: {exc}") from exc
         self._ctx, self._sock = ctx, sock
-        self._tasks = [
-            asyncio.create_task(self._serve(), name="zmq-device:serve"),
-            asyncio.create_task(self._tick(), name="zmq-device:tick"),
-        ]
+        # frames are handled in the loop turn that reads them; replies and deliveries go out after each batch
+        self._pump = SocketPump(sock, self._handle, after_read=self._flush)
+        self._pump.start()
+        self._tasks = [asyncio.create_task(self._tick(), name="zmq-device:tick")]
         log.info("zmq device serving on %s", ", ".join(self.endpoints))
 
     async def stop(self) -> None:
@@ -144,10 +145,10 @@ class ZmqDevice:
                 handle.cancel()
         if self._retry_handle is not None:
             self._retry_handle.cancel()
-        self._sock.close(0)
-        assert self._ctx is not None
+        assert self._pump is not None and self._ctx is not None
+        self._pump.close()
         self._ctx.term()
-        self._sock = self._ctx = None
+        self._sock = self._ctx = self._pump = None
         self._queues.clear()
         self._clients.clear()
         self._inflight.clear()
@@ -181,23 +182,6 @@ class ZmqDevice:
         }
 
     # -- the loop -----------------------------------------------------------------------------------
-
-    async def _serve(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                self._handle(frames)
-                for _ in range(DRAIN):
-                    try:
-                        frames = recv_nowait(sock)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-                self._flush()
-            except Exception:  # a bug must not take the device down with every queue in it
-                log.exception("zmq device: unexpected error while serving; carrying on")
 
     async def _tick(self) -> None:
         while True:
@@ -306,9 +290,9 @@ class ZmqDevice:
         if client.backlog:
             client.backlog.append(frames)
             return
-        assert self._sock is not None
+        assert self._pump is not None
         try:
-            send_nowait(self._sock, [client.identity, *frames])
+            self._pump.send([client.identity, *frames])
         except zmq.Again:
             # the peer's pipe is at its high-water mark: keep the frames, never drop them
             client.backlog.append(frames)
@@ -325,14 +309,14 @@ class ZmqDevice:
 
     def _retry_backlogs(self) -> None:
         self._retry_handle = None
-        sock = self._sock
-        if sock is None:
+        pump = self._pump
+        if pump is None:
             return
         pending = False
         for client in list(self._clients.values()):
             while client.backlog and not client.gone:
                 try:
-                    send_nowait(sock, [client.identity, *client.backlog[0]])
+                    pump.send([client.identity, *client.backlog[0]])
                 except zmq.Again:
                     pending = True
                     break
