@@ -19,7 +19,7 @@ from taskstream.errors import MalformedMessage, MessageError
 from taskstream.intake import dead_letter_headers
 from taskstream.messages import dumps
 from taskstream.stream_ops.keygroups import KEY_GROUPS
-from taskstream.stream_ops.wire import read_entry
+from taskstream.stream_ops.wire import ALL_ENTRIES, read_entry
 
 __all__ = ["BatchRead", "Run", "bad_record_message", "entry_of", "read_records"]
 
@@ -59,11 +59,13 @@ class BatchRead:
 
 
 def entry_of(to: Any, entries: list[str]) -> str | tuple[str, ...]:
-    """The entry step(s) a record's ``to`` names, checked against the stage's ``entries``.
+    """The entry step(s) a record's ``to`` names (``"*"``: all of them), checked against the stage's ``entries``.
 
     Raises:
         MalformedMessage: a step that is not an entry of this stage.
     """
+    if to == ALL_ENTRIES and entries:
+        return entries[0] if len(entries) == 1 else tuple(entries)
     to = to or (entries[0] if len(entries) == 1 else "")
     entry = tuple(to) if isinstance(to, list) else to
     targets = entry if isinstance(entry, tuple) else (entry,)
@@ -81,10 +83,13 @@ def read_records(raw: list[Any], src: str | None, entries: list[str], applied: C
     fresh, targets, items, groups = out.fresh, out.targets, out.items, out.groups
     seen: set[str] = set()
     many: dict[tuple[str, ...], tuple[str, ...]] = {}  # lists of steps already checked (a record for several)
+    every = entry_of(ALL_ENTRIES, entries) if entries else ""
     for index, entry in enumerate(raw):
         if type(entry) is list and len(entry) == 5:
             mid, to, group, key, body = entry
-            if type(to) is list:
+            if to == ALL_ENTRIES:
+                to = every
+            elif type(to) is list:
                 try:
                     to = many.get(tuple(to), "")
                 except TypeError:  # an unhashable step name: the slow path says why
@@ -141,6 +146,8 @@ def _read_well_formed(raw: list[Any], entries: list[str], applied: Container[str
     targets: list[str | tuple[str, ...]]
     to = tos[0]
     if tos.count(to) == len(tos):  # every record for the same step(s)
+        if to == ALL_ENTRIES and entries:
+            to = entries if len(entries) > 1 else entries[0]
         if not (type(to) is str or (type(to) is list and to and set(map(type, to)) == {str})):
             return None
         target = to if type(to) is str else tuple(to)

@@ -25,12 +25,15 @@ from taskstream.stream_ops.keygroups import KEY_GROUPS, group_of, owner
 from taskstream.stream_ops.lineage import SEP, derive_id
 from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.runtime_context import RuntimeContext
-from taskstream.stream_ops.wire import BatchLimits, pack_records
+from taskstream.stream_ops.wire import ALL_ENTRIES, BatchLimits, pack_records
 
 __all__ = ["DeadLetters", "Ids", "Outbox"]
 
 Ids = list[str | None] | None
-_GROUP = itemgetter(2)  # the key group of a record [id, to, g, key, value]
+_GROUP = itemgetter(2)  # the key group of a record (id, to, g, key, value)
+# A record as the outbox holds it: a tuple, encoded as the list [id, to, g, key, value]. Tuples of untracked values
+# (strings, numbers, dicts of those) leave the garbage collector's lists at its first pass; lists never do.
+Row = tuple[Any, ...]
 
 
 @cache
@@ -86,8 +89,8 @@ class Outbox:
         self.src = f"{stage.name}/{replica}"
         self.now = now
         self.limits = limits or BatchLimits()
-        # per queue: encoded chunks of records, (records [id, to, g, key, value], their JSON list)
-        self.pending: dict[str, list[tuple[list[list[Any]], bytes]]] = {}
+        # per queue: encoded chunks of records, (records (id, to, g, key, value), their JSON list)
+        self.pending: dict[str, list[tuple[list[Row], bytes]]] = {}
         self.sent: dict[str, dict[str, int]] = {}  # per downstream stage: records sent per key group
         self._rr: dict[str, int] = {}
         self.lineage = ""
@@ -129,26 +132,27 @@ class Outbox:
             ``None`` when every item was queued; otherwise the index of each item that cannot be encoded
             (a value the wire format does not carry) and its error. The others are queued.
         """
-        entry: str | list[str] = entries[0] if len(entries) == 1 else entries
+        entry: str | tuple[str, ...]  # every entry of the target in its order: "*", one short string to decode
+        entry = entries[0] if len(entries) == 1 else ALL_ENTRIES if entries == target.entries else tuple(entries)
         mids = self._ids(target, origin, items, ids)
         n = target.parallelism
         groups = self._groups
         if len(groups) > 65536:  # a cache of key -> group, kept small
             groups.clear()
-        rows = self._rows_keyed(entry, items, mids)
-        if rows is None:  # not all keyed: record by record
-            rows = []
+        keyed = self._rows_keyed(entry, items, mids)
+        rows: list[Row] = [] if keyed is None else keyed
+        if keyed is None:  # not all keyed: record by record
             for item, mid in zip(items, mids, strict=True):
                 if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
                     key = item[0]
                     group = groups.get(key)
                     if group is None:
                         group = groups[key] = group_of(key)
-                    rows.append([mid, entry, group, key, item[1]])
+                    rows.append((mid, entry, group, key, item[1]))
                 else:
                     group = self._rr.get(target.name, 0)
                     self._rr[target.name] = (group + 1) % KEY_GROUPS
-                    rows.append([mid, entry, group, None, item])
+                    rows.append((mid, entry, group, None, item))
         per_replica = [rows]
         if n > 1 and rows:
             owners = _owners(n)
@@ -160,7 +164,7 @@ class Outbox:
                 per_replica = [[] for _ in range(n)]
                 for row, replica in zip(rows, replicas, strict=True):
                     per_replica[replica].append(row)
-        chunks: list[tuple[int, list[list[Any]], bytes]] = []
+        chunks: list[tuple[int, list[Row], bytes]] = []
         try:
             for replica, part in enumerate(per_replica):
                 if part:
@@ -175,8 +179,8 @@ class Outbox:
             sent[g] = sent.get(g, 0) + count
         return None
 
-    def _rows_keyed(self, entry: str | list[str], items: list[Any], mids: list[str]) -> list[list[Any]] | None:
-        """The records ``[id, to, g, key, value]`` of ``items`` when all are keyed ``(str, value)`` tuples, made
+    def _rows_keyed(self, entry: str | tuple[str, ...], items: list[Any], mids: list[str]) -> list[Row] | None:
+        """The records ``(id, to, g, key, value)`` of ``items`` when all are keyed ``(str, value)`` tuples, made
         column by column at C speed; ``None`` otherwise."""
         if not items or set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
             return None
@@ -190,9 +194,9 @@ class Outbox:
                 if key not in known:
                     known[key] = group_of(key)
             found = list(map(known.__getitem__, keys))
-        return list(map(list, zip(mids, repeat(entry), found, keys, values)))
+        return list(zip(mids, repeat(entry), found, keys, values))
 
-    def _add_one_by_one(self, target: StagePlan, rows: list[list[Any]]) -> dict[int, TypeError]:
+    def _add_one_by_one(self, target: StagePlan, rows: list[Row]) -> dict[int, TypeError]:
         """Queue ``rows`` encoded one by one; those that cannot be encoded are left out and returned."""
         failed: dict[int, TypeError] = {}
         sent = self.sent.setdefault(target.name, {})

@@ -380,7 +380,7 @@ class Runner:
         """Decode and feed a batch of deliveries; returns those to ack and the payload references to release
         after the ack (not those of dead-lettered messages: they keep their payload)."""
         assert self.stage is not None and self.intake is not None
-        entries, intake = self.stage.entries, self.intake
+        entries = self.stage.entries
         settle: list[Delivery] = []
         ids: list[str] = []
         refs: list[PayloadRef] = []
@@ -390,30 +390,13 @@ class Runner:
                 for rest in deliveries[index:]:
                     await rest.nack(requeue=True)  # behind a Stop or over the bound: not ours to take
                 break
-            opened = await intake.read(delivery)
-            if isinstance(opened, Refused):
-                reason = opened.reason
-                if opened.transient:
-                    give_up = intake.give_up_reason(delivery, reason)
-                    if give_up is None:
-                        await intake.retry_later(delivery)
-                        continue
-                    reason = give_up
-                settle.append(delivery)
-                self.raw_dead.append(intake.dead_letter_message(delivery, reason))
+            read = await self._read(delivery, entries)
+            if read is None:  # retried later
                 continue
             settle.append(delivery)
-            try:
-                routed = self._route(opened.doc, delivery, entries)
-            except MessageError as exc:
-                self.raw_dead.append(intake.dead_letter_message(delivery, str(exc)))
-                continue
-            except Exception as exc:  # nothing a message holds may stop a stage
-                reason = f"unreadable message: {type(exc).__name__}: {exc}"
-                self.raw_dead.append(intake.dead_letter_message(delivery, reason))
-                continue
-            if opened.ref is not None:
-                refs.append(opened.ref)
+            routed, ref = read
+            if ref is not None:
+                refs.append(ref)
             for entry, items, mids in routed:  # none for a duplicate
                 if mids[0] is not None:  # a plain JSON message has no id
                     ids.extend(mids)  # type: ignore[arg-type]
@@ -431,6 +414,36 @@ class Runner:
             for node_id in group_entry if isinstance(group_entry, tuple) else (group_entry,):
                 await self.executor.feed(node_id, items, item_ids)
         return settle, refs
+
+    async def _read(self, delivery: Delivery, entries: list[str]) -> tuple[list[Run], PayloadRef | None] | None:
+        """Decode and route one delivery: its runs (none when it was dead-lettered or duplicate) and payload
+        reference; ``None`` when it is to be retried later (not settled now).
+
+        The decoded document (a record batch: two lists per record) is dropped when this returns, before the
+        batch is fed: held through the feed, it would outlive the garbage collector's young generations and make
+        its full collections (tens of ms each, over every object of the process) come several times a run.
+        """
+        assert self.intake is not None
+        intake = self.intake
+        opened = await intake.read(delivery)
+        if isinstance(opened, Refused):
+            reason = opened.reason
+            if opened.transient:
+                give_up = intake.give_up_reason(delivery, reason)
+                if give_up is None:
+                    await intake.retry_later(delivery)
+                    return None
+                reason = give_up
+            self.raw_dead.append(intake.dead_letter_message(delivery, reason))
+            return [], None
+        try:
+            return self._route(opened.doc, delivery, entries), opened.ref
+        except MessageError as exc:
+            self.raw_dead.append(intake.dead_letter_message(delivery, str(exc)))
+        except Exception as exc:  # nothing a message holds may stop a stage
+            reason = f"unreadable message: {type(exc).__name__}: {exc}"
+            self.raw_dead.append(intake.dead_letter_message(delivery, reason))
+        return [], None
 
     def _route(self, doc: Any, delivery: Delivery, entries: list[str]) -> list[Run]:
         """The records a decoded message brings as runs ``(entry step(s), items, ids)`` (none for a duplicate):

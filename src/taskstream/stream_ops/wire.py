@@ -9,7 +9,9 @@ of records, each a 5-list::
      "body": [["<record id>", "<to>", <g>, "<key>" | null, <value>], ...]}
 
 ``src`` is ``"<stage>/<replica>"`` of the sender; per record, ``id`` is the record's id (derived from its
-lineage, :mod:`~taskstream.stream_ops.lineage`), ``to`` the step (or list of steps) receiving it downstream,
+lineage, :mod:`~taskstream.stream_ops.lineage`), ``to`` the step (or list of steps) receiving it downstream, or
+``"*"`` (:data:`ALL_ENTRIES`) for every entry step of the receiving stage in the stage's order (what a record
+bound for all of them carries: one short string to decode instead of a list of names per record),
 ``g`` its key group (:mod:`.keygroups`), ``key`` the key of a keyed item ``(key, value)`` (``null`` for an
 unkeyed one) and ``value`` the item. A replica deduplicates **per record id**, not per batch: a batch is made
 from an input batch, and input batches are not made again the same way after a restart (a source read under
@@ -47,6 +49,7 @@ stays. Small records pay one prefix comparison per message.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +60,7 @@ from taskstream.stream_ops.keygroups import KEY_GROUPS
 from taskstream.stream_ops.lineage import derive_id
 
 __all__ = [
+    "ALL_ENTRIES",
     "BatchLimits",
     "Record",
     "Stop",
@@ -72,6 +76,7 @@ __all__ = [
     "send_stop",
 ]
 
+ALL_ENTRIES = "*"  # a record's ``to`` naming every entry step of the stage it is sent to (never a step name)
 RECORD_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record"}
 CONTROL_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "control"}
 BATCH_HEADERS = {"content_type": CONTENT_TYPE, "ts_kind": "record", "ts_batch": 1}
@@ -156,13 +161,16 @@ def _batch_of(first: str, last: str, count: int, body: bytes, src: str, now: flo
 
 
 def pack_records(
-    chunks: list[tuple[list[list[Any]], bytes]], src: str, now: float, limits: BatchLimits = BatchLimits()
+    chunks: Sequence[tuple[Sequence[Sequence[Any]], bytes]],
+    src: str,
+    now: float,
+    limits: BatchLimits = BatchLimits(),
 ) -> list[OutgoingMessage]:
     """Pack chunks of records into batch messages, in order: each chunk is records ``[id, to, g, key, value]``
-    and their JSON list (one ``dumps`` of them). Chunks are joined while they fit in ``limits``; a chunk
-    larger than the limit is split record by record (:func:`batch_messages`)."""
+    (lists or tuples) and their JSON list (one ``dumps`` of them). Chunks are joined while they fit in
+    ``limits``; a chunk larger than the limit is split record by record (:func:`batch_messages`)."""
     out: list[OutgoingMessage] = []
-    held: list[tuple[list[list[Any]], bytes]] = []
+    held: list[tuple[Sequence[Sequence[Any]], bytes]] = []
     size = 0
 
     def close() -> None:
