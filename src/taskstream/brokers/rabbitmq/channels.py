@@ -11,7 +11,7 @@ import aiormq.exceptions as amqp_errors
 
 from taskstream.errors import BrokerConnectionError, BrokerError, PublishError, QueueNotFound
 
-__all__ = ["RETRYABLE", "ChannelGuard", "map_error", "refused_size_limit"]
+__all__ = ["RETRYABLE", "ChannelGuard", "closed_without_reason", "map_error", "refused_size_limit"]
 
 # Errors after which a publish is sent again once the connection is back (until its deadline).
 RETRYABLE = (
@@ -21,6 +21,13 @@ RETRYABLE = (
     OSError,
     RuntimeError,
 )
+
+
+def closed_without_reason(exc: BaseException) -> bool:
+    """A channel that closed with no reply code (aiormq's ``ChannelClosed(None, None)``): lost with its
+    connection, not a refusal by the server (those carry a code and a subclass: not found, access refused)."""
+    return type(exc) is amqp_errors.ChannelClosed and (not exc.args or exc.args[0] is None)
+
 
 _SIZE_REFUSED = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 

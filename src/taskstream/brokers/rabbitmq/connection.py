@@ -22,7 +22,7 @@ from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from yarl import URL
 
-from taskstream.brokers.rabbitmq.channels import ChannelGuard, map_error
+from taskstream.brokers.rabbitmq.channels import RETRYABLE, ChannelGuard, closed_without_reason, map_error
 from taskstream.brokers.rabbitmq.config import RabbitMQConfig, split_hosts
 from taskstream.errors import BrokerConnectionError, BrokerError
 from taskstream.settings import redact_url
@@ -258,30 +258,46 @@ class ConnectionManager:
             self._admin = await transport.connection.channel(publisher_confirms=False)
             return self._admin
 
-    async def admin_call(self, what: str, op: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def admin_call(self, what: str, op: Callable[[Any], Awaitable[Any]], *, resend: bool = True) -> Any:
         """Run ``op(channel)`` on the admin channel, mapping errors; a refused op reopens the channel.
+
+        A connection lost during the call is waited out like a publish: the call is made again once the
+        connection is back (declarations and reads are idempotent), until ``publish_timeout``.
 
         Args:
             what: the start of the error message (``"cannot declare RabbitMQ queue 'q'"``).
             op: the operation, given the admin channel.
+            resend: ``False`` for an operation that must not run twice (a purge): a lost connection fails it.
 
         Raises:
             BrokerConnectionError: no answer within ``publish_timeout``, or the connection is gone.
             BrokerError: the server refused the operation (``QueueNotFound`` for a missing queue).
         """
-        try:
-            async with asyncio.timeout(self.config.publish_timeout):
-                channel = await self._admin_channel()
-                return await op(channel)
-        except BrokerError:
-            raise
-        except TimeoutError as exc:
-            raise BrokerConnectionError(
-                f"{what}: no answer from RabbitMQ within {self.config.publish_timeout} s"
-            ) from exc
-        except Exception as exc:
-            admin = self._admin
-            if not isinstance(exc, aiormq.exceptions.AMQPError) and (admin is None or admin.is_closed):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.publish_timeout
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    channel = await self._admin_channel()
+                    return await op(channel)
+            except BrokerConnectionError:
+                if not resend or self.closed or self.gone is not None or self._connection is None:
+                    raise  # closed, given up, or never connected (a first connect that failed says so at once)
+                await asyncio.sleep(0.05)  # the connection died again before the admin channel opened
+            except BrokerError:
+                raise
+            except TimeoutError as exc:
+                raise BrokerConnectionError(
+                    f"{what}: no answer from RabbitMQ within {self.config.publish_timeout} s"
+                ) from exc
+            except Exception as exc:
+                admin = self._admin
                 # aiormq fails the calls of a channel that closed without a reason with a bare ``Exception``
-                raise BrokerConnectionError(f"{what}: the connection was lost ({type(exc).__name__})") from exc
-            raise map_error(exc, what) from exc
+                bare = not isinstance(exc, aiormq.exceptions.AMQPError) and (admin is None or admin.is_closed)
+                bare = bare or closed_without_reason(exc)
+                if (bare or isinstance(exc, RETRYABLE)) and resend and not self.closed and self.gone is None:
+                    await asyncio.sleep(0.05)  # the robust connection reconnects; then the call is made again
+                    continue
+                if bare:
+                    raise BrokerConnectionError(f"{what}: the connection was lost ({type(exc).__name__})") from exc
+                raise map_error(exc, what) from exc

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
 import aiormq.exceptions as amqp_errors
@@ -22,7 +22,7 @@ from aiormq.abc import DeliveredMessage
 
 from taskstream.brokers.base import Delivery, Subscription
 from taskstream.brokers.rabbitmq.acks import AckBatcher
-from taskstream.brokers.rabbitmq.channels import map_error
+from taskstream.brokers.rabbitmq.channels import closed_without_reason, map_error
 from taskstream.brokers.rabbitmq.codec import delivery_tag, read_received
 from taskstream.errors import BrokerConnectionError, BrokerError, ConfigurationError, QueueNotFound
 from taskstream.messages import new_id
@@ -83,6 +83,7 @@ class RabbitSubscription(Subscription):
         self._consumer_tag = f"taskstream.{queue}.{next(self._tags)}.{new_id()[:8]}"
         self._channel: AbstractRobustChannel | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._consuming_on: aiormq.abc.AbstractChannel | None = None  # the channel whose consume succeeded
         self._buffer: collections.deque[DeliveredMessage] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._start_task: asyncio.Task[None] | None = None
@@ -100,22 +101,27 @@ class RabbitSubscription(Subscription):
         deadline = loop.time() + self.broker.config.reconnect_timeout
         while True:
             connection = await self._link.ready()
-            channel = connection.channel(publisher_confirms=False)
+            channel: AbstractRobustChannel | None = None
             try:
+                # inside the try: a connection cut just now has no transport ("Connection was not opened")
+                channel = connection.channel(publisher_confirms=False)
                 await channel.initialize()
                 await channel.set_qos(prefetch_count=self.prefetch)
                 self._channel = channel
                 await self._consume(await channel.get_underlay_channel())
                 break
             except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
                 raise
             except Exception as exc:
                 self._channel = None
-                with contextlib.suppress(Exception):
-                    await channel.close()
-                if isinstance(exc, amqp_errors.AMQPChannelError) or loop.time() >= deadline:
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+                refused = isinstance(exc, amqp_errors.AMQPChannelError) and not closed_without_reason(exc)
+                if refused or loop.time() >= deadline:
                     raise map_error(exc, f"cannot consume RabbitMQ queue {self.queue!r}") from exc
                 log.info("cannot consume RabbitMQ queue %r yet (%s); retrying", self.queue, exc)
                 await asyncio.sleep(0.5)
@@ -123,10 +129,20 @@ class RabbitSubscription(Subscription):
         self.broker._subscriptions.add(self)
 
     async def _consume(self, underlay: aiormq.abc.AbstractChannel) -> None:
-        self._underlay = underlay
-        self._acks.reset(underlay)
-        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        if underlay is self._consuming_on:
+            return  # already consuming on this channel (an earlier resume got there first)
+        if underlay is not self._underlay:
+            self._underlay = underlay
+            self._acks.reset(underlay)
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        consumers = cast(aiormq.Channel, underlay).consumers
+        if self._consumer_tag in consumers:
+            # An earlier consume on this channel was cut short: aiormq keeps its tag (a second consume would
+            # raise DuplicateConsumerTag) and whether the server registered it is unknown; cancel, then consume.
+            await underlay.basic_cancel(self._consumer_tag)
+            consumers.pop(self._consumer_tag, None)
         await underlay.basic_consume(self.queue, self._on_message, consumer_tag=self._consumer_tag)
+        self._consuming_on = underlay
 
     async def _on_reopen(self, channel: Any) -> None:
         # Not awaited here: aio-pika awaits this inside its reconnect loop; a resume that waits on a connection
@@ -148,7 +164,7 @@ class RabbitSubscription(Subscription):
             except Exception as exc:
                 if channel.is_closed or self._link.gone is not None:
                     return  # the next reopen resumes, or the subscription wakes to the broker's end
-                refused = isinstance(exc, amqp_errors.AMQPChannelError) or (
+                refused = (isinstance(exc, amqp_errors.AMQPChannelError) and not closed_without_reason(exc)) or (
                     isinstance(exc, BrokerError) and not isinstance(exc, BrokerConnectionError)
                 )
                 if refused:  # the queue is gone or access was refused: that does not pass with a reconnect

@@ -244,7 +244,9 @@ class Topology:
 
     async def purge(self, queue: str) -> None:
         """Remove every ready message of ``queue``."""
-        await self._connection.admin_call(f"cannot purge RabbitMQ queue {queue!r}", lambda ch: ch.queue_purge(queue))
+        await self._connection.admin_call(
+            f"cannot purge RabbitMQ queue {queue!r}", lambda ch: ch.queue_purge(queue), resend=False
+        )
 
     async def depth(self, queue: str) -> int:
         """The number of ready messages of ``queue`` (``QueueNotFound`` if it does not exist)."""
