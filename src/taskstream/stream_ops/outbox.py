@@ -93,14 +93,22 @@ class Outbox:
         self.pending: dict[str, list[tuple[list[Row], bytes]]] = {}
         self.sent: dict[str, dict[str, int]] = {}  # per downstream stage: records sent per key group
         self._rr: dict[str, int] = {}
-        self.lineage = ""
+        self._lineage: str | Callable[[], str] = ""
         self._made: dict[str, int] = {}
         self._groups: dict[str, int] = {}
 
-    def begin(self, lineage: str) -> None:
-        """A new input batch: items without a lineage of their own get ids derived from ``lineage``."""
-        self.lineage = lineage
+    def begin(self, lineage: str | Callable[[], str]) -> None:
+        """A new input batch: items without a lineage of their own get ids derived from ``lineage`` (a function
+        giving it is called once, when the first such item is added: most batches have none)."""
+        self._lineage = lineage
         self._made = {}
+
+    @property
+    def lineage(self) -> str:
+        """The lineage of the input batch (see :meth:`begin`)."""
+        if not isinstance(self._lineage, str):
+            self._lineage = self._lineage()
+        return self._lineage
 
     def _ids(self, target: StagePlan, origin: str, items: list[Any], ids: Ids) -> list[str]:
         """The record id of each item bound for ``target`` (see :mod:`~taskstream.stream_ops.lineage`)."""

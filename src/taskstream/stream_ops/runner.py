@@ -408,8 +408,8 @@ class Runner:
                     groups[-1][2].extend(mids)
                 else:
                     groups.append((entry, items, mids))
-        if self.outbox is not None:  # ids of what this batch sends: from the ids of its messages
-            self.outbox.begin(derive_id(*sorted(ids)))
+        if self.outbox is not None:  # ids of what this batch sends: from the ids of its messages (when needed)
+            self.outbox.begin(lambda: derive_id(*sorted(ids)))
         for group_entry, items, item_ids in groups:
             for node_id in group_entry if isinstance(group_entry, tuple) else (group_entry,):
                 await self.executor.feed(node_id, items, item_ids)
