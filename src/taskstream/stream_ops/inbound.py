@@ -10,7 +10,7 @@ around it are applied.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -19,9 +19,10 @@ from taskstream.errors import MalformedMessage, MessageError
 from taskstream.intake import dead_letter_headers
 from taskstream.messages import dumps
 from taskstream.stream_ops.keygroups import KEY_GROUPS
+from taskstream.stream_ops.plan import Plan, StagePlan
 from taskstream.stream_ops.wire import ALL_ENTRIES, read_entry
 
-__all__ = ["BatchRead", "Run", "bad_record_message", "entry_of", "read_records"]
+__all__ = ["BatchRead", "Run", "bad_record_message", "entry_of", "independent_entries", "per_step", "read_records"]
 
 # Records for the same entry step(s), in order: (entry, items, their ids); the entry is None for a control
 # message (applied by the runner), an id None for a plain JSON message (it has none)
@@ -189,3 +190,41 @@ def bad_record_message(
         **{"x-batch-id": str(batch_id), "x-batch-index": index, "x-pipeline": pipeline},
     )
     return OutgoingMessage(body, headers)
+
+
+def independent_entries(plan: Plan, stage: StagePlan) -> bool:
+    """True when no step of ``stage`` is reached from two of its entry steps: the order in which different entries
+    are fed is then not seen by any step (each keeps the order of its own input)."""
+    inside = set(stage.nodes)
+    children = plan.graph.children()
+    seen: set[str] = set()
+    for entry in stage.entries:
+        reach, todo = {entry}, [entry]
+        while todo:
+            node_id = todo.pop()
+            for (up, _), downs in children.items():
+                if up == node_id:
+                    for down in downs:
+                        if down in inside and down not in reach:
+                            reach.add(down)
+                            todo.append(down)
+        if reach & seen:
+            return False
+        seen |= reach
+    return True
+
+
+def per_step(runs: Iterable[tuple[str | tuple[str, ...], list[Any], list[str | None]]]) -> list[Run]:
+    """The items of ``runs`` (in order, each for one entry step or several) as one run per entry step, in order
+    of first appearance: every step gets its items in the order it would have had them run by run, in one feed
+    (a sink then writes once per input batch, not once per message)."""
+    merged: dict[str, tuple[list[Any], list[str | None]]] = {}
+    for entry, items, ids in runs:
+        for node_id in entry if isinstance(entry, tuple) else (entry,):
+            held = merged.get(node_id)
+            if held is None:
+                merged[node_id] = (list(items), list(ids))
+            else:
+                held[0].extend(items)
+                held[1].extend(ids)
+    return [(node_id, items, ids) for node_id, (items, ids) in merged.items()]

@@ -47,7 +47,14 @@ from taskstream.producer import Producer
 from taskstream.stream_ops.accounting import Accounting
 from taskstream.stream_ops.core import SourceNode
 from taskstream.stream_ops.executor import Executor
-from taskstream.stream_ops.inbound import Run, bad_record_message, entry_of, read_records
+from taskstream.stream_ops.inbound import (
+    Run,
+    bad_record_message,
+    entry_of,
+    independent_entries,
+    per_step,
+    read_records,
+)
 from taskstream.stream_ops.lineage import AppliedIds, derive_id
 from taskstream.stream_ops.outbox import Outbox
 from taskstream.stream_ops.plan import Plan, StagePlan
@@ -164,6 +171,7 @@ class Runner:
         self.src = f"{stage}/{replica}"
         resumable = any(source.resumable for source in self.sources.values())
         self.uses_store = self.stage is not None and bool(self.stage.entries or self.stage.stateful or resumable)
+        self.independent = self.stage is not None and independent_entries(plan, self.stage)
         # end-of-stream accounting (persisted in the snapshot)
         self.accounting = Accounting(plan, stage, replica)
         self.applied = AppliedIds(self.config.remember_per_sender)
@@ -410,6 +418,8 @@ class Runner:
                     groups.append((entry, items, mids))
         if self.outbox is not None:  # ids of what this batch sends: from the ids of its messages (when needed)
             self.outbox.begin(lambda: derive_id(*sorted(ids)))
+        if len(groups) > 1 and self.independent:  # records for several entries: one feed per entry step
+            groups = per_step(groups)  # type: ignore[assignment]
         for group_entry, items, item_ids in groups:
             for node_id in group_entry if isinstance(group_entry, tuple) else (group_entry,):
                 await self.executor.feed(node_id, items, item_ids)
