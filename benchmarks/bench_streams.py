@@ -465,6 +465,7 @@ def measure_s8(repeats: int) -> list[Row]:
     process and (labelled so) all in one process, against fused in the same run."""
     from bench_zmq import start_device
 
+    wanted = os.environ.get("BENCH_STREAMS_S8_BROKERS", "RabbitMQ,ZeroMQ device").split(",")  # which rows to run
     device, zmq_url = start_device()
     rows: list[Row] = []
     modes = [m for m in S8_MODES if m in os.environ.get("BENCH_STREAMS_S8_MODES", ",".join(S8_MODES)).split(",")]
@@ -480,6 +481,8 @@ def measure_s8(repeats: int) -> list[Row]:
                 seconds, expected = asyncio.run(run_s8(None, 3, count))
                 fused.setdefault(mode, []).append(count / seconds)
                 for broker, url in (("RabbitMQ", RABBITMQ_URL), ("ZeroMQ device", zmq_url)):
+                    if broker not in wanted:
+                        continue
                     for replicas in S8_REPLICAS:
                         key = (broker, mode, replicas)
                         if mode == "in-process":
