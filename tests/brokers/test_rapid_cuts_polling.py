@@ -131,3 +131,37 @@ async def test_azure_publish_and_consume_survive_rapid_cuts() -> None:
                 for name in (queue, admin.dead_letter_name(queue)):
                     with contextlib.suppress(Exception):
                         await admin.delete_queue(name)
+
+
+@pytest.mark.sqs
+async def test_sqs_subscription_started_in_an_outage_waits_for_sqs() -> None:
+    """A subscription's first step (looking its queue up) is retried with back-off like its receives, instead
+    of failing the subscription (and stopping its consumer) for good when SQS cannot be reached just then."""
+    admin = make_sqs(visibility_timeout=3)
+    queue = unique("outage-start")
+    await admin.connect()
+    try:
+        await admin.declare(queue)
+        await admin.publish(queue, b"waited")
+        async with proxied(urlsplit(SQS_ENDPOINT).port or 80) as proxy:
+            broker = make_sqs(visibility_timeout=3, endpoint_url=f"http://127.0.0.1:{proxy.port}", wait_time=1)
+            await broker.connect()  # a fresh broker: its subscription looks the queue up
+            try:
+                await proxy.down()
+                async with broker.consume(queue, prefetch=1) as subscription:
+                    receiving = asyncio.ensure_future(subscription.__anext__())
+                    # past botocore's retries (about 2 s), while the receive cannot get through
+                    await asyncio.sleep(5)
+                    if receiving.done():
+                        raise AssertionError(f"the subscription ended during the outage: {receiving.exception()!r}")
+                    await proxy.up()
+                    delivery = await asyncio.wait_for(receiving, 60)
+                    assert delivery.body == b"waited"
+                    await delivery.ack()
+            finally:
+                await broker.close()
+    finally:
+        for name in (queue, admin.dead_letter_name(queue)):
+            with contextlib.suppress(Exception):
+                await admin.delete_queue(name)
+        await admin.close()

@@ -156,7 +156,8 @@ class PollingSubscription(Subscription, Generic[D]):
     # -- what a backend implements ------------------------------------------------------------------------
 
     async def _prepare(self) -> None:
-        """Run once before the first receive (look the queue up, say); an error fails the subscription."""
+        """Run once before the first receive (look the queue up, say); an error that :meth:`_classify` calls
+        fatal fails the subscription, any other is retried with the receives' back-off."""
 
     @abc.abstractmethod
     async def _receive(self, count: int) -> Sequence[D]:
@@ -272,11 +273,16 @@ class PollingSubscription(Subscription, Generic[D]):
         self._wakeup.set()
 
     async def _poll(self) -> None:
-        try:
-            await self._prepare()
-        except Exception as exc:
-            self._fail(exc)
-            return
+        while not self._closed:
+            try:
+                await self._prepare()
+                break
+            except Exception as exc:
+                fatal = self._classify(exc)  # an outage is waited out with back-off, as for a receive
+                if fatal is not None:
+                    self._fail(fatal)
+                    return
+                await self._pause(self._outage(exc))
         while not self._closed:
             now = time.monotonic()
             wanted = min(self.max_batch, self._free(now))
