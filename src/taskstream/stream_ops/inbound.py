@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, cast
 
 from taskstream.brokers.base import Delivery, OutgoingMessage
@@ -133,6 +134,7 @@ def read_records(raw: list[Any], src: str | None, entries: list[str], applied: C
 
 
 _NONE = type(None)
+_COLUMNS = [itemgetter(i) for i in range(5)]  # id, to, g, key, value of a record
 
 
 def _read_well_formed(raw: list[Any], entries: list[str], applied: Container[str]) -> BatchRead | None:
@@ -141,7 +143,7 @@ def _read_well_formed(raw: list[Any], entries: list[str], applied: Container[str
     path)."""
     if not raw or set(map(type, raw)) != {list} or set(map(len, raw)) != {5}:
         return None
-    mids, tos, groups, keys, bodies = zip(*raw, strict=True)
+    mids, tos, groups, keys, bodies = [list(map(column, raw)) for column in _COLUMNS]  # no iterator per record
     if set(map(type, mids)) != {str} or "" in mids:
         return None
     targets: list[str | tuple[str, ...]]
@@ -170,7 +172,7 @@ def _read_well_formed(raw: list[Any], entries: list[str], applied: Container[str
         items = list(bodies)
     else:
         items = [body if key is None else (key, body) for key, body in zip(keys, bodies, strict=True)]
-    return BatchRead(list(mids), targets, items, dict(Counter(groups)))
+    return BatchRead(mids, targets, items, dict(Counter(groups)))
 
 
 def bad_record_message(

@@ -31,6 +31,7 @@ __all__ = ["DeadLetters", "Ids", "Outbox"]
 
 Ids = list[str | None] | None
 _GROUP = itemgetter(2)  # the key group of a record (id, to, g, key, value)
+_KEY, _VALUE = itemgetter(0), itemgetter(1)  # of a keyed item (key, value)
 # A record as the outbox holds it: a tuple, encoded as the list [id, to, g, key, value]. Tuples of untracked values
 # (strings, numbers, dicts of those) leave the garbage collector's lists at its first pass; lists never do.
 Row = tuple[Any, ...]
@@ -192,7 +193,7 @@ class Outbox:
         column by column at C speed; ``None`` otherwise."""
         if not items or set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
             return None
-        keys, values = zip(*items, strict=True)
+        keys, values = list(map(_KEY, items)), list(map(_VALUE, items))  # no iterator per item (GC allocations)
         if set(map(type, keys)) != {str}:
             return None
         known = self._groups
