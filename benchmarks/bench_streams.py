@@ -569,12 +569,6 @@ def measure(repeats: int = 3) -> list[Row]:
     return rows
 
 
-if __name__ == "__main__":
-    rows = measure(int(os.environ.get("BENCH_REPEATS", "3")))
-    print_rows(rows)
-    print(json.dumps(rows[0].extra["windows"]))
-
-
 def _config() -> Any:
     from taskstream.stream_ops.runner import RunConfig
 
@@ -585,3 +579,9 @@ def _config() -> Any:
             prefetch=int(os.environ.get("BENCH_PREFETCH", "0")) or None,
         )
     return None
+
+
+if __name__ == "__main__":
+    rows = measure(int(os.environ.get("BENCH_REPEATS", "3")))
+    print_rows(rows)
+    print(json.dumps(rows[0].extra["windows"]))
