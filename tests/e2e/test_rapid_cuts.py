@@ -142,7 +142,8 @@ async def test_distributed_pipeline_gives_the_fused_results_through_rapid_cuts()
     assert fused.items
     sink = ListSink()
     pipeline = sensor_pipeline(unique("cuts-dist"), sink, per_second=1000)
-    queues = [q for stage in pipeline.plan().stages.values() for q in stage.queues]
+    plan = pipeline.plan()
+    queues = [q for stage in plan.stages.values() for q in stage.queues] + [plan.dead_letter_queue]
     proxy = TcpProxy(PORT)
     await proxy.up()
     broker = RabbitMQBroker.from_url(through(proxy), reconnect_interval=0.1, reconnect_timeout=120)
