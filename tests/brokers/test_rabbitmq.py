@@ -32,6 +32,7 @@ from taskstream.errors import (
 )
 from taskstream.messages import CONTENT_TYPE, Envelope, decode
 from taskstream.producer import Producer
+from tests.support.cuts import Publisher, cut_rapidly
 from tests.support.proxy import TcpProxy
 from tests.support.waiting import wait_for
 
@@ -163,25 +164,9 @@ async def test_publishes_survive_rapid_cuts(proxy: TcpProxy, cleanup: Cleanup) -
 
     consumer = Consumer(broker, queue, handle, ConsumerConfig(prefetch=50, concurrency=10, max_attempts=1000))
     await consumer.start()
-    producer = Producer(broker, max_in_flight=4)
-    sent = 0
-    stop = asyncio.Event()
-
-    async def produce() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            await producer.send_many(queue, [Envelope(body=i) for i in range(sent, sent + 50)])
-            sent += 50
-            await asyncio.sleep(0.01)
-
-    publishing = asyncio.create_task(produce())
-    for cut in range(60):
-        await asyncio.sleep(0.05 + 0.05 * (cut % 2))
-        proxy.cut()
-        if publishing.done():
-            raise AssertionError(f"publishing stopped after cut {cut}: {publishing.exception()!r}")
-    stop.set()
-    await publishing
+    publisher = Publisher(Producer(broker, max_in_flight=4), queue)
+    await cut_rapidly(proxy, 60, publisher.check)
+    sent = await publisher.stop()
     await wait_for(lambda: len(seen) == sent, timeout=60, what=f"all {sent} messages consumed")
     await consumer.stop()
     assert seen == set(range(sent))

@@ -19,10 +19,10 @@ from taskstream.brokers.azure_queues import AzureQueueBroker, azure_queue_name
 from taskstream.brokers.base import Broker
 from taskstream.brokers.sqs import SQSBroker
 from taskstream.consumer import Consumer, ConsumerConfig, Message
-from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from tests.brokers.contract.backends.sqs import ENDPOINT as SQS_ENDPOINT
 from tests.brokers.contract.backends.sqs import make as make_sqs
+from tests.support.cuts import Publisher, cut_rapidly
 from tests.support.names import unique
 from tests.support.proxy import TcpProxy
 from tests.support.waiting import wait_for
@@ -56,42 +56,25 @@ async def cut_while_traffic_flows(broker: Broker, queue: str, proxy: TcpProxy) -
         broker, queue, handle, ConsumerConfig(prefetch=20, concurrency=10, max_attempts=1000, retry_delay=0.1)
     )
     await consumer.start()
-    producer = Producer(broker, max_in_flight=4)
-    sent = 0
-    stop = asyncio.Event()
+    publisher = Publisher(Producer(broker, max_in_flight=4), queue, batch=BATCH)
 
-    async def produce() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            await producer.send_many(queue, [Envelope(body=i) for i in range(sent, sent + BATCH)])
-            sent += BATCH
-            await asyncio.sleep(0.01)
+    def healthy() -> None:
+        publisher.check()
+        if not consumer.running:
+            raise AssertionError(f"the consumer stopped by itself: {consumer.failure}")
 
-    publishing = asyncio.create_task(produce())
     try:
-        for cut in range(CUTS):
-            await asyncio.sleep(0.05 + 0.05 * (cut % 2))
-            proxy.cut()
-            if publishing.done():
-                raise AssertionError(f"publishing stopped after cut {cut}: {publishing.exception()!r}")
-            if not consumer.running:
-                raise AssertionError(f"the consumer stopped by itself after cut {cut}: {consumer.failure}")
-        stop.set()
-        await publishing
+        await cut_rapidly(proxy, CUTS, healthy)
+        sent = await publisher.stop()
         assert sent > 0
 
         def all_seen() -> bool:
-            if not consumer.running:
-                raise AssertionError(f"the consumer stopped by itself: {consumer.failure}")
+            healthy()
             return len(seen) == sent
 
         await wait_for(all_seen, timeout=90, what=f"all {sent} messages consumed")
     finally:
-        stop.set()
-        if not publishing.done():
-            publishing.cancel()
-        with contextlib.suppress(BaseException):
-            await publishing
+        await publisher.cancel()
         await consumer.stop(grace=5)
     assert seen == set(range(sent))
     assert consumer.failure is None

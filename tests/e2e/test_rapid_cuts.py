@@ -26,6 +26,7 @@ from taskstream.messages import Envelope
 from taskstream.producer import Producer
 from taskstream.stream_ops import Count, EventClock, ListSink, Mean, Pipeline, SimulatedSensor, TumblingWindow
 from tests.brokers.contract.backends.rabbitmq import URL
+from tests.support.cuts import cut_rapidly, still_running
 from tests.support.names import unique
 from tests.support.proxy import TcpProxy
 from tests.support.queues import delete_queues
@@ -49,12 +50,13 @@ def through(proxy: TcpProxy) -> str:
 
 async def cut_repeatedly(proxy: TcpProxy, *watch: App) -> None:
     """``CUTS`` cuts 50-100 ms apart; fails at once when an App's consumer stopped by itself meanwhile."""
-    for cut in range(CUTS):
-        await asyncio.sleep(0.05 + 0.05 * (cut % 2))
-        proxy.cut()
+
+    def no_consumer_stopped() -> None:
         for app in watch:
             failed = [c.failure for c in app.all_consumers() if c.failure is not None]
-            assert not failed, f"a consumer stopped by itself after cut {cut}: {failed}"
+            assert not failed, f"a consumer stopped by itself: {failed}"
+
+    await cut_rapidly(proxy, CUTS, no_consumer_stopped)
 
 
 @dataclass
@@ -182,11 +184,7 @@ async def test_declarations_wait_for_the_connection_through_rapid_cuts() -> None
 
     declaring = asyncio.create_task(declare())
     try:
-        for cut in range(CUTS):
-            await asyncio.sleep(0.05 + 0.05 * (cut % 2))
-            proxy.cut()
-            if declaring.done():
-                raise AssertionError(f"a declaration failed after cut {cut}: {declaring.exception()!r}")
+        await cut_rapidly(proxy, CUTS, still_running(declaring, "a declaration"))
         stop.set()
         await asyncio.wait_for(declaring, 60)
         assert len(declared) > CUTS
@@ -229,11 +227,7 @@ async def test_subscriptions_start_through_rapid_cuts() -> None:
 
     subscribing = asyncio.create_task(four_at_a_time())
     try:
-        for cut in range(CUTS):
-            await asyncio.sleep(0.05 + 0.05 * (cut % 2))
-            proxy.cut()
-            if subscribing.done():
-                raise AssertionError(f"a subscription failed after cut {cut}: {subscribing.exception()!r}")
+        await cut_rapidly(proxy, CUTS, still_running(subscribing, "a subscription"))
         stop.set()
         await asyncio.wait_for(subscribing, 90)
         assert len(queues) > CUTS / 2
@@ -281,17 +275,17 @@ async def test_consumers_resume_through_rapid_cuts() -> None:
 
     publishing = asyncio.create_task(produce())
     try:
-        for cut in range(CUTS):
-            await asyncio.sleep(0.05 + 0.05 * (cut % 2))
-            proxy.cut()
+
+        def none_stopped() -> None:
             failed = [c.failure for c in consumers if c.failure is not None]
-            assert not failed, f"a consumer stopped by itself after cut {cut}: {failed}"
+            assert not failed, f"a consumer stopped by itself: {failed}"
+
+        await cut_rapidly(proxy, CUTS, none_stopped)
         stop.set()
         await publishing
 
         def all_seen() -> bool:
-            failed = [c.failure for c in consumers if c.failure is not None]
-            assert not failed, f"a consumer stopped by itself: {failed}"
+            none_stopped()
             return all(len(s) == sent for s in seen.values())
 
         await wait_for(all_seen, timeout=90, what=f"all {sent} messages on each of {len(queues)} queues")
