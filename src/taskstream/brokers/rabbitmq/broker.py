@@ -21,7 +21,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from taskstream.brokers.base import Broker, Capabilities, OutgoingMessage, QueueStats, Subscription
-from taskstream.brokers.rabbitmq.channels import RETRYABLE, map_error, refused_size_limit
+from taskstream.brokers.rabbitmq.channels import RETRYABLE, lost_with_channel, map_error, refused_size_limit
 from taskstream.brokers.rabbitmq.codec import DELAY_HEADER, outgoing_properties, requeued_properties
 from taskstream.brokers.rabbitmq.config import RabbitMQConfig, parse_url
 from taskstream.brokers.rabbitmq.connection import ConnectionManager
@@ -223,8 +223,12 @@ class RabbitMQBroker(Broker):
             except amqp_errors.AMQPError as exc:
                 raise map_error(exc, f"cannot publish to RabbitMQ {routing_key!r}") from exc
             except Exception as exc:
-                # aiormq fails the confirms of a channel that closed without a reason with a bare ``Exception``
-                if channel is None or not channel.is_closed or self._link.closed or loop.time() >= deadline:
+                if (
+                    channel is None
+                    or not lost_with_channel(exc, channel)
+                    or self._link.closed
+                    or loop.time() >= deadline
+                ):
                     raise map_error(exc, f"cannot publish to RabbitMQ {routing_key!r}") from exc
                 await asyncio.sleep(0.05)
                 continue

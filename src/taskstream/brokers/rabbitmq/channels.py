@@ -11,7 +11,7 @@ import aiormq.exceptions as amqp_errors
 
 from taskstream.errors import BrokerConnectionError, BrokerError, PublishError, QueueNotFound
 
-__all__ = ["RETRYABLE", "ChannelGuard", "closed_without_reason", "map_error", "refused_size_limit"]
+__all__ = ["RETRYABLE", "ChannelGuard", "closed_without_reason", "lost_with_channel", "map_error", "refused_size_limit"]
 
 # Errors after which a publish is sent again once the connection is back (until its deadline).
 RETRYABLE = (
@@ -21,6 +21,13 @@ RETRYABLE = (
     OSError,
     RuntimeError,
 )
+
+
+def lost_with_channel(exc: BaseException, channel: aiormq.abc.AbstractChannel | None) -> bool:
+    """``exc`` says only that ``channel`` went away with its connection: aiormq fails the calls and confirms of a
+    channel that closed without a reason with a bare ``Exception`` (or ``ChannelClosed(None, None)``)."""
+    bare = not isinstance(exc, amqp_errors.AMQPError) and (channel is None or channel.is_closed)
+    return bare or closed_without_reason(exc)
 
 
 def closed_without_reason(exc: BaseException) -> bool:

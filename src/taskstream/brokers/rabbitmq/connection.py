@@ -22,7 +22,7 @@ from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from yarl import URL
 
-from taskstream.brokers.rabbitmq.channels import RETRYABLE, ChannelGuard, closed_without_reason, map_error
+from taskstream.brokers.rabbitmq.channels import RETRYABLE, ChannelGuard, lost_with_channel, map_error
 from taskstream.brokers.rabbitmq.config import RabbitMQConfig, split_hosts
 from taskstream.errors import BrokerConnectionError, BrokerError
 from taskstream.settings import redact_url
@@ -291,10 +291,7 @@ class ConnectionManager:
                     f"{what}: no answer from RabbitMQ within {self.config.publish_timeout} s"
                 ) from exc
             except Exception as exc:
-                admin = self._admin
-                # aiormq fails the calls of a channel that closed without a reason with a bare ``Exception``
-                bare = not isinstance(exc, aiormq.exceptions.AMQPError) and (admin is None or admin.is_closed)
-                bare = bare or closed_without_reason(exc)
+                bare = lost_with_channel(exc, self._admin)
                 if (bare or isinstance(exc, RETRYABLE)) and resend and not self.closed and self.gone is None:
                     await asyncio.sleep(0.05)  # the robust connection reconnects; then the call is made again
                     continue
