@@ -569,3 +569,17 @@ def test_docs_table_lists_every_url_option_with_its_default() -> None:
             str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
         )
         assert shown == expected, f"docs/brokers.md shows {name}={shown}, the default is {value!r}"
+
+
+async def test_a_refused_admin_call_does_not_fail_the_calls_beside_it(cleanup: Cleanup) -> None:
+    """RabbitMQ closes the admin channel when it refuses a call (a depth read of a missing queue): declarations
+    made at the same moment on that channel must still succeed (a task client's first submit declares its queue
+    while a console or a test reads depths)."""
+    broker = await cleanup.broker(URL)
+    missing = cleanup.name("missing")
+    wanted = [cleanup.name(f"declared-{i}") for i in range(5)]
+    calls = [broker.depth(missing), *(broker.declare(q) for q in wanted), broker.depth(missing)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[0], QueueNotFound) and isinstance(results[-1], QueueNotFound), results
+    assert results[1:-1] == [None] * len(wanted), results
+    assert [await broker.depth(q) for q in wanted] == [0] * len(wanted)

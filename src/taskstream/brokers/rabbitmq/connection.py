@@ -93,7 +93,8 @@ class ConnectionManager:
         self._publisher: AbstractRobustChannel | None = None
         self._pub_underlay: aiormq.abc.AbstractChannel | None = None
         self._admin: aiormq.abc.AbstractChannel | None = None
-        self._admin_lock = asyncio.Lock()
+        self._admin_lock = asyncio.Lock()  # opening the admin channel
+        self._admin_calls = asyncio.Lock()  # one admin call at a time (see admin_call)
         self._connect_lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self._restoring: asyncio.Task[None] | None = None
@@ -277,7 +278,9 @@ class ConnectionManager:
         deadline = loop.time() + self.config.publish_timeout
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(deadline), self._admin_calls:
+                    # One call at a time: a refused call closes the admin channel, and every call waiting on it
+                    # would fail with the refusal of another (a depth read of a missing queue failing a declare).
                     channel = await self._admin_channel()
                     return await op(channel)
             except BrokerConnectionError:
