@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 
 from taskstream.brokers.base import Broker, Delivery, Subscription
+from taskstream.bundles import BROKEN_BUNDLE, BUNDLE_KIND, Part, is_bundle, unpack
 from taskstream.errors import MessageError, Reject, Retry
 from taskstream.intake import DeadLetterHook, Intake, IntakeStats, Opened, RetryPolicy
 from taskstream.messages import Envelope
@@ -134,6 +135,7 @@ class Consumer:
         self.dead_letter_queue = self.intake.dead_letter_queue
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_passed: set[asyncio.Task[None]] = set()  # bundles whose slot went to their parts
         self._subscription: Subscription | None = None
         self._pull_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -195,7 +197,10 @@ class Consumer:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.stats.in_flight -= 1
-        self._slots.release()
+        if task in self._slot_passed:
+            self._slot_passed.discard(task)
+        else:
+            self._slots.release()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop pulling, let in-flight work finish for ``grace`` seconds, requeue the rest, close."""
@@ -218,9 +223,13 @@ class Consumer:
     async def _process(self, delivery: Delivery) -> None:
         heartbeat = self._start_heartbeat(delivery)  # loading a large payload can take a while too
         try:
-            with self.intake.tracing.process(self.queue, delivery):
+            # A bundle gets no span of its own: each of its messages gets one, in its sender's trace.
+            bundled = delivery.headers.get("ts_kind") == BUNDLE_KIND
+            with contextlib.nullcontext() if bundled else self.intake.tracing.process(self.queue, delivery):
                 opened = await self.intake.open(delivery)
-                if opened is not None:
+                if opened is not None and is_bundle(opened.envelope):
+                    await self._run_bundle(opened)
+                elif opened is not None:
                     await self._run(opened)
         except asyncio.CancelledError:
             raise
@@ -230,6 +239,57 @@ class Consumer:
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
+
+    async def _run_bundle(self, opened: Opened) -> None:
+        """Run each message of a bundle (:mod:`taskstream.bundles`) as a delivery of its own, each in a handler
+        slot: the bundle hands its slot to its first part, later parts wait for slots like any delivery."""
+        assert opened.envelope is not None
+        parts = unpack(opened.delivery, opened.envelope)
+        if not parts:
+            await self.intake.dead_letter(opened.delivery, BROKEN_BUNDLE)
+            return
+        self.stats.received += len(parts) - 1  # counted as messages, as they were sent: the bundle was one
+        for _ in parts[1:]:
+            self.intake.metrics.received()
+        this = asyncio.current_task()
+        assert this is not None
+        self._slot_passed.add(this)  # from here on the parts hold the slots
+        running: list[asyncio.Task[None]] = []
+        try:
+            for index, part in enumerate(parts):
+                if index:
+                    await self._slots.acquire()
+                task = asyncio.create_task(self._run_part(part))
+                task.add_done_callback(self._part_done)
+                running.append(task)
+        except asyncio.CancelledError:  # stopping while parts wait for a slot: those go back untouched
+            for part in parts[len(running) :]:
+                await self.intake.requeue_on_stop(part.delivery)
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+        await asyncio.gather(*running)
+        if opened.ref is not None and opened.delivery.settled and not parts[0].delivery.bundle_requeued:
+            await self.claim_check.release(opened.ref)
+
+    def _part_done(self, task: asyncio.Task[None]) -> None:
+        self._slots.release()
+
+    async def _run_part(self, part: Part) -> None:
+        delivery = part.delivery
+        self.stats.in_flight += 1
+        try:
+            with self.intake.tracing.process(self.queue, delivery):
+                if part.envelope is None:
+                    await self.intake.dead_letter(delivery, part.refused or "malformed message")
+                else:
+                    await self._run(Opened(delivery, None, None, part.envelope))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug on this path must not leave the part (and its bundle) unsettled
+            log.exception("consumer on %r failed on message %s", self.queue, delivery.message_id)
+            await self.intake.retry_or_dead_letter(delivery, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.stats.in_flight -= 1
 
     async def _run(self, opened: Opened) -> None:
         delivery, envelope, intake = opened.delivery, opened.envelope, self.intake

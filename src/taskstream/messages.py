@@ -67,7 +67,7 @@ MAX_DEPTH = 128
 CONTENT_TYPE = "application/vnd.taskstream+json"
 TAG = "__ts__"
 
-Kind = Literal["task", "result", "record", "control", "raw"]
+Kind = Literal["task", "result", "record", "control", "raw", "bundle"]
 
 
 def new_id() -> str:

@@ -11,8 +11,10 @@ and publishes the reply at the same time, so a reply can arrive before the recor
 ``get_task`` answers from the outcome this client received (:meth:`TaskClient.local_info_by_id`).
 
 Submissions made in one turn of the event loop go out as one ``publish_batch`` per queue (5,000 ``submit``
-calls in a loop become a handful of broker requests) and the ``pending`` records go to the result store in
-one write. Arguments are encoded by ``submit`` itself, so a value that cannot travel fails there, at once.
+calls in a loop become a handful of broker requests), calls of one task packed into bundles of up to 64 by
+what its run time is known to be (:mod:`taskstream.tasks.bundling`), and the ``pending`` records go to the
+result store in one write. Replies may come bundled too; each is applied alone. Arguments are encoded by
+``submit`` itself, so a value that cannot travel fails there, at once.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError as PydanticValidationError
 
 from taskstream.brokers.base import Delivery, OutgoingMessage, Subscription
+from taskstream.bundles import BROKEN_BUNDLE, bundle_limit, is_bundle, unpack
 from taskstream.errors import BrokerConnectionError, ConfigurationError, TaskError
 from taskstream.intake import Intake, Refused, reply_dead_letter_queue
 from taskstream.messages import Envelope, encode, new_id, short_errors
 from taskstream.payloads import PayloadRef
 from taskstream.producer import broker_headers
+from taskstream.tasks.bundling import Bundler
 from taskstream.tasks.dataflow import dependency_error, find_futures, resolve_futures
 from taskstream.tasks.errors import error_from_data, error_to_data
 from taskstream.tasks.future import FutureOwner, TaskFuture
@@ -102,6 +106,7 @@ class TaskClient(FutureOwner):
         self._to_release: list[PayloadRef] = []  # payloads of large results, deleted once their reply is acked
         self._finished: OrderedDict[str, TaskInfo] = OrderedDict()  # recent outcomes received (see get_task)
         self._reconnect_hook: Any = None  # (broker, listener) registered for recovery after a reconnect
+        self.bundler = Bundler()  # which calls due together travel as one broker message
 
     # -- FutureOwner ---------------------------------------------------------------------------------
 
@@ -274,23 +279,28 @@ class TaskClient(FutureOwner):
     async def _send(self, queue: str, batch: list[tuple[OutgoingMessage, _Pending]]) -> None:
         broker = self.context.broker
         size = max(1, broker.capabilities.max_batch)
+        max_bytes = bundle_limit(self.context.producer.inline_limit)
+        wire = self.bundler.plan([(m, e.task.name, e) for m, e in batch], max_bytes)
         try:
             await self.ensure_started()
             await self._ensure_queue(queue)
-            parts = list(chunked(batch, size))
+            parts = list(chunked(wire, size))
             if len(parts) == 1:  # one broker batch (always for a lone submit): no gather, no task
                 results: list[BaseException | None] = [await self._publish_part(queue, parts[0])]
             else:
                 results = await asyncio.gather(*(self._publish_part(queue, part) for part in parts))
         except Exception as exc:
             results = [exc]
-            parts = [batch]
+            parts = [wire]
         for part, result in zip(parts, results, strict=True):
             if isinstance(result, BaseException):
-                for _, entry in part:
-                    self._fail(entry, result)
+                for _, entries in part:
+                    for entry in entries:
+                        self._fail(entry, result)
 
-    async def _publish_part(self, queue: str, part: Sequence[tuple[OutgoingMessage, _Pending]]) -> BaseException | None:
+    async def _publish_part(
+        self, queue: str, part: Sequence[tuple[OutgoingMessage, list[_Pending]]]
+    ) -> BaseException | None:
         """Publish one broker batch; the exception that failed it, or ``None``."""
         try:
             await self._publish(queue, [m for m, _ in part])
@@ -420,11 +430,20 @@ class TaskClient(FutureOwner):
                 if opened.ref is not None:  # a large result, by reference: its payload goes after the ack
                     self._to_release.append(opened.ref)
                 assert opened.envelope is not None
-                try:
-                    self._on_reply(opened.envelope)
-                except Exception as exc:  # a bug here must not stop the listener for every other task
-                    log.exception("could not apply a reply on %s: %s", self.reply_queue, exc)
-                self._to_ack.append(delivery)
+                if is_bundle(opened.envelope):  # replies due together: each applied (or refused) alone
+                    parts = unpack(delivery, opened.envelope)
+                    if not parts:
+                        await intake.dead_letter(delivery, BROKEN_BUNDLE)
+                        continue
+                    for part in parts:
+                        if part.envelope is None:
+                            await intake.dead_letter(part.delivery, part.refused or "malformed message")
+                        else:
+                            self._apply_reply(part.envelope)
+                            self._to_ack.append(part.delivery)
+                else:
+                    self._apply_reply(opened.envelope)
+                    self._to_ack.append(delivery)
                 if len(self._to_ack) >= REPLY_ACK_BATCH:
                     self._ack_replies()
                 elif self._ack_timer is None:
@@ -456,6 +475,12 @@ class TaskClient(FutureOwner):
         if errors:  # the broker redelivers them; the futures are already resolved, duplicates are ignored
             log.warning("could not ack %d reply(ies) on %s: %s", len(errors), self.reply_queue, errors[0])
 
+    def _apply_reply(self, envelope: Envelope) -> None:
+        try:
+            self._on_reply(envelope)
+        except Exception as exc:  # a bug here must not stop the listener for every other task
+            log.exception("could not apply a reply on %s: %s", self.reply_queue, exc)
+
     def _on_reply(self, envelope: Envelope) -> None:
         """Settle the futures of the task a reply names; a reply with broken fields fails them, saying why."""
         body = envelope.body
@@ -480,6 +505,7 @@ class TaskClient(FutureOwner):
         info.worker = reply.worker
         info.attempts = reply.attempts
         self._remember(info)
+        self.bundler.learn(entry.task.name, reply.started_at, reply.finished_at)
         if reply.status == "cancelled":
             for future in entry.futures:
                 future._force_cancel()

@@ -15,7 +15,11 @@ shutdown is graceful):
    process (:mod:`taskstream.tasks.pool`).
 4. On an exception, while attempts remain (``retries``), record ``pending`` and requeue with backoff;
    otherwise record ``failed`` with the remote type, message and traceback. Store the outcome and publish
-   it to the client's reply queue at the same time, then ack once both are done.
+   it to the client's reply queue at the same time, then ack once both are done. Replies due to one client
+   while a reply to it is being published go together, as one bundle (:class:`taskstream.bundles.Coalescer`).
+
+Task messages may arrive bundled (:mod:`taskstream.bundles`): the consumer runtime hands each call over as a
+delivery of its own, so everything below holds per call.
 
 Timeouts (``timeout=`` seconds from the moment the call starts running):
 
@@ -47,7 +51,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError as PydanticValidationError
 
-from taskstream.brokers.base import Delivery
+from taskstream.brokers.base import Delivery, OutgoingMessage
+from taskstream.bundles import Coalescer, bundle_limit
 from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import MessageTooLarge, Reject, Retry
 from taskstream.messages import Envelope, header_str, short_errors
@@ -127,6 +132,7 @@ class TaskWorker:
         self._depth_task: asyncio.Task[None] | None = None
         self._key = runtime.signing_key()
         self._answered: set[tuple[str, str, int]] = set()  # deliveries refused (and answered) by handle
+        self._replies: Coalescer | None = None  # replies due together to one client go as one bundle
 
     @property
     def queues(self) -> list[str]:
@@ -399,8 +405,10 @@ class TaskWorker:
         if reply is None or not envelope.reply_to:
             return
         message_id, data, headers = reply
+        if self._replies is None or self._replies.broker is not self.context.broker:
+            self._replies = Coalescer(self.context.broker, bundle_limit(self.context.producer.inline_limit))
         try:
-            await self.context.broker.publish(envelope.reply_to, data, headers=headers, message_id=message_id)
+            await self._replies.publish(envelope.reply_to, OutgoingMessage(data, headers, message_id=message_id))
         except Exception as exc:  # the client is gone; the store still has the outcome
             log.warning("could not reply to %s for task %s: %s", envelope.reply_to, envelope.id, exc)
 
