@@ -21,6 +21,7 @@ by a clean stop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -135,7 +136,6 @@ class Consumer:
         self.dead_letter_queue = self.intake.dead_letter_queue
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slot_passed: set[asyncio.Task[None]] = set()  # bundles whose slot went to their parts
         self._subscription: Subscription | None = None
         self._pull_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -197,10 +197,7 @@ class Consumer:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.stats.in_flight -= 1
-        if task in self._slot_passed:
-            self._slot_passed.discard(task)
-        else:
-            self._slots.release()
+        self._slots.release()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop pulling, let in-flight work finish for ``grace`` seconds, requeue the rest, close."""
@@ -241,8 +238,13 @@ class Consumer:
                 heartbeat.cancel()
 
     async def _run_bundle(self, opened: Opened) -> None:
-        """Run each message of a bundle (:mod:`taskstream.bundles`) as a delivery of its own, each in a handler
-        slot: the bundle hands its slot to its first part, later parts wait for slots like any delivery."""
+        """Run each message of a bundle (:mod:`taskstream.bundles`) as a delivery of its own.
+
+        The bundle keeps its handler slot and takes more while free ones remain; with none free, its next
+        message waits for one of its own to finish. A bundle never waits for a slot held elsewhere (the pull
+        loop holds one while it waits for a delivery that a full prefetch window may never bring), so
+        ``concurrency=1`` runs a bundle's messages one after another instead of stalling.
+        """
         assert opened.envelope is not None
         parts = unpack(opened.delivery, opened.envelope)
         if not parts:
@@ -251,28 +253,33 @@ class Consumer:
         self.stats.received += len(parts) - 1  # counted as messages, as they were sent: the bundle was one
         for _ in parts[1:]:
             self.intake.metrics.received()
-        this = asyncio.current_task()
-        assert this is not None
-        self._slot_passed.add(this)  # from here on the parts hold the slots
-        running: list[asyncio.Task[None]] = []
+        held = 1  # slots this bundle holds: its own, and those it took while they were free
+        waiting = collections.deque(parts)
+        running: set[asyncio.Task[None]] = set()
         try:
-            for index, part in enumerate(parts):
-                if index:
-                    await self._slots.acquire()
-                task = asyncio.create_task(self._run_part(part))
-                task.add_done_callback(self._part_done)
-                running.append(task)
-        except asyncio.CancelledError:  # stopping while parts wait for a slot: those go back untouched
-            for part in parts[len(running) :]:
+            while waiting:
+                if len(running) >= held:
+                    if not self._slots.locked():
+                        await self._slots.acquire()  # free: taken at once
+                        held += 1
+                    else:
+                        finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                        running -= finished
+                        continue
+                running.add(asyncio.create_task(self._run_part(waiting.popleft())))
+            await asyncio.gather(*running)
+        except asyncio.CancelledError:  # stopping: messages not started go back untouched, running ones too
+            for task in running:
+                task.cancel()
+            for part in waiting:
                 await self.intake.requeue_on_stop(part.delivery)
             await asyncio.gather(*running, return_exceptions=True)
             raise
-        await asyncio.gather(*running)
+        finally:
+            for _ in range(held - 1):
+                self._slots.release()
         if opened.ref is not None and opened.delivery.settled and not parts[0].delivery.bundle_requeued:
             await self.claim_check.release(opened.ref)
-
-    def _part_done(self, task: asyncio.Task[None]) -> None:
-        self._slots.release()
 
     async def _run_part(self, part: Part) -> None:
         delivery = part.delivery

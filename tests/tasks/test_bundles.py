@@ -20,8 +20,11 @@ import pytest
 
 from taskstream.brokers.base import OutgoingMessage
 from taskstream.bundles import MAX_PART_BYTES, fits, pack
+from taskstream.consumer import Consumer, ConsumerConfig, Message
 from taskstream.errors import QueueNotFound
 from taskstream.intake import reply_dead_letter_queue
+from taskstream.messages import Envelope, encode
+from taskstream.payloads import ClaimCheck
 from taskstream.tasks.bundling import BUNDLE_SHORT, BUNDLE_UNKNOWN, SHORT_RUN, Bundler
 from tests.brokers.contract.backends import BackendSpec, all_specs
 from tests.support.waiting import wait_for
@@ -101,6 +104,32 @@ async def test_a_retry_inside_a_bundle_runs_no_other_call_again(any_env: TaskEnv
     assert results == list(range(BUNDLE_UNKNOWN * 2))
     assert RUNS[7] == 2
     assert {i: n for i, n in RUNS.items() if i != 7} == {i: 1 for i in range(BUNDLE_UNKNOWN * 2) if i != 7}
+
+
+async def test_a_consumer_with_one_slot_and_one_prefetch_runs_a_whole_bundle(any_env: TaskEnv) -> None:
+    """The pull loop holds the only slot while it waits for a delivery that a full prefetch window never
+    brings: a bundle must run its messages in the slot it has, not wait for another."""
+    env = any_env
+    queue = env.queue("one-slot")
+    broker = env.spec.make()
+    seen: list[int] = []
+
+    async def handle(message: Message) -> None:
+        await asyncio.sleep(0.01)
+        seen.append(message.envelope.body)
+
+    consumer = Consumer(broker, queue, handle, ConsumerConfig(prefetch=1, concurrency=1), ClaimCheck.disabled())
+    await broker.connect()
+    try:
+        await consumer.start()
+        bundle = pack([OutgoingMessage(encode(Envelope(body=i))) for i in range(6)])
+        await broker.publish(queue, bundle.body, headers=bundle.headers, message_id=bundle.message_id)
+        await wait_for(lambda: len(seen) == 6, what="the 6 messages of the bundle handled", timeout=60)
+        await wait_for(lambda: consumer.stats.acked == 6, what="all 6 settled", timeout=30)
+    finally:
+        await consumer.stop(grace=1.0)
+        await broker.close()
+    assert sorted(seen) == list(range(6))
 
 
 def _message(size: int = 100) -> OutgoingMessage:
