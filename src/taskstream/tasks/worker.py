@@ -255,7 +255,8 @@ class TaskWorker:
             worker=self.worker_id,
             reply_to=reply_to,
         )
-        try:
+        info.started_at = time.time()  # the call itself starts now (after the claim's commit): clients learn
+        try:  # a task's run time from started_at..finished_at to size their bundles (tasks/bundling.py)
             value = await self._execute(runnable, request)
         except Exception as exc:
             info.error = error_to_data(exc)
@@ -390,11 +391,17 @@ class TaskWorker:
         # before the record; its get_task answers from the reply until then (TaskClient.local_info_by_id).
         # A store that fails raises here after the reply went out: the request is retried, the client keeps
         # the first answer.
-        stored = asyncio.get_running_loop().create_task(self.runtime.store.finish(info))
+        stored = asyncio.get_running_loop().create_task(self._store_after_reply(info))
         try:
             await self._publish_reply(envelope, reply)
         finally:
             await stored
+
+    async def _store_after_reply(self, info: TaskInfo) -> None:
+        # One loop turn first: the broker client's writer puts the reply on the socket in the next turn, and a
+        # commit of a quiet store runs inline (tens of microseconds) that would otherwise come before it.
+        await asyncio.sleep(0)
+        await self.runtime.store.finish(info)
 
     async def _encode_reply(self, envelope: Envelope, info: TaskInfo) -> tuple[str, bytes, dict[str, Any]]:
         reply = Envelope(id=new_task_id(), kind="result", correlation_id=envelope.id, body=reply_body(info))

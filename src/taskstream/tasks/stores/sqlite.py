@@ -124,7 +124,9 @@ _CANCEL = (
     "ON CONFLICT(task_id) DO UPDATE SET status = 'cancelled', finished_at = excluded.finished_at, "
     "expires_at = excluded.expires_at WHERE status = 'pending' OR expires_at < ?"
 )
-_QUIET = 0.005  # seconds without a commit after which a write commits at once instead of waiting for the turn
+# seconds without a commit after which a write commits at once instead of waiting for the turn: tasks run one at
+# a time (a round trip takes a millisecond or more) commit inline; under load commits come closer and batch
+_QUIET = 0.001
 
 Op = Callable[[sqlite3.Connection], Any]
 

@@ -128,7 +128,8 @@ class Upkeep:
 
     def touch(self) -> None:
         """Note a write (the thread runs only while the store is written); starts the thread on first use."""
-        self._dirty.set()
+        if not self._dirty.is_set():  # set() takes a lock and notifies: once per pass is enough
+            self._dirty.set()
         if self._pid != os.getpid():  # a forked child: the thread and the connection stayed in the parent
             self._pid, self._thread, self._conn = os.getpid(), None, None
         if self._thread is None and not self._stop.is_set():
