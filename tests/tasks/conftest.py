@@ -81,12 +81,19 @@ class TaskEnv:
                 await broker.close()
 
 
-@pytest.fixture
-async def env(backend: BackendSpec, tmp_path: Path) -> AsyncIterator[TaskEnv]:
-    if backend.setup is not None:
-        await backend.setup()
-    context = TaskEnv(backend, tmp_path)
+@contextlib.asynccontextmanager
+async def task_env(spec: BackendSpec, tmp_path: Path) -> AsyncIterator[TaskEnv]:
+    """A :class:`TaskEnv` on ``spec``'s backend (its server checked first), closed after use."""
+    if spec.setup is not None:
+        await spec.setup()
+    context = TaskEnv(spec, tmp_path)
     try:
         yield context
     finally:
         await context.close()
+
+
+@pytest.fixture
+async def env(backend: BackendSpec, tmp_path: Path) -> AsyncIterator[TaskEnv]:
+    async with task_env(backend, tmp_path) as context:
+        yield context

@@ -13,6 +13,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -26,9 +27,9 @@ from taskstream.intake import reply_dead_letter_queue
 from taskstream.messages import Envelope, encode
 from taskstream.payloads import ClaimCheck
 from taskstream.tasks.bundling import BUNDLE_SHORT, BUNDLE_UNKNOWN, SHORT_RUN, Bundler
-from tests.brokers.contract.backends import BackendSpec, all_specs
+from tests.brokers.contract.backends import all_specs
 from tests.support.waiting import wait_for
-from tests.tasks.conftest import TaskEnv
+from tests.tasks.conftest import TaskEnv, task_env
 
 RUNS: Counter[int] = Counter()
 
@@ -50,15 +51,10 @@ async def fail_once_on_seven(i: int) -> int:
 
 
 @pytest.fixture(params=[pytest.param(s, id=s.name, marks=getattr(pytest.mark, s.name)) for s in all_specs()])
-async def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> object:
-    spec: BackendSpec = request.param
-    if spec.setup is not None:
-        await spec.setup()
-    env = TaskEnv(spec, tmp_path)
-    try:
+async def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskEnv]:
+    """The task tests' environment on every broker (the other task tests run on memory and RabbitMQ)."""
+    async with task_env(request.param, tmp_path) as env:
         yield env
-    finally:
-        await env.close()
 
 
 async def test_a_burst_travels_in_bundles_and_every_call_runs_once(any_env: TaskEnv) -> None:
