@@ -16,7 +16,8 @@ headers and the reason), the parts beside it are handled. The bundle's delivery 
 acked when every part was acked (or dead-lettered); given back when any part asked to be retried or was
 requeued by a stopping consumer, after the longest delay asked. The parts that had finished come back too
 then; task workers answer those from the result store (their claim finds the task finished), so a retry costs
-a duplicate reply, never a second run. Bundles never nest.
+a duplicate reply, never a second run (and a broken part beside it is dead-lettered again: a duplicate dead
+letter). Bundles never nest.
 
 Packing (:func:`pack`) splices the messages' encoded bytes; nothing is encoded twice. What goes into a bundle
 is the sender's choice (:func:`fits`): only messages well under the size and depth limits, so a bundle is
