@@ -216,3 +216,36 @@ async def _read_one(broker: object, dlq: str, bundle_id: str) -> object:
     finally:
         await subscription.close()
     raise AssertionError("unreachable")
+
+
+@pytest.mark.rabbitmq
+async def test_calls_known_to_run_long_travel_alone_and_spread_over_workers(tmp_path: Path) -> None:
+    """Once a task is known to run longer than SHORT_RUN, each call is its own message: two workers share a
+    burst (a bundle would hand all of it to one). On RabbitMQ, which deals deliveries out among consumers (the
+    memory broker hands them to whichever consumer asks first)."""
+    (spec,) = [s for s in all_specs() if s.name == "rabbitmq"]
+    async with task_env(spec, tmp_path) as env:
+        await _spread_over_workers(env)
+
+
+async def _spread_over_workers(env: TaskEnv) -> None:
+    queue = env.queue("spread")
+    name = f"slow_{uuid.uuid4().hex[:6]}"
+    client = env.app(workers=False)
+    task = client.task(queue=queue, name=name)(count_run)
+    workers = []
+    for label in ("a", "b"):
+        worker = env.app(workers=True)
+
+        async def slow(i: int, label: str = label) -> str:
+            await asyncio.sleep(0.2)
+            return label
+
+        worker.task(queue=queue, name=name)(slow)
+        workers.append(worker)
+    async with client, workers[0], workers[1]:
+        await asyncio.wait_for(task.submit(0), 60)  # the client learns the run time: about 0.2 s
+        assert client.tasks.client.bundler.size_for(name) == 1
+        futures = [task.submit(i) for i in range(BUNDLE_UNKNOWN)]
+        labels = [await asyncio.wait_for(f, 60) for f in futures]
+    assert set(labels) == {"a", "b"}, labels
