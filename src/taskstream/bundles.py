@@ -30,7 +30,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -48,8 +48,12 @@ __all__ = [
     "fits",
     "is_bundle",
     "pack",
+    "packed",
+    "split",
     "unpack",
 ]
+
+T = TypeVar("T")
 
 BUNDLE_KIND = "bundle"
 #: largest message put into a bundle; larger ones travel alone
@@ -58,6 +62,8 @@ MAX_PART_BYTES = 16 * 1024
 MAX_BUNDLE_BYTES = 256 * 1024
 #: nesting a bundle adds around each message: body list, pair, (the envelope's own level is the message's)
 BUNDLE_DEPTH = 2
+#: bytes a message's headers and brackets add inside a bundle (a bound used when sizing bundles)
+PART_OVERHEAD = 64
 _CLOSE = b"]}"
 #: why a bundle that gave no parts is dead-lettered whole
 BROKEN_BUNDLE = "malformed message: a bundle's body must be a non-empty list of [headers, envelope] pairs"
@@ -89,6 +95,30 @@ def pack(messages: Sequence[OutgoingMessage]) -> OutgoingMessage:
     return OutgoingMessage(head + parts + _CLOSE, headers, message_id=bundle_id)
 
 
+def split(
+    items: Sequence[tuple[OutgoingMessage, T]], max_bytes: int, max_count: int | None = None
+) -> list[list[tuple[OutgoingMessage, T]]]:
+    """``items`` (a message and what goes with it) in order, cut into groups that each make one bundle of at
+    most ``max_bytes`` (and ``max_count`` messages); a message too large for any bundle gets a group of its own."""
+    groups: list[list[tuple[OutgoingMessage, T]]] = []
+    size = 0
+    for item in items:
+        grown = size + len(item[0].body) + PART_OVERHEAD
+        if not groups or grown > max_bytes or (max_count is not None and len(groups[-1]) >= max_count):
+            groups.append([])
+            grown = len(item[0].body) + PART_OVERHEAD
+        groups[-1].append(item)
+        size = grown
+    return groups
+
+
+def packed(group: Sequence[tuple[OutgoingMessage, T]]) -> tuple[OutgoingMessage, list[T]]:
+    """One broker message for ``group``: the lone message itself, or a bundle of them all."""
+    if len(group) == 1:
+        return group[0][0], [group[0][1]]
+    return pack([m for m, _ in group]), [item for _, item in group]
+
+
 def is_bundle(envelope: Envelope | None) -> bool:
     """True for a bundle's envelope."""
     return envelope is not None and envelope.kind == BUNDLE_KIND
@@ -100,7 +130,7 @@ class Part:
 
     delivery: PartDelivery
     envelope: Envelope | None
-    refused: str | None = None
+    refused: str = ""  # the dead-letter reason when ``envelope`` is None
 
 
 class _Settlement:
@@ -134,16 +164,12 @@ class PartDelivery(Delivery):
     ``nack(requeue=False)`` counts as done: the runtime dead-letters a message before dropping it.
     """
 
-    __slots__ = ("_settlement", "bundle_id", "index")
+    __slots__ = ("_settlement",)
 
-    def __init__(
-        self, settlement: _Settlement, index: int, *, body: bytes, headers: dict[str, Any], message_id: str
-    ) -> None:
+    def __init__(self, settlement: _Settlement, *, body: bytes, headers: dict[str, Any], message_id: str) -> None:
         bundle = settlement.delivery
         super().__init__(queue=bundle.queue, body=body, headers=headers, message_id=message_id, attempt=bundle.attempt)
         self._settlement = settlement
-        self.bundle_id = str(headers.get("x-bundle-id", ""))
-        self.index = index
 
     @property
     def bundle_requeued(self) -> bool:
@@ -177,7 +203,6 @@ def unpack(delivery: Delivery, envelope: Envelope) -> list[Part]:
             raw = dumps(doc)
         part = PartDelivery(
             settlement,
-            index,
             body=raw,
             headers={**headers, "x-bundle-id": envelope.id, "x-bundle-index": index},
             message_id=message_id or f"{envelope.id}:{index}",
@@ -254,23 +279,15 @@ class Coalescer:
         task.add_done_callback(lambda _: self._next(queue))
 
     async def _send_waiting(self, queue: str, waiting: list[tuple[OutgoingMessage, asyncio.Future[None]]]) -> None:
-        groups: list[list[tuple[OutgoingMessage, asyncio.Future[None]]]] = [[]]
-        size = 0
-        for item in waiting:
-            if groups[-1] and size + len(item[0].body) > self.max_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(item)
-            size += len(item[0].body) + 64
         try:
-            for group in groups:
-                message = group[0][0] if len(group) == 1 else pack([m for m, _ in group])
+            for group in split(waiting, self.max_bytes):
+                message, waiters = packed(group)
                 try:
                     await self._send(queue, message)
                 except Exception as exc:
-                    _settle(group, exc)
+                    _settle(waiters, exc)
                 else:
-                    _settle(group, None)
+                    _settle(waiters, None)
         finally:  # cancelled (the loop is stopping): nobody may wait for ever
             for _, done in waiting:
                 done.cancel()
@@ -279,8 +296,8 @@ class Coalescer:
         await self.broker.publish(queue, message.body, headers=message.headers, message_id=message.message_id)
 
 
-def _settle(group: list[tuple[OutgoingMessage, asyncio.Future[None]]], error: Exception | None) -> None:
-    for _, done in group:
+def _settle(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+    for done in waiters:
         if done.done():
             continue
         if error is None:

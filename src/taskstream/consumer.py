@@ -287,7 +287,7 @@ class Consumer:
         try:
             with self.intake.tracing.process(self.queue, delivery):
                 if part.envelope is None:
-                    await self.intake.dead_letter(delivery, part.refused or "malformed message")
+                    await self.intake.dead_letter(delivery, part.refused)
                 else:
                     await self._run(Opened(delivery, None, None, part.envelope))
         except asyncio.CancelledError:

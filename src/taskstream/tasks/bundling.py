@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from taskstream.brokers.base import OutgoingMessage
-from taskstream.bundles import fits, pack
+from taskstream.bundles import fits, packed, split
 
 __all__ = ["BUNDLE_SHORT", "BUNDLE_UNKNOWN", "SHORT_RUN", "Bundler"]
 
@@ -32,7 +32,6 @@ BUNDLE_UNKNOWN = 8
 BUNDLE_SHORT = 64
 SHORT_RUN = 0.002  # seconds
 RUN_TIME_WEIGHT = 0.2  # weight of the newest run time in a task's moving average
-PART_OVERHEAD = 64  # bytes a message's headers and brackets add inside a bundle (a bound for sizing)
 
 T = TypeVar("T")
 
@@ -64,26 +63,12 @@ class Bundler:
     ) -> list[tuple[OutgoingMessage, list[T]]]:
         """The broker messages for ``calls`` (message, task name, what it carries), each with what it carries."""
         wire: list[tuple[OutgoingMessage, list[T]]] = []
-        groups: dict[str, tuple[list[tuple[OutgoingMessage, T]], list[int]]] = {}
+        by_task: dict[str, list[tuple[OutgoingMessage, T]]] = {}
         for message, name, item in calls:
-            limit = self.size_for(name)
-            if limit <= 1 or not fits(message):
+            if self.size_for(name) <= 1 or not fits(message):
                 wire.append((message, [item]))
-                continue
-            group, size = groups.setdefault(name, ([], [0]))
-            grown = size[0] + len(message.body) + PART_OVERHEAD
-            if group and (len(group) >= limit or grown > max_bytes):
-                wire.append(_packed(group))
-                group.clear()
-                size[0] = 0
-            group.append((message, item))
-            size[0] += len(message.body) + PART_OVERHEAD
-        wire.extend(_packed(group) for group, _ in groups.values() if group)
+            else:
+                by_task.setdefault(name, []).append((message, item))
+        for name, bundled in by_task.items():
+            wire.extend(packed(group) for group in split(bundled, max_bytes, self.size_for(name)))
         return wire
-
-
-def _packed(group: list[tuple[OutgoingMessage, T]]) -> tuple[OutgoingMessage, list[T]]:
-    """One broker message for ``group``: the lone message itself, or a bundle of them all."""
-    if len(group) == 1:
-        return group[0][0], [group[0][1]]
-    return pack([m for m, _ in group]), [item for _, item in group]

@@ -437,7 +437,7 @@ class TaskClient(FutureOwner):
                         continue
                     for part in parts:
                         if part.envelope is None:
-                            await intake.dead_letter(part.delivery, part.refused or "malformed message")
+                            await intake.dead_letter(part.delivery, part.refused)
                         else:
                             self._apply_reply(part.envelope)
                             self._to_ack.append(part.delivery)

@@ -132,7 +132,8 @@ class TaskWorker:
         self._depth_task: asyncio.Task[None] | None = None
         self._key = runtime.signing_key()
         self._answered: set[tuple[str, str, int]] = set()  # deliveries refused (and answered) by handle
-        self._replies: Coalescer | None = None  # replies due together to one client go as one bundle
+        # replies due together to one client go as one bundle
+        self._replies = Coalescer(context.broker, bundle_limit(context.producer.inline_limit))
 
     @property
     def queues(self) -> list[str]:
@@ -412,8 +413,6 @@ class TaskWorker:
         if reply is None or not envelope.reply_to:
             return
         message_id, data, headers = reply
-        if self._replies is None or self._replies.broker is not self.context.broker:
-            self._replies = Coalescer(self.context.broker, bundle_limit(self.context.producer.inline_limit))
         try:
             await self._replies.publish(envelope.reply_to, OutgoingMessage(data, headers, message_id=message_id))
         except Exception as exc:  # the client is gone; the store still has the outcome
